@@ -1,0 +1,17 @@
+"""pyrnn: the Elman (tanh) RNN over whole sequences, forward and BPTT, on the CPU.
+
+    output, h_n = pyrnn.forward(x, weight_ih, weight_hh, bias, h0, lengths=..., batch_first=...)
+    grads = pyrnn.backward(grad_output, x, weight_ih, weight_hh, output, h0, grad_h_n=...)
+
+Three backends compute the same thing: "cpp" (native), "numba" (JIT) and "numpy" (the reference,
+pyrnn.reference). backend=None uses $PYRNN_BACKEND if set, else the fastest available.
+"""
+from ._api import Grads, backward, forward
+from ._backends import available_backends, unavailable_backends
+from ._threads import get_num_threads, set_num_threads
+from .gradcheck import GradcheckError, gradcheck
+
+__version__ = "0.1.0"
+
+__all__ = ["forward", "backward", "Grads", "available_backends", "unavailable_backends",
+           "gradcheck", "GradcheckError", "set_num_threads", "get_num_threads"]

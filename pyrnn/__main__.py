@@ -1,0 +1,55 @@
+"""The ``pyrnn`` command: ``pyrnn backends`` and ``pyrnn gradcheck``."""
+import argparse
+import sys
+
+import numpy as np
+
+from . import _backends
+from .gradcheck import GradcheckError, gradcheck
+
+
+def _backends_command(args):
+    for name in _backends.available_backends():
+        print(f"{name:6s} available")
+    for name, reason in _backends.unavailable_backends().items():
+        print(f"{name:6s} unavailable: {reason}")
+    return 0
+
+
+def _gradcheck_command(args):
+    """Gradient-check every backend on small random problems, with and without lengths."""
+    rng = np.random.default_rng(args.seed)
+    names = args.backends.split(",") if args.backends else _backends.available_backends()
+    status = 0
+    for name in names:
+        for T, B, I, H in [(1, 1, 1, 1), (4, 3, 2, 5), (6, 2, 3, 4)]:
+            for with_lengths in (False, True):
+                lengths = rng.integers(0, T + 1, size=B) if with_lengths else None
+                arrays = [rng.standard_normal(shape) * 0.5
+                          for shape in [(T, B, I), (H, I), (H, H), (H,), (B, H)]]
+                label = f"{name:6s} T={T} B={B} I={I} H={H} lengths={None if lengths is None else lengths.tolist()}"
+                try:
+                    errors = gradcheck(*arrays, lengths=lengths, backend=name)
+                except (GradcheckError, ValueError) as error:
+                    print(f"FAIL {label}\n{error}")
+                    status = 1
+                    continue
+                print(f"ok   {label}  max |error| {max(errors.values()):.1e}")
+    return status
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="pyrnn", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("backends", help="list the backends and why any is unavailable"
+                        ).set_defaults(run=_backends_command)
+    check = commands.add_parser("gradcheck", help="check every backend's gradients by finite differences")
+    check.add_argument("--backends", help="comma-separated backend names (default: all available)")
+    check.add_argument("--seed", type=int, default=0)
+    check.set_defaults(run=_gradcheck_command)
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

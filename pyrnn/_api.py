@@ -1,0 +1,174 @@
+"""pyrnn.forward and pyrnn.backward: validate and normalise once, then hand clean arrays to a backend.
+
+Everything the backends may assume (design.md §2) is established here: C-contiguous time-major
+arrays of one float dtype, ``h0``/``bias``/``grad_h_n`` materialised, ``lengths`` int64 in
+[0, T]. Inputs are never modified: a backend only ever sees them read-only or as copies.
+"""
+from collections import namedtuple
+from numbers import Integral
+
+import numpy as np
+
+from . import _backends
+
+Grads = namedtuple("Grads", ["x", "h0", "weight_ih", "weight_hh", "bias"])
+Grads.__doc__ = "Gradients of the loss with respect to each input of pyrnn.forward, shaped as that input."
+
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _shape_str(shape):
+    return "(" + ", ".join(str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def _check_shape(name, array, expected, names):
+    """expected: a tuple of ints; names: the same dimensions by letter, for the message."""
+    if array.shape != tuple(expected):
+        raise ValueError(f"{name} has shape {_shape_str(array.shape)}, expected "
+                         f"{_shape_str(expected)} = ({', '.join(names)})")
+
+
+def _float_arrays(arrays):
+    """{name: ndarray or None} of one common float dtype, read-only views, in the given order.
+
+    NumPy arrays decide the dtype and must all share it; Python sequences take that dtype
+    (float64 when no argument is an array).
+    """
+    dtype = None
+    for name, value in arrays.items():
+        if isinstance(value, np.ndarray):
+            if value.dtype.kind == "c":
+                raise TypeError(f"{name} is complex ({value.dtype}); expected float32 or float64")
+            if value.dtype not in _FLOAT_DTYPES:
+                raise TypeError(f"{name} has dtype {value.dtype}; expected float32 or float64")
+            if dtype is None:
+                dtype, first = value.dtype, name
+            elif value.dtype != dtype:
+                raise TypeError(f"{name} has dtype {value.dtype} but {first} has {dtype}; "
+                                "all arrays of a call must share one dtype")
+    dtype = dtype or np.dtype(np.float64)
+    result = {}
+    for name, value in arrays.items():
+        if value is None or isinstance(value, np.ndarray):
+            result[name] = value
+            continue
+        try:
+            array = np.asarray(value)
+        except Exception as error:
+            raise TypeError(f"{name} must be an array of floats, got {type(value).__name__}") from error
+        if array.dtype.kind not in "fiu" or array.dtype.kind == "b":
+            raise TypeError(f"{name} must be an array of floats, got {type(value).__name__} "
+                            f"of dtype {array.dtype}")
+        result[name] = array.astype(dtype)
+    return result, dtype
+
+
+def _check_ndim(name, array, ndim, layout):
+    if array.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {_shape_str(array.shape)}")
+
+
+def _clean(array):
+    """C-contiguous, and read-only when it is the caller's own memory, so no backend can write it."""
+    clean = np.ascontiguousarray(array)
+    if clean is array or np.shares_memory(clean, array):
+        clean = clean.view()
+        clean.flags.writeable = False
+    return clean
+
+
+def _lengths(lengths, T, B):
+    if lengths is None:
+        return None
+    if isinstance(lengths, np.ndarray) or hasattr(lengths, "__len__"):
+        array = np.asarray(lengths)
+    else:
+        raise TypeError(f"lengths must be a sequence of B integers, got {type(lengths).__name__}")
+    if array.dtype.kind not in "iu" and not (array.dtype.kind == "O" and all(
+            isinstance(v, Integral) and not isinstance(v, bool) for v in array.ravel())):
+        raise TypeError(f"lengths must hold integers, got dtype {array.dtype}")
+    if array.ndim != 1 or array.shape[0] != B:
+        raise ValueError(f"lengths has shape {_shape_str(array.shape)}, expected ({B},) = (B,): "
+                         "one length per batch row")
+    array = array.astype(np.int64)
+    if B and (array.min() < 0 or array.max() > T):
+        bad = int(np.flatnonzero((array < 0) | (array > T))[0])
+        raise ValueError(f"lengths[{bad}] = {array[bad]} is outside [0, T] = [0, {T}]")
+    return array
+
+
+def _time_major(array, batch_first):
+    return array.swapaxes(0, 1) if batch_first else array
+
+
+def _normalise(arrays, batch_first):
+    """Validate x, weight_ih, weight_hh and whichever of bias, h0, output, grad_output, grad_h_n
+    are given; return them clean and time-major (absent optional ones as zeros) and (T, B, I, H)."""
+    if not isinstance(batch_first, (bool, np.bool_)):
+        raise TypeError(f"batch_first must be a bool, got {type(batch_first).__name__}")
+    arrays, dtype = _float_arrays(arrays)
+    for name in ("x", "weight_ih", "weight_hh"):
+        if arrays[name] is None:
+            raise TypeError(f"{name} must be an array, got None")
+    x, weight_hh = arrays["x"], arrays["weight_hh"]
+    _check_ndim("x", x, 3, "(B, T, I) with batch_first" if batch_first else "(T, B, I)")
+    _check_ndim("weight_hh", weight_hh, 2, "(H, H)")
+    T, B, I = _time_major(x, batch_first).shape
+    H = weight_hh.shape[0]
+    sequence = ((B, T, H), "B, T, H") if batch_first else ((T, B, H), "T, B, H")
+    expected = {  # shapes as the caller lays them out
+        "x": ((B, T, I), "B, T, I") if batch_first else ((T, B, I), "T, B, I"),
+        "weight_ih": ((H, I), "H, I"), "weight_hh": ((H, H), "H, H"), "bias": ((H,), "H"),
+        "h0": ((B, H), "B, H"), "grad_h_n": ((B, H), "B, H"),
+        "output": sequence, "grad_output": sequence,
+    }
+    clean = {}
+    for name, array in arrays.items():
+        shape, dims = expected[name]
+        if array is None:  # optional: no bias, zero initial state, no gradient into h_n
+            array = np.zeros(shape, dtype=dtype)
+        _check_shape(name, array, shape, dims.split(", "))
+        clean[name] = _clean(_time_major(array, batch_first) if len(shape) == 3 else array)
+    return clean, (T, B, I, H)
+
+
+def forward(x, weight_ih, weight_hh, bias=None, h0=None, *, lengths=None, batch_first=False,
+            backend=None):
+    """Run the tanh RNN over a whole sequence: h_t = tanh(x_t·weight_ihᵀ + h_{t-1}·weight_hhᵀ + bias).
+
+    x: (T, B, I), or (B, T, I) with batch_first. weight_ih: (H, I). weight_hh: (H, H).
+    bias: (H,) or None (no bias). h0: (B, H) or None (zeros). lengths: B integers in [0, T] or
+    None; steps past a row's length are padding (output 0, state carried, as torch's packed
+    sequences). backend: "cpp", "numba", "numpy" or None (``$PYRNN_BACKEND``, else the fastest).
+
+    Returns (output, h_n): output (T, B, H) (batch_first: (B, T, H)) and h_n (B, H), the state
+    after each row's last valid step.
+    """
+    name, impl = _backends.resolve(backend)
+    a, (T, B, I, H) = _normalise(
+        {"x": x, "weight_ih": weight_ih, "weight_hh": weight_hh, "bias": bias, "h0": h0},
+        batch_first)
+    lengths = _lengths(lengths, T, B)
+    output, h_n = impl.forward(a["x"], a["weight_ih"], a["weight_hh"], a["bias"], a["h0"], lengths)
+    return _time_major(output, batch_first), h_n
+
+
+def backward(grad_output, x, weight_ih, weight_hh, output, h0=None, *, grad_h_n=None,
+             lengths=None, batch_first=False, backend=None):
+    """Backpropagation through time for pyrnn.forward.
+
+    grad_output: dL/doutput, shaped as output. output: what forward returned for these inputs.
+    grad_h_n: dL/dh_n (B, H) or None (zeros). Other arguments as for forward (the bias is not
+    needed). Returns Grads(x, h0, weight_ih, weight_hh, bias), each shaped as that input
+    (grads.bias is (H,) and grads.h0 is (B, H) even when they were None in forward).
+    """
+    name, impl = _backends.resolve(backend)
+    a, (T, B, I, H) = _normalise(
+        {"x": x, "weight_ih": weight_ih, "weight_hh": weight_hh, "h0": h0, "output": output,
+         "grad_output": grad_output, "grad_h_n": grad_h_n}, batch_first)
+    lengths = _lengths(lengths, T, B)
+    grad_x, grad_h0, grad_weight_ih, grad_weight_hh, grad_bias = impl.backward(
+        a["grad_output"], a["x"], a["weight_ih"], a["weight_hh"], a["output"], a["h0"],
+        a["grad_h_n"], lengths)
+    return Grads(_time_major(grad_x, batch_first), grad_h0, grad_weight_ih, grad_weight_hh,
+                 grad_bias)

@@ -1,0 +1,69 @@
+"""The backends and which of them this installation can run.
+
+A backend is a module with ``forward`` and ``backward`` taking clean arrays (see
+pyrnn/reference.py). ``cpp`` is the compiled extension, ``numba`` the JIT twin, ``numpy`` the
+reference. Each is imported on first use, so ``import pyrnn`` stays cheap and works whatever
+is missing; what is missing is remembered with a one-line reason.
+"""
+import importlib
+import os
+
+from . import _threads
+
+NAMES = ("cpp", "numba", "numpy")  # fastest first
+ENV_VAR = "PYRNN_BACKEND"  # forces the backend used when backend=None, e.g. for a whole CI run
+
+_MODULES = {"cpp": "pyrnn._cpp", "numba": "pyrnn.numba_kernel", "numpy": "pyrnn.reference"}
+_WHY_MISSING = {
+    "cpp": "the native module pyrnn._cpp was not built (install the package with `pip install .`)",
+    "numba": "numba cannot be imported",
+}
+_loaded = {}
+_unavailable = {}
+
+
+def _load(name):
+    if name not in _loaded and name not in _unavailable:
+        try:
+            module = importlib.import_module(_MODULES[name])
+        except Exception as error:  # ImportError, or a broken install failing at import
+            _unavailable[name] = f"{_WHY_MISSING.get(name, 'import failed')}: {error}"
+        else:
+            _threads.apply(name, module)
+            _loaded[name] = module
+    return _loaded.get(name)
+
+
+def loaded():
+    """{name: module} of the backends imported so far."""
+    return dict(_loaded)
+
+
+def available_backends():
+    """Names of the backends that can run here, fastest first, e.g. ("cpp", "numba", "numpy")."""
+    return tuple(name for name in NAMES if _load(name) is not None)
+
+
+def unavailable_backends():
+    """{name: one-line reason} for every backend that cannot run here."""
+    available_backends()
+    return dict(_unavailable)
+
+
+def resolve(backend):
+    """(name, module) of the backend to run: the one asked for, else $PYRNN_BACKEND, else the fastest."""
+    source = "backend"
+    if backend is None and os.environ.get(ENV_VAR):
+        backend, source = os.environ[ENV_VAR], f"${ENV_VAR}"
+    if backend is None:
+        backend = available_backends()[0]
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string or None, got {type(backend).__name__}")
+    if backend not in NAMES:
+        raise ValueError(f"{source}={backend!r} is not a backend; choose one of {NAMES} "
+                         f"(available here: {available_backends()})")
+    module = _load(backend)
+    if module is None:
+        raise ValueError(f"{source}={backend!r} is not available: {_unavailable[backend]}; "
+                         f"available here: {available_backends()}")
+    return backend, module

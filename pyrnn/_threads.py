@@ -1,0 +1,64 @@
+"""One thread count for every pool pyrnn computes with: the native kernel's, numba's, and the
+BLAS behind NumPy's matrix products (through threadpoolctl).
+
+``pyrnn.set_num_threads(n)`` (or ``$PYRNN_NUM_THREADS`` at import) bounds them all; by default
+each pool keeps its own default (all cores).
+"""
+import os
+
+ENV_VAR = "PYRNN_NUM_THREADS"
+_num_threads = None  # None: every pool keeps its default
+_blas_limiter = None
+
+
+def _parse(n, source):
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"{source} must be a positive integer, got {n!r}")
+    return n
+
+
+def get_num_threads():
+    """The thread count set by set_num_threads or $PYRNN_NUM_THREADS, else os.cpu_count()."""
+    return _num_threads or os.cpu_count() or 1
+
+
+def set_num_threads(n):
+    """Use at most n threads in every backend (native kernel, numba, NumPy's BLAS)."""
+    global _num_threads
+    _num_threads = _parse(n, "n")
+    from . import _backends
+
+    for name, module in _backends.loaded().items():
+        apply(name, module)
+    _limit_blas(n)
+
+
+def apply(name, module):
+    """Give a freshly loaded backend module the current thread count."""
+    if _num_threads is None:
+        return
+    if name == "cpp" and hasattr(module, "set_num_threads"):
+        module.set_num_threads(_num_threads)
+    elif name == "numba":
+        import numba
+
+        numba.set_num_threads(min(_num_threads, numba.config.NUMBA_NUM_THREADS))
+
+
+def _limit_blas(n):
+    global _blas_limiter
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl is a dependency
+        return
+    if _blas_limiter is not None:
+        _blas_limiter.restore_original_limits()
+    _blas_limiter = threadpool_limits(limits=n, user_api="blas")
+
+
+if os.environ.get(ENV_VAR):
+    try:
+        _num_threads = _parse(int(os.environ[ENV_VAR]), f"${ENV_VAR}")
+    except ValueError as error:
+        raise ValueError(f"${ENV_VAR} must be a positive integer, got {os.environ[ENV_VAR]!r}") from error
+    _limit_blas(_num_threads)
