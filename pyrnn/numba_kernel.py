@@ -1,73 +1,198 @@
 """The ``numba`` backend: the reference (pyrnn/reference.py) with its time loops compiled.
 
-Only the recurrence is sequential, so only it is compiled (``@njit``, no object mode, cached
-on disk); the products over all T·B rows at once (the input term, the weight gradients) stay
-NumPy matrix products, i.e. BLAS. Inner loops run along H over contiguous memory
-(y += a·x), which LLVM vectorises without reassociating any sum.
+What it is for: the fast path when the native module is not built. Only the recurrence is
+sequential, so only it is compiled (design.md §3): the products over all T·B rows at once (the
+input term, the weight gradients, grad_x) stay NumPy matrix products, i.e. BLAS, and each time
+step runs inside one compiled loop with no Python, no call into BLAS and no allocation.
+
+Why the compiled step is fast (measured against NumPy's BLAS on the same per-step products):
+- ``_matmul_wt``, the per-step product, computes 4 rows x 4 columns of the result at once, so
+  every number loaded from memory is used 4 times, and walks 16 rows of the weight at a time so
+  they stay in cache while all batch rows go past. Its sums may be reordered (fastmath
+  ``reassoc``/``contract`` only, nothing that changes NaN, inf or rounding of single operations),
+  which is what lets LLVM keep the 16 sums in vector registers, as any BLAS does.
+- ``_tanh`` is plain arithmetic that LLVM vectorises; numba's ``np.tanh`` is one libm call per
+  element (16 ns each here), which would cost more than the products themselves at small H.
+- ``error_model="numpy"``: a float division is not checked for zero, so loops with one vectorise.
+- Large steps are split by column blocks over numba's threads; each result element is still
+  summed by one thread in one order, so results do not depend on the thread count.
+
+What it deliberately does not do: compile the big products over all T·B rows (BLAS does those
+better), or compile anything at import (each function compiles on its first call per dtype and
+is cached on disk, ``cache=True``).
 """
+import math
+
+import numba
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from .reference import valid_steps, weight_gradients
 
+# Sums in any order (and a*b+c as one fused operation): the freedom every BLAS takes.
+_SUMS_IN_ANY_ORDER = {"reassoc", "contract"}
+_TILE = 4  # result rows and columns per register tile: 16 sums
+_COLUMN_BLOCK = 16  # weight rows kept in cache while every row of the left operand goes past
+# Per-step multiply-adds (B·H·H) from which splitting a step over threads pays: below it, the
+# cost of starting a parallel region every step exceeds the time saved.
+_PARALLEL_MIN_WORK = 1 << 20
+
+
+@njit(fastmath=_SUMS_IN_ANY_ORDER, cache=True)
+def _matmul_wt_columns(a, w, out, j0, j1):
+    """out[:, j0:j1] = a · w[j0:j1]ᵀ.   a (B, K), w (J, K), out (B, J): rows of both are contiguous."""
+    B, K = a.shape
+    zero = a.dtype.type(0)
+    for b in range(0, B - _TILE + 1, _TILE):
+        j = j0
+        while j + _TILE <= j1:
+            s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = zero
+            s20 = s21 = s22 = s23 = s30 = s31 = s32 = s33 = zero
+            for k in range(K):
+                w0, w1, w2, w3 = w[j, k], w[j + 1, k], w[j + 2, k], w[j + 3, k]
+                a0, a1, a2, a3 = a[b, k], a[b + 1, k], a[b + 2, k], a[b + 3, k]
+                s00 += a0 * w0; s01 += a0 * w1; s02 += a0 * w2; s03 += a0 * w3  # noqa: E702
+                s10 += a1 * w0; s11 += a1 * w1; s12 += a1 * w2; s13 += a1 * w3  # noqa: E702
+                s20 += a2 * w0; s21 += a2 * w1; s22 += a2 * w2; s23 += a2 * w3  # noqa: E702
+                s30 += a3 * w0; s31 += a3 * w1; s32 += a3 * w2; s33 += a3 * w3  # noqa: E702
+            out[b, j], out[b, j + 1], out[b, j + 2], out[b, j + 3] = s00, s01, s02, s03
+            out[b + 1, j], out[b + 1, j + 1], out[b + 1, j + 2], out[b + 1, j + 3] = s10, s11, s12, s13
+            out[b + 2, j], out[b + 2, j + 1], out[b + 2, j + 2], out[b + 2, j + 3] = s20, s21, s22, s23
+            out[b + 3, j], out[b + 3, j + 1], out[b + 3, j + 2], out[b + 3, j + 3] = s30, s31, s32, s33
+            j += _TILE
+        for r in range(b, b + _TILE):  # the last j1 - j columns
+            for jj in range(j, j1):
+                out[r, jj] = _dot(a, r, w, jj)
+    for b in range(B - B % _TILE, B):  # the last rows (all of them when B < 4, e.g. B = 1)
+        j = j0
+        while j + _TILE <= j1:  # one row against 4 weight rows: a matrix-vector product
+            s0 = s1 = s2 = s3 = zero
+            for k in range(K):
+                a0 = a[b, k]
+                s0 += a0 * w[j, k]; s1 += a0 * w[j + 1, k]  # noqa: E702
+                s2 += a0 * w[j + 2, k]; s3 += a0 * w[j + 3, k]  # noqa: E702
+            out[b, j], out[b, j + 1], out[b, j + 2], out[b, j + 3] = s0, s1, s2, s3
+            j += _TILE
+        for jj in range(j, j1):
+            out[b, jj] = _dot(a, b, w, jj)
+
+
+@njit(fastmath=_SUMS_IN_ANY_ORDER, cache=True)
+def _dot(a, b, w, j):
+    """a[b] · w[j]"""
+    s = a.dtype.type(0)
+    for k in range(a.shape[1]):
+        s += a[b, k] * w[j, k]
+    return s
+
+
+@njit(parallel=True, cache=True)
+def _matmul_wt_parallel(a, w, out):
+    """out = a · wᵀ, column blocks shared among numba's threads."""
+    J = w.shape[0]
+    for block in prange((J + _COLUMN_BLOCK - 1) // _COLUMN_BLOCK):
+        j0 = block * _COLUMN_BLOCK
+        _matmul_wt_columns(a, w, out, j0, min(j0 + _COLUMN_BLOCK, J))
+
 
 @njit(cache=True)
-def _forward_steps(output, weight_hh_t, h, lengths):
-    """In place: output holds the input term on entry and h_t (0 on padding) on exit; h the state."""
+def _matmul_wt(a, w, out, parallel):
+    """out = a · wᵀ.   a (B, K), w (J, K), out (B, J)"""
+    if parallel:
+        _matmul_wt_parallel(a, w, out)
+        return
+    J = w.shape[0]
+    for j0 in range(0, J, _COLUMN_BLOCK):
+        _matmul_wt_columns(a, w, out, j0, min(j0 + _COLUMN_BLOCK, J))
+
+
+# tanh(x) = u / (u + 2) with u = expm1(2|x|), sign restored. expm1 of a small argument is its
+# Taylor series; expm1(2z) = expm1(z)·(expm1(z) + 2) then doubles the argument back exactly
+# (no cancellation: every term is positive). With 2|x| ≤ 40 split 256 ways, z ≤ 0.16 and the
+# series to z¹¹ is exact to 1e-17. Measured against NumPy on 2.2M points over [-25, 25] and
+# geometric grids down to 1e-300: float64 ≤ 7 ulp (1e-15 relative); float32 (computed in float64,
+# then rounded) correctly rounded. Straight-line arithmetic, so LLVM vectorises it.
+_DOUBLINGS = 8
+_SATURATION = 20.0  # tanh(20) rounds to 1 in float64 (1 - tanh(20) = 8e-18)
+_EXPM1_TAYLOR = tuple(1.0 / math.factorial(n) for n in range(11, 0, -1))  # 1/11!, ..., 1/1!
+
+
+@njit(error_model="numpy", cache=True)
+def _tanh(x):
+    """tanh of a float64, vectorisable; NaN in, NaN out; ±inf -> ±1; -0.0 -> -0.0."""
+    ax = abs(x)
+    z = (ax if ax < _SATURATION else _SATURATION) * (2.0 / 2.0**_DOUBLINGS)
+    u = 0.0
+    for c in _EXPM1_TAYLOR:
+        u = (u + c) * z  # Horner: ends as z·(1 + z·(1/2 + z·(1/6 + ...)))
+    for _ in range(_DOUBLINGS):
+        u = u * (u + 2.0)
+    t = math.copysign(u / (u + 2.0), x)
+    return t if x == x else x
+
+
+@njit(error_model="numpy", cache=True)
+def _forward_steps(output, weight_hh, h, lengths, parallel):
+    """In place: output (T, B, H) holds the input term on entry and h_t (0 on padding) on exit;
+    h (B, H) the running state, h0 on entry and h_n on exit.   weight_hh (H, H)"""
     T, B, H = output.shape
+    recurrent = np.empty_like(h)  # h_{t-1} · weight_hhᵀ
     for t in range(T):
+        _matmul_wt(h, weight_hh, recurrent, parallel)
         for b in range(B):
-            a = output[t, b]
-            if t >= lengths[b]:
-                a[:] = 0.0
-                continue
-            for k in range(H):
-                h_k = h[b, k]
-                w = weight_hh_t[k]
+            if t < lengths[b]:
                 for j in range(H):
-                    a[j] += h_k * w[j]
-            for j in range(H):
-                a[j] = np.tanh(a[j])
-                h[b, j] = a[j]
+                    h_j = _tanh(np.float64(output[t, b, j] + recurrent[b, j]))
+                    output[t, b, j] = h_j
+                    h[b, j] = h_j
+            else:  # padding: output 0, state carried
+                output[t, b, :] = 0.0
 
 
-@njit(cache=True)
-def _backward_steps(grad_output, weight_hh, output, g, lengths, grad_a):
-    """In place: g holds grad_h_n on entry and grad_h0 on exit; grad_a receives dL/da_t."""
+@njit(error_model="numpy", cache=True)
+def _backward_steps(grad_output, weight_hh_t, output, g, lengths, grad_a, parallel):
+    """In place: g (B, H) holds grad_h_n on entry and grad_h0 on exit; grad_a (T, B, H), zeros on
+    entry, receives dL/da_t (0 on padding).   weight_hh_t (H, H) is weight_hhᵀ, contiguous."""
     T, B, H = output.shape
+    g_prev = np.empty_like(g)  # da_t · weight_hh: the gradient reaching h_{t-1}
+    one = output.dtype.type(1)  # not the int 1, which would promote float32 to float64
     for t in range(T - 1, -1, -1):
         for b in range(B):
-            if t >= lengths[b]:
-                continue
-            da = grad_a[t, b]
-            for j in range(H):
-                h_j = output[t, b, j]
-                da[j] = (g[b, j] + grad_output[t, b, j]) * (1.0 - h_j * h_j)
-            g[b, :] = 0.0
-            for j in range(H):
-                da_j = da[j]
-                w = weight_hh[j]
-                for k in range(H):
-                    g[b, k] += da_j * w[k]
+            if t < lengths[b]:
+                for j in range(H):
+                    h_j = output[t, b, j]
+                    grad_a[t, b, j] = (g[b, j] + grad_output[t, b, j]) * (one - h_j * h_j)
+        _matmul_wt(grad_a[t], weight_hh_t, g_prev, parallel)
+        for b in range(B):
+            if t < lengths[b]:  # padding rows pass g through
+                g[b, :] = g_prev[b, :]
 
 
 def _full_lengths(lengths, T, B):
     return np.full(B, T, dtype=np.int64) if lengths is None else lengths
 
 
+def _parallel(B, H):
+    """Whether to split each step over threads: only when there are several and steps are big."""
+    return numba.get_num_threads() > 1 and B * H * H >= _PARALLEL_MIN_WORK
+
+
 def forward(x, weight_ih, weight_hh, bias, h0, lengths):
     T, B, I = x.shape
-    output = (x.reshape(T * B, I) @ weight_ih.T + bias).reshape(T, B, -1)
+    H = weight_hh.shape[0]
+    output = (x.reshape(T * B, I) @ weight_ih.T + bias).reshape(T, B, H)
     h_n = h0.copy()
-    _forward_steps(output, np.ascontiguousarray(weight_hh.T), h_n, _full_lengths(lengths, T, B))
+    _forward_steps(output, weight_hh, h_n, _full_lengths(lengths, T, B), _parallel(B, H))
     return output, h_n
 
 
 def backward(grad_output, x, weight_ih, weight_hh, output, h0, grad_h_n, lengths):
     T, B, I = x.shape
+    H = weight_hh.shape[0]
     grad_a = np.zeros_like(output)
     g = grad_h_n.copy()
-    _backward_steps(grad_output, weight_hh, output, g, _full_lengths(lengths, T, B), grad_a)
-    grad_x = (grad_a.reshape(T * B, -1) @ weight_ih).reshape(T, B, I)
+    _backward_steps(grad_output, np.ascontiguousarray(weight_hh.T), output, g,
+                    _full_lengths(lengths, T, B), grad_a, _parallel(B, H))
+    grad_x = (grad_a.reshape(T * B, H) @ weight_ih).reshape(T, B, I)
     valid = valid_steps(lengths, T, B)[:, :, None]
     return (grad_x, g) + weight_gradients(grad_a, x, output, h0, valid)
