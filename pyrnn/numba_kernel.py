@@ -6,7 +6,7 @@ input term, the weight gradients, grad_x) stay NumPy matrix products, i.e. BLAS,
 step runs inside one compiled loop with no Python, no call into BLAS and no allocation.
 
 Why the compiled step is fast (measured against NumPy's BLAS on the same per-step products):
-- ``_matmul_wt``, the per-step product, computes 4 rows x 4 columns of the result at once, so
+- ``_matmul_wt_columns``, the per-step product, computes 4 rows x 4 columns of the result at once, so
   every number loaded from memory is used 4 times, and walks 16 rows of the weight at a time so
   they stay in cache while all batch rows go past. Its sums may be reordered (fastmath
   ``reassoc``/``contract`` only, nothing that changes NaN, inf or rounding of single operations),
@@ -86,26 +86,6 @@ def _dot(a, b, w, j):
     return s
 
 
-@njit(parallel=True, cache=True)
-def _matmul_wt_parallel(a, w, out):
-    """out = a · wᵀ, column blocks shared among numba's threads."""
-    J = w.shape[0]
-    for block in prange((J + _COLUMN_BLOCK - 1) // _COLUMN_BLOCK):
-        j0 = block * _COLUMN_BLOCK
-        _matmul_wt_columns(a, w, out, j0, min(j0 + _COLUMN_BLOCK, J))
-
-
-@njit(cache=True)
-def _matmul_wt(a, w, out, parallel):
-    """out = a · wᵀ.   a (B, K), w (J, K), out (B, J)"""
-    if parallel:
-        _matmul_wt_parallel(a, w, out)
-        return
-    J = w.shape[0]
-    for j0 in range(0, J, _COLUMN_BLOCK):
-        _matmul_wt_columns(a, w, out, j0, min(j0 + _COLUMN_BLOCK, J))
-
-
 # tanh(x) = u / (u + 2) with u = expm1(2|x|), sign restored. expm1 of a small argument is its
 # Taylor series; expm1(2z) = expm1(z)·(expm1(z) + 2) then doubles the argument back exactly
 # (no cancellation: every term is positive). With 2|x| ≤ 40 split 256 ways, z ≤ 0.16 and the
@@ -132,40 +112,98 @@ def _tanh(x):
 
 
 @njit(error_model="numpy", cache=True)
-def _forward_steps(output, weight_hh, h, lengths, parallel):
-    """In place: output (T, B, H) holds the input term on entry and h_t (0 on padding) on exit;
-    h (B, H) the running state, h0 on entry and h_n on exit.   weight_hh (H, H)"""
-    T, B, H = output.shape
-    recurrent = np.empty_like(h)  # h_{t-1} · weight_hhᵀ
-    for t in range(T):
-        _matmul_wt(h, weight_hh, recurrent, parallel)
-        for b in range(B):
-            if t < lengths[b]:
-                for j in range(H):
-                    h_j = _tanh(np.float64(output[t, b, j] + recurrent[b, j]))
-                    output[t, b, j] = h_j
-                    h[b, j] = h_j
-            else:  # padding: output 0, state carried
-                output[t, b, :] = 0.0
+def _forward_columns(t, output, weight_hh, state, recurrent, lengths, j0, j1):
+    """Step t for hidden units j0:j1.   output (T, B, H): the input term on entry, h_t on exit
+    (0 on padding); state (2, B, H): h_{t-1} in state[t % 2], h_t goes to state[(t + 1) % 2]
+    (carried on padding rows); recurrent (B, H): scratch for h_{t-1} · weight_hhᵀ."""
+    h_prev, h_next = state[t % 2], state[(t + 1) % 2]
+    _matmul_wt_columns(h_prev, weight_hh, recurrent, j0, j1)
+    for b in range(output.shape[1]):
+        if t < lengths[b]:
+            for j in range(j0, j1):
+                h_j = _tanh(np.float64(output[t, b, j] + recurrent[b, j]))
+                output[t, b, j] = h_j
+                h_next[b, j] = h_j
+        else:
+            for j in range(j0, j1):
+                output[t, b, j] = 0.0
+                h_next[b, j] = h_prev[b, j]
 
 
 @njit(error_model="numpy", cache=True)
-def _backward_steps(grad_output, weight_hh_t, output, g, lengths, grad_a, parallel):
-    """In place: g (B, H) holds grad_h_n on entry and grad_h0 on exit; grad_a (T, B, H), zeros on
-    entry, receives dL/da_t (0 on padding).   weight_hh_t (H, H) is weight_hhᵀ, contiguous."""
-    T, B, H = output.shape
-    g_prev = np.empty_like(g)  # da_t · weight_hh: the gradient reaching h_{t-1}
+def _grad_a_columns(t, grad_output, output, g, lengths, grad_a, k0, k1):
+    """grad_a[t][:, k0:k1] = (g + grad_output[t]) · (1 - h_t²) on valid rows (left 0 on padding)."""
     one = output.dtype.type(1)  # not the int 1, which would promote float32 to float64
+    for b in range(output.shape[1]):
+        if t < lengths[b]:
+            for k in range(k0, k1):
+                h_k = output[t, b, k]
+                grad_a[t, b, k] = (g[b, k] + grad_output[t, b, k]) * (one - h_k * h_k)
+
+
+@njit(error_model="numpy", cache=True)
+def _backward_columns(t, grad_output, weight_hh_t, output, g, lengths, grad_a, product, k0, k1):
+    """Step t for hidden units k0:k1, once grad_a[t] is complete: g[:, k0:k1] becomes the gradient
+    reaching h_{t-1} (grad_a[t] · weight_hh on valid rows, passed through on padding), and
+    grad_a[t - 1][:, k0:k1] follows from it, column by column, so no other column is waited for.
+    weight_hh_t (H, H) is weight_hhᵀ, contiguous; product (B, H) is scratch."""
+    _matmul_wt_columns(grad_a[t], weight_hh_t, product, k0, k1)
+    for b in range(output.shape[1]):
+        if t < lengths[b]:
+            for k in range(k0, k1):
+                g[b, k] = product[b, k]
+    if t > 0:
+        _grad_a_columns(t - 1, grad_output, output, g, lengths, grad_a, k0, k1)
+
+
+# The time loops, once serial and once with each step's column blocks shared among numba's
+# threads (one parallel region per step; the blocks of a step only read what the previous step
+# wrote). Each element is summed by one thread in one order: results do not depend on threads.
+# No function here calls a parallel=True function: numba can crash loading such a caller from
+# its cache (numba/numba#8578), so the parallel loops are only ever called from Python.
+
+@njit(cache=True)
+def _forward_steps(output, weight_hh, state, lengths):
+    T, B, H = output.shape
+    recurrent = np.empty((B, H), output.dtype)
+    for t in range(T):
+        for j0 in range(0, H, _COLUMN_BLOCK):
+            _forward_columns(t, output, weight_hh, state, recurrent, lengths, j0, min(j0 + _COLUMN_BLOCK, H))
+
+
+@njit(cache=True, parallel=True)
+def _forward_steps_parallel(output, weight_hh, state, lengths):
+    T, B, H = output.shape
+    recurrent = np.empty((B, H), output.dtype)
+    for t in range(T):
+        for block in prange((H + _COLUMN_BLOCK - 1) // _COLUMN_BLOCK):
+            j0 = block * _COLUMN_BLOCK
+            _forward_columns(t, output, weight_hh, state, recurrent, lengths, j0, min(j0 + _COLUMN_BLOCK, H))
+
+
+@njit(cache=True)
+def _backward_steps(grad_output, weight_hh_t, output, g, lengths, grad_a):
+    T, B, H = output.shape
+    product = np.empty((B, H), output.dtype)
+    if T > 0:
+        _grad_a_columns(T - 1, grad_output, output, g, lengths, grad_a, 0, H)
     for t in range(T - 1, -1, -1):
-        for b in range(B):
-            if t < lengths[b]:
-                for j in range(H):
-                    h_j = output[t, b, j]
-                    grad_a[t, b, j] = (g[b, j] + grad_output[t, b, j]) * (one - h_j * h_j)
-        _matmul_wt(grad_a[t], weight_hh_t, g_prev, parallel)
-        for b in range(B):
-            if t < lengths[b]:  # padding rows pass g through
-                g[b, :] = g_prev[b, :]
+        for k0 in range(0, H, _COLUMN_BLOCK):
+            _backward_columns(t, grad_output, weight_hh_t, output, g, lengths, grad_a, product,
+                              k0, min(k0 + _COLUMN_BLOCK, H))
+
+
+@njit(cache=True, parallel=True)
+def _backward_steps_parallel(grad_output, weight_hh_t, output, g, lengths, grad_a):
+    T, B, H = output.shape
+    product = np.empty((B, H), output.dtype)
+    if T > 0:
+        _grad_a_columns(T - 1, grad_output, output, g, lengths, grad_a, 0, H)
+    for t in range(T - 1, -1, -1):
+        for block in prange((H + _COLUMN_BLOCK - 1) // _COLUMN_BLOCK):
+            k0 = block * _COLUMN_BLOCK
+            _backward_columns(t, grad_output, weight_hh_t, output, g, lengths, grad_a, product,
+                              k0, min(k0 + _COLUMN_BLOCK, H))
 
 
 def _full_lengths(lengths, T, B):
@@ -181,9 +219,11 @@ def forward(x, weight_ih, weight_hh, bias, h0, lengths):
     T, B, I = x.shape
     H = weight_hh.shape[0]
     output = (x.reshape(T * B, I) @ weight_ih.T + bias).reshape(T, B, H)
-    h_n = h0.copy()
-    _forward_steps(output, weight_hh, h_n, _full_lengths(lengths, T, B), _parallel(B, H))
-    return output, h_n
+    state = np.empty((2, B, H), x.dtype)  # h_{t-1} and h_t, taking turns
+    state[0] = h0
+    steps = _forward_steps_parallel if _parallel(B, H) else _forward_steps
+    steps(output, weight_hh, state, _full_lengths(lengths, T, B))
+    return output, state[T % 2].copy()
 
 
 def backward(grad_output, x, weight_ih, weight_hh, output, h0, grad_h_n, lengths):
@@ -191,8 +231,8 @@ def backward(grad_output, x, weight_ih, weight_hh, output, h0, grad_h_n, lengths
     H = weight_hh.shape[0]
     grad_a = np.zeros_like(output)
     g = grad_h_n.copy()
-    _backward_steps(grad_output, np.ascontiguousarray(weight_hh.T), output, g,
-                    _full_lengths(lengths, T, B), grad_a, _parallel(B, H))
+    steps = _backward_steps_parallel if _parallel(B, H) else _backward_steps
+    steps(grad_output, np.ascontiguousarray(weight_hh.T), output, g, _full_lengths(lengths, T, B), grad_a)
     grad_x = (grad_a.reshape(T * B, H) @ weight_ih).reshape(T, B, I)
     valid = valid_steps(lengths, T, B)[:, :, None]
     return (grad_x, g) + weight_gradients(grad_a, x, output, h0, valid)
