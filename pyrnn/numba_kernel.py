@@ -41,6 +41,13 @@ _PARALLEL_MIN_WORK = 1 << 20
 @njit(fastmath=_SUMS_IN_ANY_ORDER, cache=True)
 def _matmul_wt_columns(a, w, out, j0, j1):
     """out[:, j0:j1] = a · w[j0:j1]ᵀ.   a (B, K), w (J, K), out (B, J): rows of both are contiguous."""
+    for block_start in range(j0, j1, _COLUMN_BLOCK):
+        _matmul_wt_block(a, w, out, block_start, min(block_start + _COLUMN_BLOCK, j1))
+
+
+@njit(fastmath=_SUMS_IN_ANY_ORDER, cache=True)
+def _matmul_wt_block(a, w, out, j0, j1):
+    """out[:, j0:j1] = a · w[j0:j1]ᵀ for one block of columns, small enough to stay in cache."""
     B, K = a.shape
     zero = a.dtype.type(0)
     for b in range(0, B - _TILE + 1, _TILE):
@@ -97,7 +104,7 @@ _SATURATION = 20.0  # tanh(20) rounds to 1 in float64 (1 - tanh(20) = 8e-18)
 _EXPM1_TAYLOR = tuple(1.0 / math.factorial(n) for n in range(11, 0, -1))  # 1/11!, ..., 1/1!
 
 
-@njit(error_model="numpy", cache=True)
+@njit(error_model="numpy", inline="always")  # inlined where it is used, so loops over it vectorise
 def _tanh(x):
     """tanh of a float64, vectorisable; NaN in, NaN out; ±inf -> ±1; -0.0 -> -0.0."""
     ax = abs(x)
@@ -156,29 +163,37 @@ def _backward_columns(t, grad_output, weight_hh_t, output, g, lengths, grad_a, p
         _grad_a_columns(t - 1, grad_output, output, g, lengths, grad_a, k0, k1)
 
 
-# The time loops, once serial and once with each step's column blocks shared among numba's
-# threads (one parallel region per step; the blocks of a step only read what the previous step
+# The time loops, once serial and once with each step's columns split into one chunk per numba
+# thread (one parallel region per step; the chunks of a step only read what the previous step
 # wrote). Each element is summed by one thread in one order: results do not depend on threads.
 # No function here calls a parallel=True function: numba can crash loading such a caller from
 # its cache (numba/numba#8578), so the parallel loops are only ever called from Python.
+
+@njit(cache=True)
+def _chunk(c, n, H):
+    """Columns [j0, j1) of chunk c of n: equal shares of H, starting on a tile boundary."""
+    j0 = c * H // n // _TILE * _TILE
+    j1 = H if c == n - 1 else (c + 1) * H // n // _TILE * _TILE
+    return j0, j1
+
 
 @njit(cache=True)
 def _forward_steps(output, weight_hh, state, lengths):
     T, B, H = output.shape
     recurrent = np.empty((B, H), output.dtype)
     for t in range(T):
-        for j0 in range(0, H, _COLUMN_BLOCK):
-            _forward_columns(t, output, weight_hh, state, recurrent, lengths, j0, min(j0 + _COLUMN_BLOCK, H))
+        _forward_columns(t, output, weight_hh, state, recurrent, lengths, 0, H)
 
 
 @njit(cache=True, parallel=True)
 def _forward_steps_parallel(output, weight_hh, state, lengths):
     T, B, H = output.shape
     recurrent = np.empty((B, H), output.dtype)
+    n = numba.get_num_threads()
     for t in range(T):
-        for block in prange((H + _COLUMN_BLOCK - 1) // _COLUMN_BLOCK):
-            j0 = block * _COLUMN_BLOCK
-            _forward_columns(t, output, weight_hh, state, recurrent, lengths, j0, min(j0 + _COLUMN_BLOCK, H))
+        for c in prange(n):
+            j0, j1 = _chunk(c, n, H)
+            _forward_columns(t, output, weight_hh, state, recurrent, lengths, j0, j1)
 
 
 @njit(cache=True)
@@ -188,22 +203,20 @@ def _backward_steps(grad_output, weight_hh_t, output, g, lengths, grad_a):
     if T > 0:
         _grad_a_columns(T - 1, grad_output, output, g, lengths, grad_a, 0, H)
     for t in range(T - 1, -1, -1):
-        for k0 in range(0, H, _COLUMN_BLOCK):
-            _backward_columns(t, grad_output, weight_hh_t, output, g, lengths, grad_a, product,
-                              k0, min(k0 + _COLUMN_BLOCK, H))
+        _backward_columns(t, grad_output, weight_hh_t, output, g, lengths, grad_a, product, 0, H)
 
 
 @njit(cache=True, parallel=True)
 def _backward_steps_parallel(grad_output, weight_hh_t, output, g, lengths, grad_a):
     T, B, H = output.shape
     product = np.empty((B, H), output.dtype)
+    n = numba.get_num_threads()
     if T > 0:
         _grad_a_columns(T - 1, grad_output, output, g, lengths, grad_a, 0, H)
     for t in range(T - 1, -1, -1):
-        for block in prange((H + _COLUMN_BLOCK - 1) // _COLUMN_BLOCK):
-            k0 = block * _COLUMN_BLOCK
-            _backward_columns(t, grad_output, weight_hh_t, output, g, lengths, grad_a, product,
-                              k0, min(k0 + _COLUMN_BLOCK, H))
+        for c in prange(n):
+            k0, k1 = _chunk(c, n, H)
+            _backward_columns(t, grad_output, weight_hh_t, output, g, lengths, grad_a, product, k0, k1)
 
 
 def _full_lengths(lengths, T, B):
