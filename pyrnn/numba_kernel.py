@@ -186,10 +186,10 @@ def _forward_steps(output, weight_hh, state, lengths):
 
 
 @njit(cache=True, parallel=True)
-def _forward_steps_parallel(output, weight_hh, state, lengths):
+def _forward_steps_parallel(output, weight_hh, state, lengths, n):
+    """n: chunks per step, one per thread."""
     T, B, H = output.shape
     recurrent = np.empty((B, H), output.dtype)
-    n = numba.get_num_threads()
     for t in range(T):
         for c in prange(n):
             j0, j1 = _chunk(c, n, H)
@@ -207,10 +207,10 @@ def _backward_steps(grad_output, weight_hh_t, output, g, lengths, grad_a):
 
 
 @njit(cache=True, parallel=True)
-def _backward_steps_parallel(grad_output, weight_hh_t, output, g, lengths, grad_a):
+def _backward_steps_parallel(grad_output, weight_hh_t, output, g, lengths, grad_a, n):
+    """n: chunks per step, one per thread."""
     T, B, H = output.shape
     product = np.empty((B, H), output.dtype)
-    n = numba.get_num_threads()
     if T > 0:
         _grad_a_columns(T - 1, grad_output, output, g, lengths, grad_a, 0, H)
     for t in range(T - 1, -1, -1):
@@ -234,8 +234,11 @@ def forward(x, weight_ih, weight_hh, bias, h0, lengths):
     output = (x.reshape(T * B, I) @ weight_ih.T + bias).reshape(T, B, H)
     state = np.empty((2, B, H), x.dtype)  # h_{t-1} and h_t, taking turns
     state[0] = h0
-    steps = _forward_steps_parallel if _parallel(B, H) else _forward_steps
-    steps(output, weight_hh, state, _full_lengths(lengths, T, B))
+    arguments = (output, weight_hh, state, _full_lengths(lengths, T, B))
+    if _parallel(B, H):
+        _forward_steps_parallel(*arguments, numba.get_num_threads())
+    else:
+        _forward_steps(*arguments)
     return output, state[T % 2].copy()
 
 
@@ -244,8 +247,11 @@ def backward(grad_output, x, weight_ih, weight_hh, output, h0, grad_h_n, lengths
     H = weight_hh.shape[0]
     grad_a = np.zeros_like(output)
     g = grad_h_n.copy()
-    steps = _backward_steps_parallel if _parallel(B, H) else _backward_steps
-    steps(grad_output, np.ascontiguousarray(weight_hh.T), output, g, _full_lengths(lengths, T, B), grad_a)
+    arguments = (grad_output, np.ascontiguousarray(weight_hh.T), output, g, _full_lengths(lengths, T, B), grad_a)
+    if _parallel(B, H):
+        _backward_steps_parallel(*arguments, numba.get_num_threads())
+    else:
+        _backward_steps(*arguments)
     grad_x = (grad_a.reshape(T * B, H) @ weight_ih).reshape(T, B, I)
     valid = valid_steps(lengths, T, B)[:, :, None]
     return (grad_x, g) + weight_gradients(grad_a, x, output, h0, valid)
