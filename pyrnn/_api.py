@@ -149,7 +149,9 @@ def forward(x, weight_ih, weight_hh, bias=None, h0=None, *, lengths=None, batch_
         {"x": x, "weight_ih": weight_ih, "weight_hh": weight_hh, "bias": bias, "h0": h0},
         batch_first)
     lengths = _lengths(lengths, T, B)
-    output, h_n = impl.forward(a["x"], a["weight_ih"], a["weight_hh"], a["bias"], a["h0"], lengths)
+    with np.errstate(all="ignore"):  # NaN and inf are values that propagate, as in the native kernel
+        output, h_n = impl.forward(a["x"], a["weight_ih"], a["weight_hh"], a["bias"], a["h0"],
+                                   lengths)
     return _time_major(output, batch_first), h_n
 
 
@@ -167,8 +169,9 @@ def backward(grad_output, x, weight_ih, weight_hh, output, h0=None, *, grad_h_n=
         {"x": x, "weight_ih": weight_ih, "weight_hh": weight_hh, "h0": h0, "output": output,
          "grad_output": grad_output, "grad_h_n": grad_h_n}, batch_first)
     lengths = _lengths(lengths, T, B)
-    grad_x, grad_h0, grad_weight_ih, grad_weight_hh, grad_bias = impl.backward(
-        a["grad_output"], a["x"], a["weight_ih"], a["weight_hh"], a["output"], a["h0"],
-        a["grad_h_n"], lengths)
+    with np.errstate(all="ignore"):
+        grad_x, grad_h0, grad_weight_ih, grad_weight_hh, grad_bias = impl.backward(
+            a["grad_output"], a["x"], a["weight_ih"], a["weight_hh"], a["output"], a["h0"],
+            a["grad_h_n"], lengths)
     return Grads(_time_major(grad_x, batch_first), grad_h0, grad_weight_ih, grad_weight_hh,
                  grad_bias)
