@@ -274,7 +274,9 @@ class Linear:
         x = _as_array("x", x, self.dtype, (None,) * (np.ndim(x) - 1) + (self.in_features,),
                       "..., in_features")
         self._x = x
-        y = x @ self.params["weight"].T
+        # One 2-D product over all leading positions: a stacked (3-D) matmul against the
+        # transposed weight would run as many small products, some outside BLAS.
+        y = (x.reshape(-1, self.in_features) @ self.params["weight"].T).reshape(x.shape[:-1] + (-1,))
         return y + self.params["bias"] if "bias" in self.params else y
 
     __call__ = forward
@@ -290,7 +292,7 @@ class Linear:
         self.grads["weight"][...] = rows_y.T @ x.reshape(-1, self.in_features)
         if "bias" in self.params:
             self.grads["bias"][...] = rows_y.sum(axis=0)
-        return grad_y @ self.params["weight"]
+        return (rows_y @ self.params["weight"]).reshape(x.shape)
 
     def __repr__(self):
         return (f"Linear({self.in_features}, {self.out_features}, bias={'bias' in self.params}, "

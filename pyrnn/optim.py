@@ -14,6 +14,19 @@ given backend and thread count).
 import numpy as np
 
 
+def parameters(**layers):
+    """(params, grads) of several layers merged into two dicts keyed "layer.name" (e.g.
+    parameters(rnn=rnn, head=head) gives "rnn.weight_hh_l0", ..., "head.bias"), the form that
+    clipping and the optimizers take. The arrays are the layers' own, so an update reaches the
+    layers, and every backward's gradients are seen without merging again."""
+    params, grads = {}, {}
+    for prefix, layer in layers.items():
+        for name in layer.params:
+            params[f"{prefix}.{name}"] = layer.params[name]
+            grads[f"{prefix}.{name}"] = layer.grads[name]
+    return params, grads
+
+
 def global_norm(grads):
     """√(Σ g²) over every array of grads, accumulated in float64."""
     return float(np.sqrt(sum(np.sum(np.square(g, dtype=np.float64)) for g in grads.values())))

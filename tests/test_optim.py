@@ -4,7 +4,7 @@ import pytest
 
 from pyrnn.losses import mse
 from pyrnn.nn import Linear, RNN
-from pyrnn.optim import adam, clip_grad_norm, clip_grad_value, global_norm, sgd, truncated_bptt
+from pyrnn.optim import adam, clip_grad_norm, clip_grad_value, global_norm, parameters, sgd, truncated_bptt
 
 
 def make_grads():
@@ -114,8 +114,9 @@ def train_a_little(seed):
     """A few Adam steps of RNN + Linear on random data, everything drawn from one seed."""
     rng = np.random.default_rng(seed)
     rnn, head = RNN(2, 5, seed=rng), Linear(5, 1, seed=rng)
-    params = {**{f"rnn.{k}": v for k, v in rnn.params.items()}, **{f"head.{k}": v for k, v in head.params.items()}}
-    grads = {**{f"rnn.{k}": v for k, v in rnn.grads.items()}, **{f"head.{k}": v for k, v in head.grads.items()}}
+    params, grads = parameters(rnn=rnn, head=head)
+    assert list(params) == [f"rnn.{k}" for k in rnn.params] + ["head.weight", "head.bias"]
+    assert params["head.weight"] is head.params["weight"] and grads["rnn.weight_hh_l0"] is rnn.grads["weight_hh_l0"]
     x = rng.standard_normal((6, 4, 2)).astype(np.float32)
     target = np.cumsum(x[..., :1], axis=0)
     state, losses = {}, []
