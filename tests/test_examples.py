@@ -1,0 +1,48 @@
+"""Smoke tests of the examples: a few iterations each, on each backend; the loss must go down."""
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+# Small and short: seconds per run, yet long enough for the loss to fall well beyond noise.
+FAST_ARGUMENTS = {
+    "char_lm": ["--module", "textwrap", "--steps", "40", "--batch", "8", "--seq-len", "16", "--hidden", "32",
+                "--eval-every", "40", "--sample-length", "20", "--lr", "1e-2"],
+    "classify": ["--train", "512", "--test", "256", "--epochs", "4", "--batch", "32", "--hidden", "16",
+                 "--lr", "1e-2"],
+    "forecast": ["--length", "1200", "--steps", "40", "--window", "40", "--warmup", "5", "--hidden", "16",
+                 "--eval-every", "40", "--batch", "16"],
+}
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", sorted(FAST_ARGUMENTS))
+def test_example_learns(backend, name, capsys):
+    result = load(name).main(FAST_ARGUMENTS[name] + ["--backend", backend])
+    losses = result["losses"]
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
+    printed = capsys.readouterr().out
+    assert f"backend {backend}" in printed
+    if name == "char_lm":
+        assert result["perplexity"] < result["unigram_perplexity"] * 1.5 and "--- sample ---" in printed
+    elif name == "classify":
+        assert result["accuracy"] > 0.6
+    else:
+        assert result["mse"] < result["persistence_mse"]
+
+
+def test_examples_save_plots(tmp_path):
+    pytest.importorskip("matplotlib")
+    for name, arguments in FAST_ARGUMENTS.items():
+        path = tmp_path / f"{name}.png"
+        load(name).main(arguments + ["--plot", str(path)])
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
