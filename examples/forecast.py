@@ -52,7 +52,11 @@ def main(argv=None):
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--backend", default=None, help="cpp, numba or numpy (default: $PYRNN_BACKEND or the fastest)")
-    parser.add_argument("--threads", type=int, help="threads for the kernel and BLAS (pyrnn.set_num_threads)")
+    # One thread by default: these matrices are small (a few hundred rows by 128), so a second
+    # thread mostly waits at synchronisation points, and on a busy machine far worse (measured at
+    # load 6 on 2 cores: the Linear head 6.5 ms with 1 thread, 43 ms with 2).
+    parser.add_argument("--threads", type=int, default=1,
+                        help="threads for the kernel and BLAS (pyrnn.set_num_threads; 0: pyrnn's default)")
     parser.add_argument("--plot", metavar="PATH.png", help="save the forecast against the truth (needs matplotlib)")
     args = parser.parse_args(argv)
     if args.threads:

@@ -18,6 +18,11 @@ FAST_ARGUMENTS = {
 }
 
 
+# --threads 0 leaves the thread count alone: the examples' own default (1) is process-wide and
+# would outlive the test.
+COMMON_ARGUMENTS = ["--threads", "0"]
+
+
 def load(name):
     spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
@@ -27,7 +32,7 @@ def load(name):
 
 @pytest.mark.parametrize("name", sorted(FAST_ARGUMENTS))
 def test_example_learns(backend, name, capsys):
-    result = load(name).main(FAST_ARGUMENTS[name] + ["--backend", backend])
+    result = load(name).main(FAST_ARGUMENTS[name] + COMMON_ARGUMENTS + ["--backend", backend])
     losses = result["losses"]
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
     printed = capsys.readouterr().out
@@ -44,5 +49,5 @@ def test_examples_save_plots(tmp_path):
     pytest.importorskip("matplotlib")
     for name, arguments in FAST_ARGUMENTS.items():
         path = tmp_path / f"{name}.png"
-        load(name).main(arguments + ["--plot", str(path)])
+        load(name).main(arguments + COMMON_ARGUMENTS + ["--plot", str(path)])
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
