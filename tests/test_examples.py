@@ -1,5 +1,6 @@
 """Smoke tests of the examples: a few iterations each, on each backend; the loss must go down."""
 import importlib.util
+import re
 from pathlib import Path
 
 import numpy as np
@@ -51,3 +52,11 @@ def test_examples_save_plots(tmp_path):
         path = tmp_path / f"{name}.png"
         load(name).main(arguments + COMMON_ARGUMENTS + ["--plot", str(path)])
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_readme_models_example_runs(capsys):
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    example = re.search(r"## Models and examples\n.*?```python\n(.*?)```", readme, re.S).group(1)
+    exec(compile(example, "README.md", "exec"), {})
+    losses = [float(v) for v in re.findall(r"loss (\d+\.\d+)", capsys.readouterr().out)]
+    assert len(losses) == 3 and losses[-1] < losses[0]
