@@ -4,6 +4,7 @@ import pytest
 
 import pyrnn
 from pyrnn.nn import Linear, RNN, reverse_within_lengths, select_last, select_last_backward
+from pyrnn.testing import accumulated_terms, relative_error, tolerance
 
 # (num_layers, bidirectional, bias, batch_first, with lengths)
 CONFIGS = [
@@ -224,13 +225,13 @@ def test_matches_torch(backend, config, dtype):
      + (h_n_t * torch.tensor(weight_h_n, dtype=torch.float64)).sum()).backward()
     grad_x = rnn.backward(weight_output, weight_h_n)
 
-    # float32 against torch in float64: sums of a few O(1) terms through a handful of steps.
-    atol = 1e-12 if dtype == np.float64 else 2e-5
+    # float32 against torch in float64, with the tolerance the kernel itself is held to, for the
+    # longest sum that enters a gradient (over T·B rows; a layer above the first reads D·H inputs).
+    allowed = tolerance(dtype, accumulated_terms(6, 4, rnn.num_directions * 4, 4)[1])
     expected = {"output": output_t, "h_n": h_n_t, "grad x": x_t.grad, "grad h0": h0_t.grad,
                 **{f"grad {k}": p.grad for k, p in reference.named_parameters()}}
     actual = {"output": output, "h_n": h_n, "grad x": grad_x, "grad h0": rnn.grad_h0,
               **{f"grad {k}": g for k, g in rnn.grads.items()}}
     assert expected.keys() == actual.keys()
-    for name in expected:
-        np.testing.assert_allclose(actual[name], expected[name].detach().numpy(), rtol=0, atol=atol,
-                                   err_msg=name)
+    errors = {name: relative_error(actual[name], expected[name].detach().numpy()) for name in expected}
+    assert max(errors.values()) <= allowed, (errors, allowed)
