@@ -33,6 +33,7 @@ def softmax(logits, axis=-1):
 
 
 def _float(value):
+    """value as a float array: float32/float64 kept, anything else as float64."""
     array = np.asarray(value)
     if array.dtype.kind != "f":
         array = array.astype(np.float64)
@@ -75,9 +76,9 @@ def softmax_cross_entropy(logits, targets, mask=None):
                          "(logits' shape without the class axis)")
     scored, count = _scored(mask, targets.shape)
     C = logits.shape[-1]
-    if np.any(scored & ((targets < 0) | (targets >= C))):
-        bad = targets[scored & ((targets < 0) | (targets >= C))][0]
-        raise ValueError(f"targets hold {bad}, outside [0, C) = [0, {C})")
+    out_of_range = scored & ((targets < 0) | (targets >= C))
+    if np.any(out_of_range):
+        raise ValueError(f"targets hold {targets[out_of_range][0]}, outside [0, C) = [0, {C})")
     if count == 0:
         return 0.0, np.zeros_like(logits)
 

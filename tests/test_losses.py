@@ -85,6 +85,18 @@ def test_bce_with_logits():
     assert loss == pytest.approx(500.0) and np.allclose(grad, [0.5, 0.0])
 
 
+@pytest.mark.parametrize("loss_function", [softmax_cross_entropy, mse, bce_with_logits])
+def test_inputs_are_not_modified(loss_function):
+    rng = np.random.default_rng(6)
+    logits = rng.standard_normal((4, 3))
+    targets = rng.integers(0, 3, size=4) if loss_function is softmax_cross_entropy else rng.uniform(size=(4, 3))
+    mask = np.ones(targets.shape, dtype=bool)
+    copies = [logits.copy(), targets.copy(), mask.copy()]
+    loss_function(logits, targets, mask)
+    for before, after in zip(copies, [logits, targets, mask]):
+        np.testing.assert_array_equal(before, after)
+
+
 def test_losses_match_torch():
     torch = pytest.importorskip("torch")
     F = torch.nn.functional

@@ -137,6 +137,10 @@ def test_linear_gradients_and_shapes():
         np.testing.assert_allclose(analytic[name], pyrnn.numerical_gradient(loss, array),
                                    rtol=1e-6, atol=1e-8, err_msg=name)
     assert list(Linear(4, 3, bias=False).params) == ["weight"]
+    with pytest.raises(ValueError, match=r"x has shape \(5, 2\), expected \(\?, 4\) = \(\.\.\., in_features\)"):
+        layer(np.zeros((5, 2)))
+    with pytest.raises(ValueError, match=r"grad_y has shape \(5, 2, 4\), expected \(5, 2, 3\)"):
+        layer.backward(np.zeros((5, 2, 4)))
 
 
 def test_state_dict_round_trip_and_errors():
