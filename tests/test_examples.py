@@ -60,3 +60,11 @@ def test_readme_models_example_runs(capsys):
     exec(compile(example, "README.md", "exec"), {})
     losses = [float(v) for v in re.findall(r"loss (\d+\.\d+)", capsys.readouterr().out)]
     assert len(losses) == 3 and losses[-1] < losses[0]
+
+
+def test_example_runs_repeat_from_their_seed(backend):
+    arguments = FAST_ARGUMENTS["forecast"] + COMMON_ARGUMENTS + ["--backend", backend]
+    forecast = load("forecast")
+    first = forecast.main(arguments + ["--seed", "5"])["losses"]
+    assert forecast.main(arguments + ["--seed", "5"])["losses"] == first
+    assert forecast.main(arguments + ["--seed", "6"])["losses"] != first
