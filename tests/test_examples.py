@@ -12,7 +12,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 FAST_ARGUMENTS = {
     "char_lm": ["--module", "textwrap", "--steps", "40", "--batch", "8", "--seq-len", "16", "--hidden", "32",
                 "--eval-every", "40", "--sample-length", "20", "--lr", "1e-2"],
-    "classify": ["--train", "512", "--test", "256", "--epochs", "4", "--batch", "32", "--hidden", "16",
+    "classify": ["--train", "512", "--test", "256", "--epochs", "6", "--batch", "32", "--hidden", "16",
                  "--lr", "1e-2"],
     "forecast": ["--length", "1200", "--steps", "40", "--window", "40", "--warmup", "5", "--hidden", "16",
                  "--eval-every", "40", "--batch", "16"],
@@ -35,7 +35,8 @@ def load(name):
 def test_example_learns(backend, name, capsys):
     result = load(name).main(FAST_ARGUMENTS[name] + COMMON_ARGUMENTS + ["--backend", backend])
     losses = result["losses"]
-    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
+    window = max(5, len(losses) // 8)  # mean over several batches: single batches are noisy
+    assert np.mean(losses[-window:]) < 0.8 * np.mean(losses[:window]), losses
     printed = capsys.readouterr().out
     assert f"backend {backend}" in printed
     if name == "char_lm":
