@@ -101,6 +101,7 @@ def _dot(a, b, w, j):
 # then rounded) correctly rounded. Straight-line arithmetic, so LLVM vectorises it.
 _DOUBLINGS = 8
 _SATURATION = 20.0  # tanh(20) rounds to 1 in float64 (1 - tanh(20) = 8e-18)
+_LINEAR_BELOW = 1e-9
 _EXPM1_TAYLOR = tuple(1.0 / math.factorial(n) for n in range(11, 0, -1))  # 1/11!, ..., 1/1!
 
 
@@ -115,7 +116,9 @@ def _tanh(x):
     for _ in range(_DOUBLINGS):
         u = u * (u + 2.0)
     t = math.copysign(u / (u + 2.0), x)
-    return t if x == x else x
+    # Below 1e-9, tanh(x) = x - x³/3 rounds to x, and x itself stays exact down to subnormals
+    # (where x / 128 above would lose bits); NaN passes through as itself.
+    return t if ax >= _LINEAR_BELOW else x
 
 
 @njit(error_model="numpy", cache=True)
