@@ -14,8 +14,9 @@ Why the compiled step is fast (measured against NumPy's BLAS on the same per-ste
 - ``_tanh`` is plain arithmetic that LLVM vectorises; numba's ``np.tanh`` is one libm call per
   element (16 ns each here), which would cost more than the products themselves at small H.
 - ``error_model="numpy"``: a float division is not checked for zero, so loops with one vectorise.
-- Large steps are split by column blocks over numba's threads; each result element is still
-  summed by one thread in one order, so results do not depend on the thread count.
+- Very large steps (see _PARALLEL_MIN_WORK) are split into column chunks over numba's threads;
+  each result element is still summed by one thread in one order, so results do not depend on
+  the thread count. Below that, threads speed up only the BLAS products around the loop.
 
 What it deliberately does not do: compile the big products over all T·B rows (BLAS does those
 better), or compile anything at import (each function compiles on its first call per dtype and
@@ -33,9 +34,13 @@ from .reference import valid_steps, weight_gradients
 _SUMS_IN_ANY_ORDER = {"reassoc", "contract"}
 _TILE = 4  # result rows and columns per register tile: 16 sums
 _COLUMN_BLOCK = 16  # weight rows kept in cache while every row of the left operand goes past
-# Per-step multiply-adds (B·H·H) from which splitting a step over threads pays: below it, the
-# cost of starting a parallel region every step exceeds the time saved.
-_PARALLEL_MIN_WORK = 1 << 20
+# Per-step multiply-adds (B·H·H) from which a step is split over threads. Every step then ends
+# at a barrier, which costs ~10 us and, when the cores are shared with other work, a scheduler
+# time slice whenever one of the threads is descheduled. Measured on the 2-core development
+# machine under load (1 vs 2 threads, forward recurrence, float32): 2 threads were 2x slower on
+# small (B·H·H = 0.26M), 3-10x slower on medium (4.2M), 2-6x on large (67M) and 2-3x on
+# deepbench (99M). So only steps beyond the benchmark grid (e.g. B=64, H=2048: 268M) split.
+_PARALLEL_MIN_WORK = 1 << 27
 
 
 @njit(fastmath=_SUMS_IN_ANY_ORDER, cache=True)
