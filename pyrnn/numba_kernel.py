@@ -255,7 +255,8 @@ def backward(grad_output, x, weight_ih, weight_hh, output, h0, grad_h_n, lengths
     H = weight_hh.shape[0]
     grad_a = np.zeros_like(output)
     g = grad_h_n.copy()
-    arguments = (grad_output, np.ascontiguousarray(weight_hh.T), output, g, _full_lengths(lengths, T, B), grad_a)
+    weight_hh_t = np.ascontiguousarray(weight_hh.T)  # so that g · weight_hh reads contiguous rows
+    arguments = (grad_output, weight_hh_t, output, g, _full_lengths(lengths, T, B), grad_a)
     if _parallel(B, H):
         _backward_steps_parallel(*arguments, numba.get_num_threads())
     else:

@@ -96,13 +96,14 @@ def test_parallel_loops_are_bitwise_identical_to_serial(dtype, with_lengths, chu
     lengths = random_lengths(rng, T, B) if with_lengths else np.full(B, T, np.int64)
     input_term = (p["x"].reshape(T * B, I) @ p["weight_ih"].T + p["bias"]).reshape(T, B, H)
     results = []
-    for steps, extra in [(numba_kernel._forward_steps, ()), (numba_kernel._forward_steps_parallel, (chunks,))]:
+    k = numba_kernel
+    for steps, extra in [(k._forward_steps, ()), (k._forward_steps_parallel, (chunks,))]:
         output, state = input_term.copy(), np.stack([p["h0"], p["h0"]])
         steps(output, p["weight_hh"], state, lengths, *extra)
         results.append((output, state[T % 2]))
     grad_output = rng.standard_normal((T, B, H)).astype(dtype)
     weight_hh_t = np.ascontiguousarray(p["weight_hh"].T)
-    for steps, extra in [(numba_kernel._backward_steps, ()), (numba_kernel._backward_steps_parallel, (chunks,))]:
+    for steps, extra in [(k._backward_steps, ()), (k._backward_steps_parallel, (chunks,))]:
         g, grad_a = p["h0"].copy(), np.zeros((T, B, H), dtype)
         steps(grad_output, weight_hh_t, results[0][0], g, lengths, grad_a, *extra)
         results.append((g, grad_a))
@@ -118,6 +119,14 @@ def test_public_call_takes_the_parallel_path_with_two_threads(monkeypatch):
     p = make_problem(rng, T, B, I, H)
     grad_output = rng.standard_normal((T, B, H))
     monkeypatch.setattr(numba_kernel, "_PARALLEL_MIN_WORK", 1)
+    chunk_counts = []
+    for name in ("_forward_steps_parallel", "_backward_steps_parallel"):
+        loop = getattr(numba_kernel, name)
+
+        def recording(*arguments, loop=loop):
+            chunk_counts.append(arguments[-1])
+            return loop(*arguments)
+        monkeypatch.setattr(numba_kernel, name, recording)
     results = {}
     before = pyrnn.get_num_threads()
     try:
@@ -131,6 +140,7 @@ def test_public_call_takes_the_parallel_path_with_two_threads(monkeypatch):
         pyrnn.set_num_threads(before)
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.skip("numba has a single thread here")
+    assert chunk_counts == [2, 2]  # the 1-thread run took the serial loops
     for a, b in zip(results[1], results[2]):
         np.testing.assert_array_equal(a, b)
 
@@ -143,7 +153,8 @@ def _run(code):
 def test_import_compiles_nothing():
     out = _run("import sys, pyrnn; print('numba' in sys.modules); "
                "from pyrnn import numba_kernel as k; "
-               "print(sum(len(f.signatures) for f in (k._forward_steps, k._backward_steps, k._matmul_wt_columns)))")
+               "steps = (k._forward_steps, k._backward_steps, k._matmul_wt_columns); "
+               "print(sum(len(f.signatures) for f in steps))")
     assert out.split() == ["False", "0"]
 
 
