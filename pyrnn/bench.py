@@ -12,8 +12,9 @@ What it measures and how (design.md §4):
 - Contestants are timed interleaved, A B C A B C ..., so that drift on a busy machine hits
   all alike. A sample is the mean of enough back-to-back calls to last ~10 ms; a figure is the
   median of the samples.
-- The GEMM peak (a large NumPy matmul, the dtype benchmarked) is measured in the same run for
-  each thread count, so GFLOP/s can be read as a fraction of what this machine can do.
+- The GEMM peak (a large NumPy matmul in the dtype benchmarked) is timed as one more contestant
+  in every round, so GFLOP/s reads as a fraction of what this machine could do at that very time
+  (other work on a shared machine slows the peak and the kernels alike).
 - Thread counts bound every pool: pyrnn.set_num_threads (native kernel, numba, NumPy's BLAS)
   and torch.set_num_threads; what each pool then reports is recorded.
 
@@ -50,6 +51,10 @@ MODES = ("forward", "train")
 PEER = "torch"
 RESULT_NAMES = ("output", "h_n", "grad_x", "grad_h0", "grad_weight_ih", "grad_weight_hh", "grad_bias")
 SAMPLE_SECONDS = 0.01  # a sample repeats a call until it lasts about this long
+MAX_ROUNDS = 1000  # a cap on samples per contestant however large the time budget
+PEAK_N = 1024  # the GEMM peak is an n×n×n matmul: large enough for OpenBLAS to reach its peak
+PEAK_FLOP = 2 * PEAK_N**3
+PEAK = "gemm peak"  # its name among the timed calls
 
 
 def flops(shape, mode):
@@ -249,17 +254,13 @@ def time_calls(call, number):
             gc.enable()
 
 
-def gemm_peak(dtype, seconds=1.0, n=1024):
-    """(GFLOP/s, samples) of an n×n×n NumPy matmul in `dtype`: the machine's BLAS GEMM rate under
-    the current thread limits. Median of the samples, like every other figure here."""
+def gemm_call(dtype, n=PEAK_N):
+    """A call doing one n×n×n NumPy matmul in `dtype` (2·n³ FLOP): the machine's BLAS GEMM rate
+    under the current thread limits is the peak GFLOP/s figures are compared with."""
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((2, n, n)).astype(dtype)
     out = np.empty((n, n), dtype)
-    np.matmul(a, b, out=out)  # warm-up: BLAS thread start, page faults
-    samples, start = [], time.perf_counter()
-    while len(samples) < 5 or time.perf_counter() - start < seconds:
-        samples.append(time_calls(lambda: np.matmul(a, b, out=out), 1))
-    return 2 * n**3 / statistics.median(samples) / 1e9, samples
+    return lambda: np.matmul(a, b, out=out)
 
 
 class Progress:
@@ -292,17 +293,21 @@ class Progress:
             self.stream.flush()
 
 
-def measure_block(runners, mode, repeat, budget, progress, label):
-    """Time runners[name].<mode>() interleaved: at least `repeat` rounds, more while the block has
-    used less than `budget` seconds. -> {name: (samples in s per call, calls per sample)}."""
-    calls = {name: getattr(runner, mode) for name, runner in runners.items()}
-    number = {}
-    for name, call in calls.items():  # warm-up, which also sizes a sample
-        number[name] = max(1, round(SAMPLE_SECONDS / max(time_calls(call, 1), 1e-9)))
-    samples = {name: [] for name in calls}
+def measure_block(calls, repeat, budget, progress, label):
+    """Time calls[name]() interleaved until every contestant has `repeat` samples, and on while
+    the block has used less than `budget` seconds. -> {name: (samples in s per call, calls per
+    sample)}."""
+    number, samples = {}, {}
+    for name, call in calls.items():  # a warm-up round (the first call was the gate's), sizing samples
+        seconds = time_calls(call, 1)
+        number[name] = max(1, round(SAMPLE_SECONDS / max(seconds, 1e-9)))
+        samples[name] = [seconds] if number[name] == 1 else []  # a warm call long enough to be a sample
     start = time.perf_counter()
     rounds = 0
-    while rounds < repeat or (time.perf_counter() - start < budget and rounds < 1000):
+    while calls:
+        enough = min(map(len, samples.values())) >= repeat
+        if enough and (time.perf_counter() - start >= budget or rounds >= MAX_ROUNDS):
+            break
         for name, call in calls.items():
             samples[name].append(time_calls(call, number[name]))
         rounds += 1
@@ -316,13 +321,13 @@ def gate(runner, expected, problem, modes):
     -> dict with "status" ("ok", "wrong" or "error"), the worst error and its tolerance, and
     "first_call_s" {mode: seconds}.
     """
-    first_call = {}
+    first_call, outcomes = {}, {}
     try:
         for mode in modes:
             start = time.perf_counter()
-            outcome = getattr(runner, mode)()
+            outcomes[mode] = getattr(runner, mode)()
             first_call[mode] = time.perf_counter() - start
-        trained = outcome if mode == "train" else runner.train()  # gradients are always checked
+        trained = outcomes["train"] if "train" in outcomes else runner.train()  # gradients always checked
         error, worst, tol = disagreement(runner.results(trained), expected, problem)
     except Exception as exc:  # a contestant that raises is reported, not timed
         return {"status": "error", "message": f"{type(exc).__name__}: {exc}", "first_call_s": first_call}
@@ -340,14 +345,13 @@ def run(shapes, threads, modes, names, dtype, repeat, budget, stream=sys.stderr)
                            "sample_s": SAMPLE_SECONDS},
               "shapes": {name: SHAPES[name]._asdict() for name in shapes},
               "peak": {}, "thread_pools": {}, "results": []}
+    gemm = gemm_call(dtype)
     progress = Progress(len(threads) * len(shapes) * (1 + len(modes)), stream)
     problems, expected = {}, {}
     for n in threads:
         set_threads(n)
         report["thread_pools"][n] = thread_report()
-        progress.show(f"{n} thread(s): GEMM peak")
-        gflops, samples = gemm_peak(dtype)
-        report["peak"][n] = {"gflops": gflops, "samples_s": samples, "n": 1024}
+        gemm_samples = []
         for shape_name in shapes:
             shape = SHAPES[shape_name]
             if shape_name not in problems:
@@ -365,11 +369,18 @@ def run(shapes, threads, modes, names, dtype, repeat, budget, stream=sys.stderr)
                     runners[name] = runner
             progress.step()
             for mode in modes:
-                timed = measure_block(runners, mode, repeat, budget, progress, f"{label} {mode}")
+                calls = {name: getattr(runner, mode) for name, runner in runners.items()}
+                timed = measure_block(dict(calls, **{PEAK: gemm}), repeat, budget, progress,
+                                      f"{label} {mode}")
+                peak_samples = timed.pop(PEAK)[0]
+                gemm_samples += peak_samples
+                peak = PEAK_FLOP / statistics.median(peak_samples) / 1e9
                 for name in names:
                     report["results"].append(result_row(shape_name, shape, mode, n, name, checks[name],
-                                                        timed.get(name), report["peak"][n]["gflops"]))
+                                                        timed.get(name), peak))
                 progress.step()
+        report["peak"][n] = {"gflops": PEAK_FLOP / statistics.median(gemm_samples) / 1e9,
+                             "samples_s": gemm_samples, "n": PEAK_N}
     progress.close()
     report["machine"]["load_average_end"] = _load_average()
     add_speedups(report["results"])
@@ -386,6 +397,7 @@ def result_row(shape_name, shape, mode, threads, name, check, timed, peak):
         q1, _, q3 = statistics.quantiles(samples, n=4) if len(samples) > 1 else (median,) * 3
         row.update({"samples_s": samples, "calls_per_sample": number, "median_s": median,
                     "iqr_s": q3 - q1, "gflops": flops(shape, mode) / median / 1e9})
+        row["peak_gflops"] = peak
         row["fraction_of_peak"] = row["gflops"] / peak
     return row
 
@@ -445,7 +457,7 @@ def format_report(report):
             f", load average {m['load_average_start']:.1f} at start, {m['load_average_end']:.1f} at end")
     lines = [f"machine: {m['cpu']}, {m['cores']} cores, {m['system']}, Python {m['python']}{load}",
              "versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
-             f"{gemm} peak (NumPy matmul 1024^3, {report['dtype']}): " + ", ".join(
+             f"{gemm} peak (NumPy matmul {PEAK_N}^3, {report['dtype']}, median over the run): " + ", ".join(
                  f"{n} thread(s) {p['gflops']:.1f} GFLOP/s" for n, p in report["peak"].items())]
     for n, pools in report["thread_pools"].items():
         over = {pool: count for pool, count in pools.items() if count > n}
@@ -474,8 +486,8 @@ def format_report(report):
             lines.append(f"{row['mode']:8s} {row['threads']:3d} {row['backend']:8s} {timing} {first:>11s}  {check}")
     lines += ["", "median ms: median over samples (each the mean of calls lasting ~10 ms), backends "
               "interleaved; ±iqr: interquartile range / median.",
-              f"%peak: GFLOP/s (forward 2·T·B·H·(I+H), train 3x) / the {gemm} peak above at the same "
-              "thread count. vs X: X's median / this median (>1: faster than X).",
+              f"%peak: GFLOP/s (forward 2·T·B·H·(I+H), train 3x) / the {gemm} rate timed in the same "
+              "rounds. vs X: X's median / this median (>1: faster than X).",
               "1st call: the first call of that mode in this process (includes JIT compilation), "
               "not in the samples. check: worst relative error against the float64 reference."]
     return "\n".join(lines)
