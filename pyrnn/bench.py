@@ -13,8 +13,8 @@ What it measures and how (design.md §4):
   all alike. A sample is the mean of enough back-to-back calls to last ~10 ms; a figure is the
   median of the samples.
 - The GEMM peak (a large NumPy matmul in the dtype benchmarked) is timed as one more contestant
-  in every round, so GFLOP/s reads as a fraction of what this machine could do at that very time
-  (other work on a shared machine slows the peak and the kernels alike).
+  in every round, and the peak at a thread count is its best sample: what this machine's BLAS
+  reached in this run. GFLOP/s is read as a fraction of it.
 - Thread counts bound every pool: pyrnn.set_num_threads (native kernel, numba, NumPy's BLAS)
   and torch.set_num_threads; what each pool then reports is recorded.
 
@@ -372,22 +372,20 @@ def run(shapes, threads, modes, names, dtype, repeat, budget, stream=sys.stderr)
                 calls = {name: getattr(runner, mode) for name, runner in runners.items()}
                 timed = measure_block(dict(calls, **{PEAK: gemm}), repeat, budget, progress,
                                       f"{label} {mode}")
-                peak_samples = timed.pop(PEAK)[0]
-                gemm_samples += peak_samples
-                peak = PEAK_FLOP / statistics.median(peak_samples) / 1e9
+                gemm_samples += timed.pop(PEAK)[0]
                 for name in names:
                     report["results"].append(result_row(shape_name, shape, mode, n, name, checks[name],
-                                                        timed.get(name), peak))
+                                                        timed.get(name)))
                 progress.step()
-        report["peak"][n] = {"gflops": PEAK_FLOP / statistics.median(gemm_samples) / 1e9,
-                             "samples_s": gemm_samples, "n": PEAK_N}
+        report["peak"][n] = {"gflops": PEAK_FLOP / min(gemm_samples) / 1e9, "samples_s": gemm_samples,
+                             "n": PEAK_N}
     progress.close()
     report["machine"]["load_average_end"] = _load_average()
-    add_speedups(report["results"])
+    add_ratios(report["results"], report["peak"])
     return report
 
 
-def result_row(shape_name, shape, mode, threads, name, check, timed, peak):
+def result_row(shape_name, shape, mode, threads, name, check, timed):
     row = {"shape": shape_name, "mode": mode, "threads": threads, "backend": name,
            "status": check["status"], "first_call_s": check["first_call_s"].get(mode)}
     row.update({key: check[key] for key in ("max_error", "worst", "tolerance", "message") if key in check})
@@ -397,13 +395,15 @@ def result_row(shape_name, shape, mode, threads, name, check, timed, peak):
         q1, _, q3 = statistics.quantiles(samples, n=4) if len(samples) > 1 else (median,) * 3
         row.update({"samples_s": samples, "calls_per_sample": number, "median_s": median,
                     "iqr_s": q3 - q1, "gflops": flops(shape, mode) / median / 1e9})
-        row["peak_gflops"] = peak
-        row["fraction_of_peak"] = row["gflops"] / peak
     return row
 
 
-def add_speedups(rows):
-    """speedup_vs_<base> = base's median / this median, within the same shape, mode and threads."""
+def add_ratios(rows, peak):
+    """fraction_of_peak = GFLOP/s / the GEMM peak at that thread count; speedup_vs_<base> = base's
+    median / this median, within the same shape, mode and threads."""
+    for row in rows:
+        if "median_s" in row:
+            row["fraction_of_peak"] = row["gflops"] / peak[row["threads"]]["gflops"]
     medians = {(r["shape"], r["mode"], r["threads"], r["backend"]): r["median_s"]
                for r in rows if "median_s" in r}
     for row in rows:
@@ -457,7 +457,7 @@ def format_report(report):
             f", load average {m['load_average_start']:.1f} at start, {m['load_average_end']:.1f} at end")
     lines = [f"machine: {m['cpu']}, {m['cores']} cores, {m['system']}, Python {m['python']}{load}",
              "versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
-             f"{gemm} peak (NumPy matmul {PEAK_N}^3, {report['dtype']}, median over the run): " + ", ".join(
+             f"{gemm} peak (NumPy matmul {PEAK_N}^3, {report['dtype']}, best sample of the run): " + ", ".join(
                  f"{n} thread(s) {p['gflops']:.1f} GFLOP/s" for n, p in report["peak"].items())]
     for n, pools in report["thread_pools"].items():
         over = {pool: count for pool, count in pools.items() if count > n}
@@ -486,16 +486,16 @@ def format_report(report):
             lines.append(f"{row['mode']:8s} {row['threads']:3d} {row['backend']:8s} {timing} {first:>11s}  {check}")
     lines += ["", "median ms: median over samples (each the mean of calls lasting ~10 ms), backends "
               "interleaved; ±iqr: interquartile range / median.",
-              f"%peak: GFLOP/s (forward 2·T·B·H·(I+H), train 3x) / the {gemm} rate timed in the same "
-              "rounds. vs X: X's median / this median (>1: faster than X).",
+              f"%peak: GFLOP/s (forward 2·T·B·H·(I+H), train 3x) / the {gemm} peak (timed in every "
+              "round). vs X: X's median / this median (>1: faster than X).",
               "1st call: the first call of that mode in this process (includes JIT compilation), "
               "not in the samples. check: worst relative error against the float64 reference."]
     return "\n".join(lines)
 
 
 def plot(report, path):
-    """A bar chart of speed-up over torch (over numpy without torch) per shape, one panel per mode
-    and thread count."""
+    """A bar chart of speed-up over torch (over numpy without torch) per shape: one panel per mode
+    (rows) and thread count (columns), one bar per contestant."""
     try:
         import matplotlib
     except ImportError as error:
@@ -505,25 +505,26 @@ def plot(report, path):
 
     rows = [r for r in report["results"] if "median_s" in r]
     base = PEER if any(r["backend"] == PEER for r in rows) else "numpy"
-    panels = sorted({(r["mode"], r["threads"]) for r in rows}, key=lambda p: (MODES.index(p[0]), p[1]))
+    speedup = {(r["shape"], r["mode"], r["threads"], r["backend"]): r.get(f"speedup_vs_{base}", math.nan)
+               for r in rows}
+    modes, threads = report["settings"]["modes"], report["settings"]["threads"]
     shapes = list(report["shapes"])
     names = [n for n in report["settings"]["backends"] if n != base]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(len(modes), len(threads), figsize=(1 + 1.2 * len(shapes) * len(threads),
+                             3.5 * len(modes)), squeeze=False, sharey=True)
     width = 0.8 / max(len(names), 1)
-    for ax, (mode, threads) in zip(axes[0], panels):
-        for i, name in enumerate(names):
-            speedups = [next((r.get(f"speedup_vs_{base}", math.nan) for r in rows if r["shape"] == s
-                              and r["mode"] == mode and r["threads"] == threads and r["backend"] == name),
-                             math.nan) for s in shapes]
-            ax.bar([j + (i - (len(names) - 1) / 2) * width for j in range(len(shapes))], speedups,
-                   width, label=name)
-        ax.axhline(1, color="black", linewidth=0.8)
-        ax.set_yscale("log")
-        ax.set_xticks(range(len(shapes)), shapes, rotation=30)
-        ax.set_title(f"{mode}, {threads} thread(s)")
-    axes[0][0].set_ylabel(f"speed-up over {base} (higher is faster)")
+    for ax_row, mode in zip(axes, modes):
+        for ax, n in zip(ax_row, threads):
+            for i, name in enumerate(names):
+                ax.bar([j + (i - (len(names) - 1) / 2) * width for j in range(len(shapes))],
+                       [speedup.get((s, mode, n, name), math.nan) for s in shapes], width, label=name)
+            ax.axhline(1, color="black", linewidth=0.8)
+            ax.set_yscale("log")
+            ax.set_xticks(range(len(shapes)), shapes)
+            ax.set_title(f"{mode}, {n} thread(s)")
+        ax_row[0].set_ylabel(f"speed-up over {base}")
     axes[0][-1].legend()
-    fig.suptitle(f"pyrnn vs {base}, {report['dtype']}, {report['machine']['cpu']}")
+    fig.suptitle(f"pyrnn vs {base} ({report['dtype']}; higher is faster), {report['machine']['cpu']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
