@@ -15,8 +15,8 @@ What it measures and how (design.md §4):
 - The GEMM peak (a large NumPy matmul in the dtype benchmarked) is timed as one more contestant
   in every round, and the peak at a thread count is its best sample: what this machine's BLAS
   reached in this run. GFLOP/s is read as a fraction of it.
-- Thread counts bound every pool: pyrnn.set_num_threads (native kernel, numba, NumPy's BLAS)
-  and torch.set_num_threads; what each pool then reports is recorded.
+- Thread counts bound every pool: pyrnn.set_num_threads (native kernel, numba, NumPy's BLAS),
+  torch.set_num_threads and every OpenMP runtime; what each pool then reports is recorded.
 
 This module is also the benchmark suite's toolbox (benchmarks/): problems, runners, the gate.
 """
@@ -182,13 +182,13 @@ def disagreement(results, expected, problem):
     infinitely wrong; agreement means error <= tolerance for every result."""
     T, B, I = problem["x"].shape
     forward_terms, backward_terms = testing.accumulated_terms(T, B, I, problem["weight_hh"].shape[0])
-    worst = (-1.0, None, None)
+    worst = None
     for name in RESULT_NAMES:
         terms = forward_terms if name in ("output", "h_n") else backward_terms
         tol = testing.tolerance(problem["x"].dtype, terms)
         error = testing.relative_error(results[name], expected[name])
         error = math.inf if math.isnan(error) else error
-        if error / tol > worst[0] / (worst[2] or 1):
+        if worst is None or error / tol > worst[0] / worst[2]:
             worst = (error, name, tol)
     return worst
 
