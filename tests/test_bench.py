@@ -103,3 +103,18 @@ def test_bench_rejects_unknown_choices():
         main(["bench", "--shapes", "huge"])
     with pytest.raises(SystemExit, match="--threads"):
         main(["bench", "--threads", "0"])
+
+
+@pytest.mark.skipif(len(pyrnn.available_backends()) < 3, reason="needs the cpp and numba backends")
+def test_bench_command_reports_wrong_and_failing_contestants_untimed(monkeypatch, capsys):
+    broken = {"numba": _Off, "cpp": _Raises}
+    monkeypatch.setattr(bench, "make_runner",
+                        lambda name, problem: broken.get(name, bench.PyrnnRunner)(name, problem))
+    status = main(["bench", "--shapes", "tiny", "--threads", "1", "--repeat", "1", "--budget", "0",
+                   "--modes", "forward", "--backends", "numpy,numba,cpp", "--dtype", "float64"])
+    table = capsys.readouterr().out
+    assert status == 1
+    assert "ERROR RuntimeError: kernel exploded" in table
+    rows = {line.split()[2]: line for line in table.splitlines() if line.startswith("forward ")}
+    assert "WRONG" in rows["numba"] and "not timed" in rows["numba"] and "not timed" in rows["cpp"]
+    assert "  ok " in rows["numpy"] and "not timed" not in rows["numpy"]
