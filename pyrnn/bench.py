@@ -218,22 +218,24 @@ def set_threads(n):
 
 
 def thread_report():
-    """What each pool says it will use now: {pool: threads} plus threadpoolctl's full view."""
+    """What each pool says it will use now: {"threads": {pool: count}, "threadpoolctl": its full
+    view (library, version, architecture, threading layer of every BLAS and OpenMP loaded)}."""
     from threadpoolctl import threadpool_info
 
     pyrnn.available_backends()
-    report = {"pyrnn": pyrnn.get_num_threads()}
+    counts = {"pyrnn": pyrnn.get_num_threads()}
     native = sys.modules.get("pyrnn._cpp")
     if native is not None and hasattr(native, "get_num_threads"):
-        report["cpp"] = native.get_num_threads()
+        counts["cpp"] = native.get_num_threads()
     if "numba" in sys.modules:
-        report["numba"] = sys.modules["numba"].get_num_threads()
+        counts["numba"] = sys.modules["numba"].get_num_threads()
     torch = torch_or_none()
     if torch is not None:
-        report["torch"] = torch.get_num_threads()
-    for pool in threadpool_info():
-        report[f"{pool['internal_api']} ({os.path.basename(pool['filepath'])})"] = pool["num_threads"]
-    return report
+        counts["torch"] = torch.get_num_threads()
+    pools = threadpool_info()
+    for pool in pools:
+        counts[f"{pool['internal_api']} ({os.path.basename(pool['filepath'])})"] = pool["num_threads"]
+    return {"threads": counts, "threadpoolctl": pools}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -460,7 +462,7 @@ def format_report(report):
              f"{gemm} peak (NumPy matmul {PEAK_N}^3, {report['dtype']}, best sample of the run): " + ", ".join(
                  f"{n} thread(s) {p['gflops']:.1f} GFLOP/s" for n, p in report["peak"].items())]
     for n, pools in report["thread_pools"].items():
-        over = {pool: count for pool, count in pools.items() if count > n}
+        over = {pool: count for pool, count in pools["threads"].items() if count > n}
         if over:
             lines.append(f"warning: asked for {n} thread(s) but these pools report more: {over}")
     header = (f"{'mode':8s} {'thr':>3s} {'backend':8s} {'median ms':>10s} {'±iqr':>6s} {'GFLOP/s':>8s} "

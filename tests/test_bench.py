@@ -62,8 +62,8 @@ def test_disagreement_counts_nan_as_wrong():
 def test_thread_limits_reach_every_pool():
     try:
         bench.set_threads(1)
-        pools = bench.thread_report()
-        assert pools["pyrnn"] == 1
+        pools = bench.thread_report()["threads"]
+        assert pools["pyrnn"] == 1 and pools.get("torch", 1) == 1
         assert all(count == 1 for count in pools.values()), str(pools)
     finally:
         bench.set_threads(os.cpu_count() or 1)
@@ -85,7 +85,8 @@ def test_bench_command_end_to_end(tmp_path, capsys):
         assert row["fraction_of_peak"] == row["gflops"] / report["peak"]["1"]["gflops"]
         assert f"{row['mode']:8s}   1 {row['backend']:8s}" in table
     assert report["peak"]["1"]["gflops"] > 0
-    assert report["thread_pools"]["1"]["pyrnn"] == 1
+    assert report["thread_pools"]["1"]["threads"]["pyrnn"] == 1
+    assert any(pool["user_api"] == "blas" for pool in report["thread_pools"]["1"]["threadpoolctl"])
     assert report["versions"]["pyrnn"] == pyrnn.__version__
     assert "tiny  T=50 B=1 I=32 H=64" in table
 
