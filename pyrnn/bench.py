@@ -543,6 +543,9 @@ def main(args):
         raise SystemExit(f"--threads must be comma-separated positive integers, got {args.threads!r}")
     if any(n < 1 for n in threads):
         raise SystemExit(f"--threads must be positive, got {args.threads!r}")
+    if args.repeat < 1 or args.budget < 0:
+        raise SystemExit(f"--repeat must be at least 1 and --budget not negative, got {args.repeat} "
+                         f"and {args.budget}")
     report = run(shapes, threads, modes, names, args.dtype, args.repeat, args.budget)
     print(format_report(report))
     if args.json:

@@ -104,6 +104,8 @@ def test_bench_rejects_unknown_choices():
         main(["bench", "--shapes", "huge"])
     with pytest.raises(SystemExit, match="--threads"):
         main(["bench", "--threads", "0"])
+    with pytest.raises(SystemExit, match="--repeat"):
+        main(["bench", "--repeat", "0"])
 
 
 @pytest.mark.skipif(len(pyrnn.available_backends()) < 3, reason="needs the cpp and numba backends")
