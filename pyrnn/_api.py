@@ -29,7 +29,7 @@ def _check_shape(name, array, expected, names):
 
 
 def _float_arrays(arrays):
-    """{name: ndarray or None} of one common float dtype, read-only views, in the given order.
+    """({name: ndarray or None}, dtype): every argument as an array of one float dtype.
 
     NumPy arrays decide the dtype and must all share it; Python sequences take that dtype
     (float64 when no argument is an array).
@@ -71,7 +71,7 @@ def _check_ndim(name, array, ndim, layout):
 def _clean(array):
     """C-contiguous, and read-only when it is the caller's own memory, so no backend can write it."""
     clean = np.ascontiguousarray(array)
-    if clean is array or np.shares_memory(clean, array):
+    if np.may_share_memory(clean, array):
         clean = clean.view()
         clean.flags.writeable = False
     return clean

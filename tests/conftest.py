@@ -16,3 +16,12 @@ BACKENDS = (FORCED_BACKEND,) if FORCED_BACKEND else pyrnn.available_backends()
 @pytest.fixture(params=BACKENDS, scope="session")
 def backend(request):
     return request.param
+
+
+def pytest_terminal_summary(terminalreporter):
+    import problems
+
+    if problems.float64_discrepancies:
+        (backend, tensor), error = max(problems.float64_discrepancies.items(), key=lambda kv: kv[1])
+        terminalreporter.write_line(f"largest float64 discrepancy from the reference: {error:.2e} "
+                                    f"({backend}, {tensor}; relative to max(1, |reference|))")

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 import pyrnn
 from pyrnn.testing import accumulated_terms, relative_error, tolerance
 
+import problems
 from problems import make_problem, random_lengths
 
 GRAD_NAMES = ("x", "h0", "weight_ih", "weight_hh", "bias")
@@ -49,6 +50,9 @@ def assert_matches_reference(backend, problem, lengths=None, batch_first=False, 
         assert got.shape == want.shape, f"{name} has shape {got.shape}, expected {want.shape}"
         bound = tolerance(dtype, forward_terms if i < 2 else backward_terms)
         error = relative_error(got, want)
+        if dtype == np.float64 and backend != "numpy":
+            key = (backend, name)
+            problems.float64_discrepancies[key] = max(error, problems.float64_discrepancies.get(key, 0))
         assert error <= bound, (
             f"{backend} {name} differs from the reference by {error:.3g} (> {bound:.3g}) "
             f"for T={T} B={B} I={I} H={H} {dtype}; first values {np.ravel(got)[:4]} vs "

@@ -92,3 +92,18 @@ def test_backends_command_lists_every_backend(capsys):
     out = capsys.readouterr().out
     for name in ("cpp", "numba", "numpy"):
         assert name in out
+
+
+def test_a_source_tree_shadowing_the_installed_package_says_so(tmp_path):
+    """`python -c "import pyrnn"` from the repository root imports the unbuilt source tree."""
+    try:
+        importlib.metadata.distribution("pyrnn")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("needs an installed pyrnn to shadow")
+    import shutil
+
+    shutil.copytree(os.path.dirname(pyrnn.__file__), tmp_path / "pyrnn",
+                    ignore=shutil.ignore_patterns("_cpp*", "__pycache__"))
+    out = subprocess.run([sys.executable, "-c", "import pyrnn; print(pyrnn.unavailable_backends()['cpp'])"],
+                         capture_output=True, text=True, cwd=tmp_path, check=True).stdout
+    assert f"imported from the source tree {tmp_path / 'pyrnn'}" in out
