@@ -197,24 +197,13 @@ def disagreement(results, expected, problem):
 # Threads
 
 
-_openmp_limiter = None
-
-
 def set_threads(n):
-    """Bound every pool to n threads: pyrnn's (native kernel, numba, NumPy's BLAS), torch's, and
-    every OpenMP runtime loaded (numba's "omp" threading layer brings its own libgomp, whose
-    default would otherwise stay at all cores)."""
-    global _openmp_limiter
-    from threadpoolctl import threadpool_limits
-
+    """Bound every pool to n threads: pyrnn's (native kernel, numba, NumPy's BLAS, OpenMP) and torch's."""
     pyrnn.available_backends()  # load them all, so that the limit reaches each one
-    pyrnn.set_num_threads(n)
     torch = torch_or_none()
     if torch is not None:
         torch.set_num_threads(n)
-    if _openmp_limiter is not None:
-        _openmp_limiter.restore_original_limits()
-    _openmp_limiter = threadpool_limits(limits=n, user_api="openmp")
+    pyrnn.set_num_threads(n)
 
 
 def thread_report():
