@@ -2,8 +2,9 @@
 
 What it is for: the fast path when the native module is not built. Only the recurrence is
 sequential, so only it is compiled (design.md §3): the products over all T·B rows at once (the
-input term, the weight gradients, grad_x) stay NumPy matrix products, i.e. BLAS, and each time
-step runs inside one compiled loop with no Python, no call into BLAS and no allocation.
+input term, the weight gradients, grad_x) stay NumPy matrix products, i.e. BLAS, and the time
+steps run inside one compiled loop with no Python, no call into BLAS and no allocation (except
+big steps with several threads, see Threads below).
 
 Why the compiled step is fast (measured against NumPy's BLAS on the same per-step products):
 - ``_matmul_wt_columns``, the per-step product, computes 4 rows x 4 columns of the result at once, so
@@ -14,9 +15,9 @@ Why the compiled step is fast (measured against NumPy's BLAS on the same per-ste
 - ``_tanh`` is plain arithmetic that LLVM vectorises; numba's ``np.tanh`` is one libm call per
   element (16 ns each here), which would cost more than the products themselves at small H.
 - ``error_model="numpy"``: a float division is not checked for zero, so loops with one vectorise.
-- Very large steps (see _PARALLEL_MIN_WORK) are split into column chunks over numba's threads;
-  each result element is still summed by one thread in one order, so results do not depend on
-  the thread count. Below that, threads speed up only the BLAS products around the loop.
+- Threads: with several, big steps (see _BLAS_STEP_MIN_WORK) hand their product to NumPy's
+  threaded BLAS; otherwise threads speed up the BLAS products around the loop only, and results
+  do not depend on the thread count.
 
 What it deliberately does not do: compile the big products over all T·B rows (BLAS does those
 better), or compile anything at import (each function compiles on its first call per dtype and
@@ -24,23 +25,23 @@ is cached on disk, ``cache=True``).
 """
 import math
 
-import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
+from . import _threads
 from .reference import valid_steps, weight_gradients
 
 # Sums in any order (and a*b+c as one fused operation): the freedom every BLAS takes.
 _SUMS_IN_ANY_ORDER = {"reassoc", "contract"}
 _TILE = 4  # result rows and columns per register tile: 16 sums
 _COLUMN_BLOCK = 16  # weight rows kept in cache while every row of the left operand goes past
-# Per-step multiply-adds (B·H·H) from which a step is split over threads. Every step then ends
-# at a barrier, which costs ~10 us and, when the cores are shared with other work, a scheduler
-# time slice whenever one of the threads is descheduled. Measured on the 2-core development
-# machine under load (1 vs 2 threads, forward recurrence, float32): 2 threads were 2x slower on
-# small (B·H·H = 0.26M), 3-10x slower on medium (4.2M), 2-6x on large (67M) and 2-3x on
-# deepbench (99M). So only steps beyond the benchmark grid (e.g. B=64, H=2048: 268M) split.
-_PARALLEL_MIN_WORK = 1 << 27
+# Per-step multiply-adds (B·H·H) from which, with several threads, each step's product goes to
+# NumPy's threaded BLAS from a Python loop (a few us per step) instead of the compiled loop (one
+# thread). Splitting the compiled steps over numba's threads instead (prange, one parallel
+# region per step) was measured 1.5-10x slower than one thread on the 2-core development machine
+# under load: waking the pool every step costs more than the step. Threaded BLAS is robust there;
+# it beats the 1-thread compiled loop from large (B·H·H = 67M) on, not yet at medium (4.2M).
+_BLAS_STEP_MIN_WORK = 1 << 24
 
 
 @njit(fastmath=_SUMS_IN_ANY_ORDER, cache=True)
@@ -131,61 +132,64 @@ def _forward_columns(t, output, weight_hh, state, recurrent, lengths, j0, j1):
     """Step t for hidden units j0:j1.   output (T, B, H): the input term on entry, h_t on exit
     (0 on padding); state (2, B, H): h_{t-1} in state[t % 2], h_t goes to state[(t + 1) % 2]
     (carried on padding rows); recurrent (B, H): scratch for h_{t-1} · weight_hhᵀ."""
+    _matmul_wt_columns(state[t % 2], weight_hh, recurrent, j0, j1)
+    _forward_epilogue(t, output, state, recurrent, lengths, j0, j1)
+
+
+@njit(error_model="numpy", cache=True, nogil=True)
+def _forward_epilogue(t, output, state, recurrent, lengths, j0, j1):
+    """h_t = tanh(input term + recurrent) for hidden units j0:j1, recurrent = h_{t-1} · weight_hhᵀ."""
     h_prev, h_next = state[t % 2], state[(t + 1) % 2]
-    _matmul_wt_columns(h_prev, weight_hh, recurrent, j0, j1)
     for b in range(output.shape[1]):
+        # Row slices, so that the loops below start at 0: numba then knows no index is negative
+        # (no wraparound check) and LLVM vectorises them.
+        out, rec, new = output[t, b, j0:j1], recurrent[b, j0:j1], h_next[b, j0:j1]
         if t < lengths[b]:
-            for j in range(j0, j1):
-                h_j = _tanh(np.float64(output[t, b, j] + recurrent[b, j]))
-                output[t, b, j] = h_j
-                h_next[b, j] = h_j
-        else:
-            for j in range(j0, j1):
-                output[t, b, j] = 0.0
-                h_next[b, j] = h_prev[b, j]
+            for j in range(out.shape[0]):
+                h_j = _tanh(np.float64(out[j] + rec[j]))
+                out[j] = h_j
+                new[j] = h_j
+        else:  # padding: output 0, state carried
+            out[:] = 0.0
+            new[:] = h_prev[b, j0:j1]
 
 
-@njit(error_model="numpy", cache=True)
+@njit(error_model="numpy", cache=True, nogil=True)
 def _grad_a_columns(t, grad_output, output, g, lengths, grad_a, k0, k1):
     """grad_a[t][:, k0:k1] = (g + grad_output[t]) · (1 - h_t²) on valid rows (left 0 on padding)."""
     one = output.dtype.type(1)  # not the int 1, which would promote float32 to float64
     for b in range(output.shape[1]):
         if t < lengths[b]:
-            for k in range(k0, k1):
-                h_k = output[t, b, k]
-                grad_a[t, b, k] = (g[b, k] + grad_output[t, b, k]) * (one - h_k * h_k)
+            da, g_b = grad_a[t, b, k0:k1], g[b, k0:k1]  # row slices: see _forward_epilogue
+            go, h = grad_output[t, b, k0:k1], output[t, b, k0:k1]
+            for k in range(da.shape[0]):
+                da[k] = (g_b[k] + go[k]) * (one - h[k] * h[k])
 
 
 @njit(error_model="numpy", cache=True)
 def _backward_columns(t, grad_output, weight_hh_t, output, g, lengths, grad_a, product, k0, k1):
-    """Step t for hidden units k0:k1, once grad_a[t] is complete: g[:, k0:k1] becomes the gradient
-    reaching h_{t-1} (grad_a[t] · weight_hh on valid rows, passed through on padding), and
-    grad_a[t - 1][:, k0:k1] follows from it, column by column, so no other column is waited for.
-    weight_hh_t (H, H) is weight_hhᵀ, contiguous; product (B, H) is scratch."""
+    """Step t for hidden units k0:k1, once grad_a[t] is complete.   weight_hh_t (H, H) is
+    weight_hhᵀ, contiguous; product (B, H) is scratch for grad_a[t] · weight_hh."""
     _matmul_wt_columns(grad_a[t], weight_hh_t, product, k0, k1)
+    _backward_epilogue(t, grad_output, output, g, lengths, grad_a, product, k0, k1)
+
+
+@njit(error_model="numpy", cache=True, nogil=True)
+def _backward_epilogue(t, grad_output, output, g, lengths, grad_a, product, k0, k1):
+    """Given product = grad_a[t] · weight_hh: g[:, k0:k1] becomes the gradient reaching h_{t-1}
+    (product on valid rows, passed through on padding), and grad_a[t - 1][:, k0:k1] follows from
+    it, column by column, so no other column is waited for."""
     for b in range(output.shape[1]):
         if t < lengths[b]:
-            for k in range(k0, k1):
-                g[b, k] = product[b, k]
+            g[b, k0:k1] = product[b, k0:k1]
     if t > 0:
         _grad_a_columns(t - 1, grad_output, output, g, lengths, grad_a, k0, k1)
 
 
-# The time loops, once serial and once with each step's columns split into one chunk per numba
-# thread (one parallel region per step; the chunks of a step only read what the previous step
-# wrote). Each element is summed by one thread in one order: results do not depend on threads.
-# No function here calls a parallel=True function: numba can crash loading such a caller from
-# its cache (numba/numba#8578), so the parallel loops are only ever called from Python.
+# The time loops: compiled whole, or, for big steps with several threads, a Python loop whose
+# products are NumPy's BLAS calls (threaded) and whose element-wise rest is compiled.
 
-@njit(cache=True)
-def _chunk(c, n, H):
-    """Columns [j0, j1) of chunk c of n: equal shares of H, starting on a tile boundary."""
-    j0 = c * H // n // _TILE * _TILE
-    j1 = H if c == n - 1 else (c + 1) * H // n // _TILE * _TILE
-    return j0, j1
-
-
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _forward_steps(output, weight_hh, state, lengths):
     T, B, H = output.shape
     recurrent = np.empty((B, H), output.dtype)
@@ -193,18 +197,15 @@ def _forward_steps(output, weight_hh, state, lengths):
         _forward_columns(t, output, weight_hh, state, recurrent, lengths, 0, H)
 
 
-@njit(cache=True, parallel=True)
-def _forward_steps_parallel(output, weight_hh, state, lengths, n):
-    """n: chunks per step, one per thread."""
+def _forward_steps_blas(output, weight_hh, state, lengths):
     T, B, H = output.shape
     recurrent = np.empty((B, H), output.dtype)
     for t in range(T):
-        for c in prange(n):
-            j0, j1 = _chunk(c, n, H)
-            _forward_columns(t, output, weight_hh, state, recurrent, lengths, j0, j1)
+        np.matmul(state[t % 2], weight_hh.T, out=recurrent)
+        _forward_epilogue(t, output, state, recurrent, lengths, 0, H)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _backward_steps(grad_output, weight_hh_t, output, g, lengths, grad_a):
     T, B, H = output.shape
     product = np.empty((B, H), output.dtype)
@@ -214,26 +215,23 @@ def _backward_steps(grad_output, weight_hh_t, output, g, lengths, grad_a):
         _backward_columns(t, grad_output, weight_hh_t, output, g, lengths, grad_a, product, 0, H)
 
 
-@njit(cache=True, parallel=True)
-def _backward_steps_parallel(grad_output, weight_hh_t, output, g, lengths, grad_a, n):
-    """n: chunks per step, one per thread."""
+def _backward_steps_blas(grad_output, weight_hh_t, output, g, lengths, grad_a):
     T, B, H = output.shape
     product = np.empty((B, H), output.dtype)
     if T > 0:
         _grad_a_columns(T - 1, grad_output, output, g, lengths, grad_a, 0, H)
     for t in range(T - 1, -1, -1):
-        for c in prange(n):
-            k0, k1 = _chunk(c, n, H)
-            _backward_columns(t, grad_output, weight_hh_t, output, g, lengths, grad_a, product, k0, k1)
+        np.matmul(grad_a[t], weight_hh_t.T, out=product)
+        _backward_epilogue(t, grad_output, output, g, lengths, grad_a, product, 0, H)
 
 
 def _full_lengths(lengths, T, B):
     return np.full(B, T, dtype=np.int64) if lengths is None else lengths
 
 
-def _parallel(B, H):
-    """Whether to split each step over threads: only when there are several and steps are big."""
-    return numba.get_num_threads() > 1 and B * H * H >= _PARALLEL_MIN_WORK
+def _threaded_blas_pays(B, H):
+    """Whether to hand each step's product to NumPy's BLAS: only with several threads, big steps."""
+    return _threads.get_num_threads() > 1 and B * H * H >= _BLAS_STEP_MIN_WORK
 
 
 def forward(x, weight_ih, weight_hh, bias, h0, lengths):
@@ -243,10 +241,7 @@ def forward(x, weight_ih, weight_hh, bias, h0, lengths):
     state = np.empty((2, B, H), x.dtype)  # h_{t-1} and h_t, taking turns
     state[0] = h0
     arguments = (output, weight_hh, state, _full_lengths(lengths, T, B))
-    if _parallel(B, H):
-        _forward_steps_parallel(*arguments, numba.get_num_threads())
-    else:
-        _forward_steps(*arguments)
+    (_forward_steps_blas if _threaded_blas_pays(B, H) else _forward_steps)(*arguments)
     return output, state[T % 2].copy()
 
 
@@ -257,10 +252,7 @@ def backward(grad_output, x, weight_ih, weight_hh, output, h0, grad_h_n, lengths
     g = grad_h_n.copy()
     weight_hh_t = np.ascontiguousarray(weight_hh.T)  # so that g · weight_hh reads contiguous rows
     arguments = (grad_output, weight_hh_t, output, g, _full_lengths(lengths, T, B), grad_a)
-    if _parallel(B, H):
-        _backward_steps_parallel(*arguments, numba.get_num_threads())
-    else:
-        _backward_steps(*arguments)
+    (_backward_steps_blas if _threaded_blas_pays(B, H) else _backward_steps)(*arguments)
     grad_x = (grad_a.reshape(T * B, H) @ weight_ih).reshape(T, B, I)
     valid = valid_steps(lengths, T, B)[:, :, None]
     return (grad_x, g) + weight_gradients(grad_a, x, output, h0, valid)
