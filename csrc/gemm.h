@@ -1,0 +1,149 @@
+// A blocked, packed matrix product C = A·B (+ a row vector), for the hoisted input projection and
+// the gradient products, and the register-tile micro-kernel that the recurrent steps reuse.
+//
+// The classic Goto/BLIS structure: B is copied ("packed") into NR-column panels and A into
+// MR-row panels, both k-major, so that the micro-kernel reads two unit-stride streams and keeps an
+// MR×NR tile of C in vector registers for the whole k loop. Block sizes keep a KC×NR panel of B
+// in L1 and an MC×KC block of A in L2. A and B are strided views, so transposed operands
+// (weight_ihᵀ, grad_aᵀ) cost nothing but their packing.
+//
+// Each element of C is summed in one fixed order (k ascending, in KC blocks from k = 0) whatever
+// the column range a thread is given, which is what makes the threaded results bitwise
+// independent of the thread count.
+#pragma once
+#include "simd.h"
+
+namespace pyrnn {
+namespace PYRNN_ISA {
+
+// Register tile: MR rows × NR columns of accumulators. AVX-512 has 32 vector registers (24 for the
+// tile, the rest for B and the broadcast), AVX2 and SSE have 16 (12 for the tile).
+template <typename F> struct Tile {
+    static constexpr int vectors = 2;  // per tile row
+    static constexpr int NR = vectors * lanes<F>;
+    static constexpr int MR = PYRNN_VECTOR_BYTES == 64 ? 12 : 6;
+};
+
+// Cache blocking of gemm(): KC×NR of B per micro-kernel call (32 KiB), MC×KC of A (<= 400 KiB).
+constexpr int64_t KC = 256, NC = 1024;
+template <typename F> constexpr int64_t MC = 16 * Tile<F>::MR;
+
+// Element (i, k) of a strided matrix: p[i·rs + k·cs].
+template <typename F> struct View {
+    const F* p;
+    int64_t rs, cs;
+    F operator()(int64_t i, int64_t k) const { return p[i * rs + k * cs]; }
+    View shifted(int64_t i, int64_t k) const { return {p + i * rs + k * cs, rs, cs}; }
+};
+
+static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+static inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// tile (R×NR) = Σ_k a[k·R + r] · b[k·NR + j]: R rows of A and NR columns of B, both packed k-major.
+template <typename F, int R>
+static inline void micro_kernel(int64_t K, const F* a, const F* b, F* tile) {
+    constexpr int NV = Tile<F>::vectors, L = lanes<F>, NR = Tile<F>::NR;
+    Vec<F> acc[R][NV];
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[r][v] = Vec<F>{};
+    for (int64_t k = 0; k < K; ++k, a += R, b += NR) {
+        Vec<F> bv[NV];
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) bv[v] = load(b + v * L);
+#pragma GCC unroll 16
+        for (int r = 0; r < R; ++r) {
+            const Vec<F> ar = broadcast(a[r]);
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; ++v) acc[r][v] += ar * bv[v];
+        }
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) store(tile + r * NR + v * L, acc[r][v]);
+}
+
+// The micro-kernel for any row count 1..MR: short edges cost no padded rows (B = 1 is a
+// matrix-vector chain and runs the 1-row kernel).
+template <typename F, int R = Tile<F>::MR>
+static inline void micro_kernel_rows(int rows, int64_t K, const F* a, const F* b, F* tile) {
+    if constexpr (R > 1) {
+        if (rows < R) return micro_kernel_rows<F, R - 1>(rows, K, a, b, tile);
+    }
+    micro_kernel<F, R>(K, a, b, tile);
+}
+
+// Pack rows [0, m) × columns [0, k) of A (given as at(i, k)) into MR-row panels, k-major; the last
+// panel has m mod MR rows. Panel ir starts at dst + ir·k.
+template <typename F, typename At>
+static void pack_a(int64_t m, int64_t k, const At& at, F* dst) {
+    constexpr int MR = Tile<F>::MR;
+    for (int64_t ir = 0; ir < m; ir += MR) {
+        const int64_t rows = min64(MR, m - ir);
+        for (int64_t kk = 0; kk < k; ++kk)
+            for (int64_t r = 0; r < rows; ++r) *dst++ = at(ir + r, kk);
+    }
+}
+
+// Pack rows [0, k) × columns [0, n) of B into NR-column panels, k-major, zero-padded to NR
+// columns. Panel jr starts at dst + jr·k.
+template <typename F>
+static void pack_b(int64_t k, int64_t n, View<F> b, F* dst) {
+    constexpr int NR = Tile<F>::NR;
+    for (int64_t jr = 0; jr < n; jr += NR) {
+        const int64_t cols = min64(NR, n - jr);
+        for (int64_t kk = 0; kk < k; ++kk, dst += NR) {
+            for (int64_t j = 0; j < cols; ++j) dst[j] = b(kk, jr + j);
+            for (int64_t j = cols; j < NR; ++j) dst[j] = F(0);
+        }
+    }
+}
+
+// Scratch that one thread's gemm() packs into.
+template <typename F> constexpr int64_t gemm_pack_a_size = MC<F> * KC;
+template <typename F> constexpr int64_t gemm_pack_b_size = KC * NC;
+
+// C[0:M, n0:n1] = bias[n0:n1] (or 0) + A·B, with A (M×K), B (K×N) strided, C row-major (ldc).
+// One thread's share of a product: threads are given disjoint column ranges starting on NR.
+template <typename F>
+static void gemm(int64_t M, int64_t n0, int64_t n1, int64_t K, View<F> A, View<F> B,
+                 const F* bias, F* C, int64_t ldc, F* pack_a_buf, F* pack_b_buf) {
+    constexpr int MR = Tile<F>::MR, NR = Tile<F>::NR;
+    alignas(64) F tile[MR * NR];
+    if (K == 0) {
+        for (int64_t i = 0; i < M; ++i)
+            for (int64_t j = n0; j < n1; ++j) C[i * ldc + j] = bias ? bias[j] : F(0);
+        return;
+    }
+    for (int64_t jc = n0; jc < n1; jc += NC) {
+        const int64_t nc = min64(NC, n1 - jc);
+        for (int64_t pc = 0; pc < K; pc += KC) {
+            const int64_t kc = min64(KC, K - pc);
+            pack_b(kc, nc, B.shifted(pc, jc), pack_b_buf);
+            for (int64_t ic = 0; ic < M; ic += MC<F>) {
+                const int64_t mc = min64(MC<F>, M - ic);
+                pack_a(mc, kc, A.shifted(ic, pc), pack_a_buf);
+                for (int64_t jr = 0; jr < nc; jr += NR) {
+                    const int64_t cols = min64(NR, nc - jr);
+                    for (int64_t ir = 0; ir < mc; ir += MR) {
+                        const int rows = int(min64(MR, mc - ir));
+                        micro_kernel_rows<F>(rows, kc, pack_a_buf + ir * kc, pack_b_buf + jr * kc, tile);
+                        for (int r = 0; r < rows; ++r) {
+                            F* c = C + (ic + ir + r) * ldc + jc + jr;
+                            const F* t = tile + r * NR;
+                            if (pc == 0)
+                                for (int64_t j = 0; j < cols; ++j) c[j] = (bias ? bias[jc + jr + j] : F(0)) + t[j];
+                            else
+                                for (int64_t j = 0; j < cols; ++j) c[j] += t[j];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+}  // namespace PYRNN_ISA
+}  // namespace pyrnn
