@@ -8,7 +8,8 @@
 // exp(y) = 2^n · exp(r), n = round(y/ln2), r = y - n·ln2 (Cody-Waite: ln2 in two parts, |r| <= 0.347),
 // exp(r) by its Taylor series (degree 7 float, 13 double). y is clamped at -80 so 2^n stays a normal
 // number; tanh is exactly ±1 in the working precision long before that (|x| > 9 float, > 19.1 double).
-// No branches: both halves are computed and selected per lane, NaN goes through as NaN, ±inf -> ±1.
+// No branches: both halves are computed on |x| and selected per lane, then x's sign is put back:
+// NaN goes through as NaN, ±inf -> ±1, -0.0 -> -0.0.
 // The bound is asserted by tests/test_native_tanh.py over every float32 input of a dense sweep.
 #pragma once
 #include "simd.h"
@@ -59,10 +60,10 @@ static inline Vec<F> tanh(Vec<F> x) {
     const V ax = (V)((Ubits)x ^ sign);
 
     // Small |x|: the odd series, Horner in x².
-    const V x2 = x * x;
+    const V x2 = ax * ax;
     V p = broadcast<F>(C::series[C::series_terms - 1]);
     for (int k = C::series_terms - 2; k >= 0; --k) p = p * x2 + C::series[k];
-    const V small = x + x * (x2 * p);
+    const V small = ax + ax * (x2 * p);
 
     // Large |x|: e = exp(-2|x|).
     V y = F(-2) * ax;
@@ -74,9 +75,10 @@ static inline Vec<F> tanh(Vec<F> x) {
     for (int k = C::exp_degree - 1; k >= 0; --k) e = e * r + F(inverse_factorial(k));
     const Ubits n_bits = (Ubits)shifted - (Ubits)broadcast<F>(C::round_shift);
     e *= (V)((n_bits + U(C::exponent_bias)) << C::mantissa_bits);  // · 2^n
-    const V large = (V)((Ubits)((F(1) - e) / (F(1) + e)) | sign);
+    const V large = (F(1) - e) / (F(1) + e);
 
-    return ax < F(0.35) ? small : large;
+    const V magnitude = ax < F(0.35) ? small : large;
+    return (V)((Ubits)magnitude | sign);  // tanh is odd; keeps the sign of -0.0 too
 }
 
 }  // namespace PYRNN_ISA
