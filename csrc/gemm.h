@@ -37,32 +37,47 @@ template <typename F> struct View {
 };
 
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+static inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 static inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // tile (R×NR) = Σ_k a[k·R + r] · b[k·NR + j]: R rows of A and NR columns of B, both packed k-major.
+// A tile of fewer than 8 vectors (R <= 3) cannot cover the FMA latency (4 cycles × 2 units), so
+// its k loop is split into S interleaved partial sums, added in a fixed order at the end.
 template <typename F, int R>
 static inline void micro_kernel(int64_t K, const F* a, const F* b, F* tile) {
     constexpr int NV = Tile<F>::vectors, L = lanes<F>, NR = Tile<F>::NR;
-    Vec<F> acc[R][NV];
-#pragma GCC unroll 16
-    for (int r = 0; r < R; ++r)
+    constexpr int S = R * NV >= 8 ? 1 : (8 + R * NV - 1) / (R * NV);
+    Vec<F> acc[S][R][NV];
 #pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) acc[r][v] = Vec<F>{};
-    for (int64_t k = 0; k < K; ++k, a += R, b += NR) {
+    for (int s = 0; s < S; ++s)
+#pragma GCC unroll 16
+        for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; ++v) acc[s][r][v] = Vec<F>{};
+    auto step = [&](Vec<F>(&sum)[R][NV], const F* ak, const F* bk) __attribute__((always_inline)) {
         Vec<F> bv[NV];
 #pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) bv[v] = load(b + v * L);
+        for (int v = 0; v < NV; ++v) bv[v] = load(bk + v * L);
 #pragma GCC unroll 16
         for (int r = 0; r < R; ++r) {
-            const Vec<F> ar = broadcast(a[r]);
+            const Vec<F> ar = broadcast(ak[r]);
 #pragma GCC unroll 4
-            for (int v = 0; v < NV; ++v) acc[r][v] += ar * bv[v];
+            for (int v = 0; v < NV; ++v) sum[r][v] += ar * bv[v];
         }
-    }
+    };
+    int64_t k = 0;
+    for (; k + S <= K; k += S)
+#pragma GCC unroll 4
+        for (int s = 0; s < S; ++s) step(acc[s], a + (k + s) * R, b + (k + s) * NR);
+    for (int s = 0; k < K; ++k, ++s) step(acc[s], a + k * R, b + k * NR);
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) store(tile + r * NR + v * L, acc[r][v]);
+        for (int v = 0; v < NV; ++v) {
+#pragma GCC unroll 4
+            for (int s = 1; s < S; ++s) acc[0][r][v] += acc[s][r][v];
+            store(tile + r * NR + v * L, acc[0][r][v]);
+        }
 }
 
 // The micro-kernel for any row count 1..MR: short edges cost no padded rows (B = 1 is a
@@ -88,22 +103,28 @@ static void pack_a(int64_t m, int64_t k, const At& at, F* dst) {
 }
 
 // Pack rows [0, k) × columns [0, n) of B into NR-column panels, k-major, zero-padded to NR
-// columns. Panel jr starts at dst + jr·k.
+// columns. Panel jr starts at dst + jr·k. Reads along B's contiguous direction (rows of a
+// row-major B, columns of a transposed one such as weight_ihᵀ).
 template <typename F>
 static void pack_b(int64_t k, int64_t n, View<F> b, F* dst) {
     constexpr int NR = Tile<F>::NR;
-    for (int64_t jr = 0; jr < n; jr += NR) {
+    for (int64_t jr = 0; jr < n; jr += NR, dst += k * NR) {
         const int64_t cols = min64(NR, n - jr);
-        for (int64_t kk = 0; kk < k; ++kk, dst += NR) {
-            for (int64_t j = 0; j < cols; ++j) dst[j] = b(kk, jr + j);
-            for (int64_t j = cols; j < NR; ++j) dst[j] = F(0);
+        if (b.rs == 1) {
+            for (int64_t j = 0; j < NR; ++j)
+                for (int64_t kk = 0; kk < k; ++kk) dst[kk * NR + j] = j < cols ? b(kk, jr + j) : F(0);
+        } else {
+            for (int64_t kk = 0; kk < k; ++kk)
+                for (int64_t j = 0; j < NR; ++j) dst[kk * NR + j] = j < cols ? b(kk, jr + j) : F(0);
         }
     }
 }
 
-// Scratch that one thread's gemm() packs into.
-template <typename F> constexpr int64_t gemm_pack_a_size = MC<F> * KC;
-template <typename F> constexpr int64_t gemm_pack_b_size = KC * NC;
+// Elements of the buffers one thread's gemm() packs A and B into, for an M×K by K×N product.
+template <typename F> inline int64_t pack_a_size(int64_t M, int64_t K) { return min64(MC<F>, M) * min64(KC, K); }
+template <typename F> inline int64_t pack_b_size(int64_t K, int64_t N) {
+    return min64(KC, K) * min64(NC, ceil_div(N, Tile<F>::NR) * Tile<F>::NR);
+}
 
 // C[0:M, n0:n1] = bias[n0:n1] (or 0) + A·B, with A (M×K), B (K×N) strided, C row-major (ldc).
 // One thread's share of a product: threads are given disjoint column ranges starting on NR.

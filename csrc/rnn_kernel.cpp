@@ -60,20 +60,20 @@ inline int threads_for(int max_threads, int64_t B, int64_t H) {
     return int(n < 1 ? 1 : n);
 }
 
-inline int thread_id() {
+// body(tid, nt) on nt threads (one OpenMP team), or straight on this thread when nt == 1.
+template <typename Body>
+inline void in_parallel(int nt, const Body& body) {
 #ifdef _OPENMP
-    return omp_get_thread_num();
-#else
-    return 0;
+    if (nt > 1) {
+#pragma omp parallel num_threads(nt)
+        body(omp_get_thread_num(), omp_get_num_threads());
+        return;
+    }
 #endif
+    body(0, 1);
 }
-inline int team_size() {
-#ifdef _OPENMP
-    return omp_get_num_threads();
-#else
-    return 1;
-#endif
-}
+
+// Wait for the whole team (a no-op outside a parallel region).
 inline void barrier() {
 #ifdef _OPENMP
 #pragma omp barrier
@@ -140,7 +140,8 @@ void forward(const F* x, const F* weight_ih, const F* weight_hh, const F* bias, 
     const int64_t panels = ceil_div(H, NR);
     Scratch<F> packed_whh(panels * NR * H);  // weight_hhᵀ in NR-column panels
     Scratch<F> packed_h(2 * B * H);          // h_{t-1} and h_t in the layout of pack_a
-    Scratch<F> per_thread(nt_wanted * (gemm_pack_a_size<F> + gemm_pack_b_size<F>));
+    const int64_t a_size = pack_a_size<F>(T * B, I), b_size = pack_b_size<F>(I, H);
+    Scratch<F> per_thread(nt_wanted * (a_size + b_size));
 
     // h_{t-1} of row b at step t: its state after min(t, length) steps.
     auto state = [&](int64_t t, int64_t b) -> const F* {
@@ -148,11 +149,9 @@ void forward(const F* x, const F* weight_ih, const F* weight_hh, const F* bias, 
         return done == 0 ? h0 + b * H : output + ((done - 1) * B + b) * H;
     };
 
-#pragma omp parallel num_threads(nt_wanted)
-    {
-        const int tid = thread_id(), nt = team_size();
-        F* pack_a_buf = per_thread.get() + tid * (gemm_pack_a_size<F> + gemm_pack_b_size<F>);
-        F* pack_b_buf = pack_a_buf + gemm_pack_a_size<F>;
+    in_parallel(nt_wanted, [&](const int tid, const int nt) {
+        F* pack_a_buf = per_thread.get() + tid * (a_size + b_size);
+        F* pack_b_buf = pack_a_buf + a_size;
         const Columns<F> mine(H, tid, nt);
         const int64_t my_cols = mine.end - mine.begin;
         alignas(64) F tile[MR * NR];
@@ -192,7 +191,7 @@ void forward(const F* x, const F* weight_ih, const F* weight_hh, const F* bias, 
         }
         for (int64_t b = 0; b < B; ++b)
             for (int64_t j = mine.begin; j < mine.end; ++j) h_n[b * H + j] = state(T, b)[j];
-    }
+    });
 }
 
 template <typename F>
@@ -209,13 +208,13 @@ void backward(const F* grad_output, const F* x, const F* weight_ih, const F* wei
     Scratch<F> x_valid(lengths ? TB * I : 0);  // x with padding rows zeroed (a NaN there must not leak)
     const F* x_rows = lengths ? x_valid.get() : x;
     Scratch<F> packed_da(2 * B * H);         // da_{s+1} and da_s in the layout of pack_a
-    Scratch<F> per_thread(nt_wanted * (gemm_pack_a_size<F> + gemm_pack_b_size<F>));
+    const int64_t a_size = max64(pack_a_size<F>(TB, H), pack_a_size<F>(H, TB));
+    const int64_t b_size = max64(pack_b_size<F>(H, I), max64(pack_b_size<F>(TB, I), pack_b_size<F>(TB, H)));
+    Scratch<F> per_thread(nt_wanted * (a_size + b_size));
 
-#pragma omp parallel num_threads(nt_wanted)
-    {
-        const int tid = thread_id(), nt = team_size();
-        F* pack_a_buf = per_thread.get() + tid * (gemm_pack_a_size<F> + gemm_pack_b_size<F>);
-        F* pack_b_buf = pack_a_buf + gemm_pack_a_size<F>;
+    in_parallel(nt_wanted, [&](const int tid, const int nt) {
+        F* pack_a_buf = per_thread.get() + tid * (a_size + b_size);
+        F* pack_b_buf = pack_a_buf + a_size;
         const Columns<F> mine(H, tid, nt);
         alignas(64) F tile[MR * NR];
 
@@ -282,7 +281,7 @@ void backward(const F* grad_output, const F* x, const F* weight_ih, const F* wei
         for (int64_t j = mine.begin; j < mine.end; ++j) grad_bias[j] = F(0);
         for (int64_t r = 0; r < TB; ++r)
             for (int64_t j = mine.begin; j < mine.end; ++j) grad_bias[j] += grad_a.get()[r * H + j];
-    }
+    });
 }
 
 #define PYRNN_INSTANTIATE(F)                                                                     \

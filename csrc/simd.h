@@ -38,7 +38,8 @@ template <typename F> static inline Vec<F> load(const F* p) {
     return v;
 }
 template <typename F> static inline void store(F* p, Vec<F> v) { std::memcpy(p, &v, sizeof v); }
-template <typename F> static inline Vec<F> broadcast(F a) { return Vec<F>{} + a; }
+// a - 0 is a for every a (0 + a is not: it turns -0.0 into +0.0), so this folds to one broadcast.
+template <typename F> static inline Vec<F> broadcast(F a) { return a - Vec<F>{}; }
 
 }  // namespace PYRNN_ISA
 }  // namespace pyrnn
