@@ -14,13 +14,10 @@
 #include <cstdlib>
 #include <new>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 #include "gemm.h"
 #include "kernels.h"
 #include "tanh.h"
+#include "threads.h"
 
 namespace pyrnn {
 namespace PYRNN_ISA {
@@ -58,26 +55,6 @@ inline int threads_for(int max_threads, int64_t B, int64_t H) {
     const int64_t step_flops = 2 * B * H * H;
     int64_t n = step_flops < (int64_t(1) << 18) ? 1 : min64(max_threads, panels);
     return int(n < 1 ? 1 : n);
-}
-
-// body(tid, nt) on nt threads (one OpenMP team), or straight on this thread when nt == 1.
-template <typename Body>
-inline void in_parallel(int nt, const Body& body) {
-#ifdef _OPENMP
-    if (nt > 1) {
-#pragma omp parallel num_threads(nt)
-        body(omp_get_thread_num(), omp_get_num_threads());
-        return;
-    }
-#endif
-    body(0, 1);
-}
-
-// Wait for the whole team (a no-op outside a parallel region).
-inline void barrier() {
-#ifdef _OPENMP
-#pragma omp barrier
-#endif
 }
 
 // The columns [begin, end) of an n-column output that thread `tid` of `nt` owns: whole NR panels.
@@ -149,7 +126,7 @@ void forward(const F* x, const F* weight_ih, const F* weight_hh, const F* bias, 
         return done == 0 ? h0 + b * H : output + ((done - 1) * B + b) * H;
     };
 
-    in_parallel(nt_wanted, [&](const int tid, const int nt) {
+    in_parallel(nt_wanted, [&](const int tid, const int nt, Barrier& barrier) {
         F* pack_a_buf = per_thread.get() + tid * (a_size + b_size);
         F* pack_b_buf = pack_a_buf + a_size;
         const Columns<F> mine(H, tid, nt);
@@ -162,7 +139,7 @@ void forward(const F* x, const F* weight_ih, const F* weight_hh, const F* bias, 
         pack_b<F>(H, my_cols, View<F>{weight_hh + mine.begin * H, 1, H}, packed_whh.get() + mine.begin * H);
         for (int64_t b = 0; b < B; ++b)
             put_packed(packed_h.get(), B, H, b, mine.begin, h0 + b * H + mine.begin, my_cols);
-        barrier();
+        barrier.wait();
 
         // 2. The recurrence. Step t reads all of h_{t-1} (packed_h[t % 2]) and writes my columns
         //    of h_t into output and packed_h[(t + 1) % 2]; one barrier between steps.
@@ -187,7 +164,7 @@ void forward(const F* x, const F* weight_ih, const F* weight_hh, const F* bias, 
                     }
                 }
             }
-            barrier();
+            barrier.wait();
         }
         for (int64_t b = 0; b < B; ++b)
             for (int64_t j = mine.begin; j < mine.end; ++j) h_n[b * H + j] = state(T, b)[j];
@@ -212,7 +189,7 @@ void backward(const F* grad_output, const F* x, const F* weight_ih, const F* wei
     const int64_t b_size = max64(pack_b_size<F>(H, I), max64(pack_b_size<F>(TB, I), pack_b_size<F>(TB, H)));
     Scratch<F> per_thread(nt_wanted * (a_size + b_size));
 
-    in_parallel(nt_wanted, [&](const int tid, const int nt) {
+    in_parallel(nt_wanted, [&](const int tid, const int nt, Barrier& barrier) {
         F* pack_a_buf = per_thread.get() + tid * (a_size + b_size);
         F* pack_b_buf = pack_a_buf + a_size;
         const Columns<F> mine(H, tid, nt);
@@ -267,7 +244,7 @@ void backward(const F* grad_output, const F* x, const F* weight_ih, const F* wei
                     }
                 }
             }
-            barrier();
+            barrier.wait();
         }
 
         // 2. The products over all T·B rows, each thread on its own output columns.
