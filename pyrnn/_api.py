@@ -29,7 +29,7 @@ def _check_shape(name, array, expected, names):
 
 
 def _float_arrays(arrays):
-    """{name: ndarray or None} of one common float dtype, read-only views, in the given order.
+    """({name: ndarray or None}, dtype): every argument as an array of one float dtype.
 
     NumPy arrays decide the dtype and must all share it; Python sequences take that dtype
     (float64 when no argument is an array).
@@ -71,7 +71,7 @@ def _check_ndim(name, array, ndim, layout):
 def _clean(array):
     """C-contiguous, and read-only when it is the caller's own memory, so no backend can write it."""
     clean = np.ascontiguousarray(array)
-    if clean is array or np.shares_memory(clean, array):
+    if np.may_share_memory(clean, array):
         clean = clean.view()
         clean.flags.writeable = False
     return clean
@@ -149,7 +149,9 @@ def forward(x, weight_ih, weight_hh, bias=None, h0=None, *, lengths=None, batch_
         {"x": x, "weight_ih": weight_ih, "weight_hh": weight_hh, "bias": bias, "h0": h0},
         batch_first)
     lengths = _lengths(lengths, T, B)
-    output, h_n = impl.forward(a["x"], a["weight_ih"], a["weight_hh"], a["bias"], a["h0"], lengths)
+    with np.errstate(all="ignore"):  # NaN and inf are values that propagate, as in the native kernel
+        output, h_n = impl.forward(a["x"], a["weight_ih"], a["weight_hh"], a["bias"], a["h0"],
+                                   lengths)
     return _time_major(output, batch_first), h_n
 
 
@@ -167,8 +169,9 @@ def backward(grad_output, x, weight_ih, weight_hh, output, h0=None, *, grad_h_n=
         {"x": x, "weight_ih": weight_ih, "weight_hh": weight_hh, "h0": h0, "output": output,
          "grad_output": grad_output, "grad_h_n": grad_h_n}, batch_first)
     lengths = _lengths(lengths, T, B)
-    grad_x, grad_h0, grad_weight_ih, grad_weight_hh, grad_bias = impl.backward(
-        a["grad_output"], a["x"], a["weight_ih"], a["weight_hh"], a["output"], a["h0"],
-        a["grad_h_n"], lengths)
+    with np.errstate(all="ignore"):
+        grad_x, grad_h0, grad_weight_ih, grad_weight_hh, grad_bias = impl.backward(
+            a["grad_output"], a["x"], a["weight_ih"], a["weight_hh"], a["output"], a["h0"],
+            a["grad_h_n"], lengths)
     return Grads(_time_major(grad_x, batch_first), grad_h0, grad_weight_ih, grad_weight_hh,
                  grad_bias)

@@ -6,7 +6,9 @@ reference. Each is imported on first use, so ``import pyrnn`` stays cheap and wo
 is missing; what is missing is remembered with a one-line reason.
 """
 import importlib
+import importlib.metadata
 import os
+from pathlib import Path
 
 from . import _threads
 
@@ -27,11 +29,25 @@ def _load(name):
         try:
             module = importlib.import_module(_MODULES[name])
         except Exception as error:  # ImportError, or a broken install failing at import
-            _unavailable[name] = f"{_WHY_MISSING.get(name, 'import failed')}: {error}"
+            _unavailable[name] = f"{_WHY_MISSING.get(name, 'import failed')}: {error}{_shadowed()}"
         else:
             _threads.apply(name, module)
             _loaded[name] = module
     return _loaded.get(name)
+
+
+def _shadowed():
+    """A hint when this pyrnn is a source tree hiding an installed (built) copy, e.g. when Python
+    runs from the repository root: the usual reason for a missing native module after `pip install .`."""
+    here = Path(__file__).resolve().parent
+    try:
+        installed = Path(importlib.metadata.distribution("pyrnn").locate_file("pyrnn")).resolve()
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+    if installed == here or not installed.is_dir():
+        return ""
+    return (f"; pyrnn was imported from the source tree {here}, which hides the installed "
+            f"package in {installed}: run from another directory")
 
 
 def loaded():

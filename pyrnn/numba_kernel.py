@@ -56,8 +56,8 @@ def _full_lengths(lengths, T, B):
 
 
 def forward(x, weight_ih, weight_hh, bias, h0, lengths):
-    T, B, I = x.shape
-    output = (x.reshape(T * B, I) @ weight_ih.T + bias).reshape(T, B, -1)
+    (T, B, I), H = x.shape, weight_hh.shape[0]
+    output = (x.reshape(T * B, I) @ weight_ih.T + bias).reshape(T, B, H)
     h_n = h0.copy()
     _forward_steps(output, np.ascontiguousarray(weight_hh.T), h_n, _full_lengths(lengths, T, B))
     return output, h_n
@@ -68,6 +68,6 @@ def backward(grad_output, x, weight_ih, weight_hh, output, h0, grad_h_n, lengths
     grad_a = np.zeros_like(output)
     g = grad_h_n.copy()
     _backward_steps(grad_output, weight_hh, output, g, _full_lengths(lengths, T, B), grad_a)
-    grad_x = (grad_a.reshape(T * B, -1) @ weight_ih).reshape(T, B, I)
+    grad_x = (grad_a.reshape(T * B, weight_hh.shape[0]) @ weight_ih).reshape(T, B, I)
     valid = valid_steps(lengths, T, B)[:, :, None]
     return (grad_x, g) + weight_gradients(grad_a, x, output, h0, valid)

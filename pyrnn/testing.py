@@ -1,0 +1,47 @@
+"""How closely a backend must agree with the reference; shared by the tests and `pyrnn bench`.
+
+float64: every backend computes the reference's sums in another order, which moves a result by
+a few units of roundoff (~1e-16 relative); 1e-10 relative to the tensor's scale leaves room for
+long sums and still catches any real mistake, which shows at 1e-3 or worse.
+
+float32: a float32 backend is compared with the float64 reference on the same inputs. Each
+element is a sum of K rounded products (K = I + H + 1 per forward step; backward adds the sums
+over T·B rows), and rounding errors of a sum grow like sqrt(K)·eps for random data. With
+eps32 = 1.2e-7 we allow 8·sqrt(K)·eps32 relative to the tensor's scale: 1.3e-5 for the
+(100, 16, 64, 128) shape, where the float32 NumPy reference itself is off by at most 1.3e-6.
+tanh' ≤ 1 and torch's initialisation keep older steps' errors from growing through time.
+
+The scale is max(1, max|reference|): rounding errors are relative to the size of the terms
+summed, not of the sum, which can cancel to almost nothing (a gradient of size 1e-3 made of O(1)
+terms). With O(1) data, as in the tests and the benchmarks, 1 is the size of the terms.
+"""
+import numpy as np
+
+FLOAT64_TOLERANCE = 1e-10
+
+
+def tolerance(dtype, accumulated):
+    """Largest acceptable max|actual - reference| / max|reference| for sums of `accumulated` terms."""
+    if np.dtype(dtype) == np.float64:
+        return FLOAT64_TOLERANCE
+    return 8 * np.sqrt(max(accumulated, 1)) * np.finfo(np.float32).eps
+
+
+def relative_error(actual, expected):
+    """max|actual - expected| / max(1, max|expected|); NaN where they disagree on NaN."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    if actual.shape != expected.shape:
+        raise ValueError(f"shapes differ: {actual.shape} vs {expected.shape}")
+    if actual.size == 0:
+        return 0.0
+    if not np.array_equal(np.isnan(actual), np.isnan(expected)):
+        return float("nan")
+    finite = ~np.isnan(expected)
+    difference = np.abs(actual[finite] - expected[finite])
+    scale = np.abs(expected[finite]).max(initial=1.0)
+    return float(difference.max(initial=0.0) / scale)
+
+
+def accumulated_terms(T, B, I, H):
+    """(forward, backward): the longest sums that enter the outputs and the gradients."""
+    return I + H + 1, T * B + I + H

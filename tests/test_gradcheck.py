@@ -1,0 +1,57 @@
+"""pyrnn.gradcheck: every backend's backward against central differences of its forward, float64."""
+import numpy as np
+import pytest
+
+import pyrnn
+import pyrnn.reference
+
+from problems import make_problem, random_lengths
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (4, 3, 2, 5), (6, 2, 3, 1), (3, 1, 4, 3)],
+                         ids=lambda s: "T{}-B{}-I{}-H{}".format(*s))
+@pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
+def test_gradcheck_passes(backend, shape, with_lengths):
+    rng = np.random.default_rng(sum(shape))
+    T, B, I, H = shape
+    problem = make_problem(rng, T, B, I, H)
+    lengths = random_lengths(rng, T, B) if with_lengths else None
+    errors = pyrnn.gradcheck(**problem, lengths=lengths, backend=backend)
+    assert set(errors) == {"x", "h0", "weight_ih", "weight_hh", "bias"}
+    assert max(errors.values()) < 1e-6
+
+
+def test_gradcheck_batch_first_without_bias_or_h0(backend):
+    rng = np.random.default_rng(1)
+    problem = make_problem(rng, 4, 3, 2, 3, bias=False, h0=False)
+    problem["x"] = np.ascontiguousarray(problem["x"].swapaxes(0, 1))
+    pyrnn.gradcheck(**problem, lengths=[4, 1, 0], batch_first=True, backend=backend)
+
+
+def test_gradcheck_works_from_float32_inputs(backend):
+    rng = np.random.default_rng(2)
+    pyrnn.gradcheck(**make_problem(rng, 3, 2, 2, 3, np.float32), backend=backend)
+
+
+def test_gradcheck_catches_a_wrong_gradient(monkeypatch):
+    """A check that cannot fail proves nothing: break one gradient and expect a GradcheckError."""
+    correct_backward = pyrnn.reference.backward
+
+    def backward_with_wrong_bias(*args):
+        grad_x, grad_h0, grad_weight_ih, grad_weight_hh, grad_bias = correct_backward(*args)
+        return grad_x, grad_h0, grad_weight_ih, grad_weight_hh, grad_bias * 1.001
+
+    monkeypatch.setattr(pyrnn.reference, "backward", backward_with_wrong_bias)
+    rng = np.random.default_rng(3)
+    with pytest.raises(pyrnn.GradcheckError, match="grad bias"):
+        pyrnn.gradcheck(**make_problem(rng, 3, 2, 2, 3), backend="numpy")
+    errors = pyrnn.gradcheck(**make_problem(rng, 3, 2, 2, 3), backend="numpy",
+                             raise_on_failure=False)
+    assert errors["bias"] > 1e-5 and errors["x"] < 1e-8
+
+
+def test_gradcheck_command_runs(capsys):
+    from pyrnn.__main__ import main
+
+    assert main(["gradcheck", "--backends", "numpy"]) == 0
+    assert "ok   numpy" in capsys.readouterr().out

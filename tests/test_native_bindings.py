@@ -1,0 +1,100 @@
+"""The native module is reachable from Python on its own: it must raise, never crash, whatever it is given."""
+import numpy as np
+import pytest
+
+_cpp = pytest.importorskip("pyrnn._cpp")  # required when installed: see test_backends.py
+
+T, B, I, H = 3, 2, 4, 5
+
+
+def arrays(dtype=np.float64):
+    return [np.zeros(shape, dtype) for shape in [(T, B, I), (H, I), (H, H), (H,), (B, H)]]
+
+
+def test_direct_call_matches_the_public_function():
+    import pyrnn
+
+    rng = np.random.default_rng(0)
+    inputs = [rng.standard_normal(a.shape) for a in arrays()]
+    for got, want in zip(_cpp.forward(*inputs), pyrnn.forward(*inputs, backend="numpy")):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("position, bad, error, message", [
+    (0, np.zeros((T, B)), ValueError, "x must be 3-D"),
+    (1, np.zeros((H, I + 1)), ValueError, r"weight_ih has shape \(5, 5\), expected \(5, 4\)"),
+    (2, np.zeros((H, H + 1)), ValueError, "weight_hh has shape"),
+    (2, np.zeros(H), ValueError, "weight_hh must be 2-D"),
+    (3, np.zeros(H + 2), ValueError, "bias has shape"),
+    (4, np.zeros((B + 1, H)), ValueError, "h0 has shape"),
+    (0, np.zeros((T, B, I), np.float32), TypeError, "incompatible function arguments"),
+    (0, np.zeros((I, B, T)).T, TypeError, "incompatible function arguments"),
+    (0, [[[0.0] * I] * B] * T, TypeError, "incompatible function arguments"),
+])
+def test_forward_raises(position, bad, error, message):
+    inputs = arrays()
+    inputs[position] = bad
+    with pytest.raises(error, match=message):
+        _cpp.forward(*inputs)
+
+
+@pytest.mark.parametrize("lengths, error, message", [
+    (np.array([1, T + 1]), ValueError, r"lengths\[1\] = 4 is outside \[0, T=3\]"),
+    (np.array([-1, 0]), ValueError, r"lengths\[0\] = -1"),
+    (np.array([1, 2, 3]), ValueError, "lengths has shape"),
+    (np.array([1, 2], dtype=np.int32), TypeError, "incompatible function arguments"),
+])
+def test_bad_lengths_raise(lengths, error, message):
+    with pytest.raises(error, match=message):
+        _cpp.forward(*arrays(), lengths)
+
+
+def test_backward_checks_every_shape():
+    x, weight_ih, weight_hh, _, h0 = arrays()
+    output = np.zeros((T, B, H))
+    good = [output, x, weight_ih, weight_hh, output, h0, h0]
+    for position, name in enumerate(["grad_output", "x", "weight_ih", "weight_hh", "output",
+                                     "h0", "grad_h_n"]):
+        bad = list(good)
+        bad[position] = np.zeros((7, 7, 7) if good[position].ndim == 3 else (7, 8))
+        with pytest.raises(ValueError, match=name):
+            _cpp.backward(*bad)
+
+
+def test_empty_dimensions_do_not_crash():
+    for T_, B_, I_, H_ in [(0, 2, 3, 4), (3, 0, 3, 4), (3, 2, 0, 4), (3, 2, 3, 0)]:
+        inputs = [np.zeros(s) for s in [(T_, B_, I_), (H_, I_), (H_, H_), (H_,), (B_, H_)]]
+        output, h_n = _cpp.forward(*inputs)
+        assert output.shape == (T_, B_, H_) and h_n.shape == (B_, H_)
+        grads = _cpp.backward(output, inputs[0], inputs[1], inputs[2], output, inputs[4], h_n)
+        assert [g.shape for g in grads] == [(T_, B_, I_), (B_, H_), (H_, I_), (H_, H_), (H_,)]
+
+
+def test_the_kernel_releases_the_gil():
+    """While the kernel runs in one thread, Python code keeps running in another at a good share
+    of its normal pace; a kernel holding the GIL would stop it for the whole call."""
+    import sys
+    import threading
+    import time
+
+    rng = np.random.default_rng(1)
+    shapes = [(50, 64, 512), (512, 512), (512, 512), (512,), (64, 512)]
+    inputs = [rng.standard_normal(s) * 0.05 for s in shapes]
+    worker = threading.Thread(target=_cpp.forward, args=inputs)
+    ticks_while_running = 0
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-4)  # the worker gets the GIL at once to enter the kernel
+    try:
+        start = time.perf_counter()
+        worker.start()
+        while worker.is_alive():
+            ticks_while_running += 1
+        elapsed = time.perf_counter() - start
+    finally:
+        sys.setswitchinterval(switch_interval)
+    ticks_alone, deadline = 0, time.perf_counter() + elapsed
+    while time.perf_counter() < deadline:
+        ticks_alone += 1
+    assert ticks_while_running > 0.1 * ticks_alone, (
+        f"Python ran {ticks_while_running} loop iterations during a {elapsed:.2f} s kernel call, "
+        f"against {ticks_alone} in the same time alone")
