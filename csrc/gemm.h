@@ -32,7 +32,7 @@ template <typename F> constexpr int64_t MC = 16 * Tile<F>::MR;
 template <typename F> struct View {
     const F* p;
     int64_t rs, cs;
-    F operator()(int64_t i, int64_t k) const { return p[i * rs + k * cs]; }
+    const F& operator()(int64_t i, int64_t k) const { return p[i * rs + k * cs]; }
     View shifted(int64_t i, int64_t k) const { return {p + i * rs + k * cs, rs, cs}; }
 };
 
@@ -40,11 +40,14 @@ static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 static inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 static inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// tile (R×NR) = Σ_k a[k·R + r] · b[k·NR + j]: R rows of A and NR columns of B, both packed k-major.
+// tile (R×NR) = Σ_k A(r, k) · b[k·NR + j]: NR columns of B packed k-major, and R rows of A either
+// packed k-major too (A(r, k) = a[k·R + r]) or, if RowsA, read in place from a row-major matrix
+// (A(r, k) = a[r·lda + k]): the broadcasts then gather the rows, which saves transposing A into
+// panels when it is row-major (x, grad_a), at the price of R address streams.
 // A tile of fewer than 8 vectors (R <= 3) cannot cover the FMA latency (4 cycles × 2 units), so
 // its k loop is split into S interleaved partial sums, added in a fixed order at the end.
-template <typename F, int R>
-static inline void micro_kernel(int64_t K, const F* a, const F* b, F* tile) {
+template <typename F, int R, bool RowsA>
+static inline void micro_kernel(int64_t K, const F* a, int64_t lda, const F* b, F* tile) {
     constexpr int NV = Tile<F>::vectors, L = lanes<F>, NR = Tile<F>::NR;
     constexpr int S = R * NV >= 8 ? 1 : (8 + R * NV - 1) / (R * NV);
     Vec<F> acc[S][R][NV];
@@ -60,7 +63,7 @@ static inline void micro_kernel(int64_t K, const F* a, const F* b, F* tile) {
         for (int v = 0; v < NV; ++v) bv[v] = load(bk + v * L);
 #pragma GCC unroll 16
         for (int r = 0; r < R; ++r) {
-            const Vec<F> ar = broadcast(ak[r]);
+            const Vec<F> ar = broadcast(RowsA ? ak[r * lda] : ak[r]);
 #pragma GCC unroll 4
             for (int v = 0; v < NV; ++v) sum[r][v] += ar * bv[v];
         }
@@ -68,8 +71,8 @@ static inline void micro_kernel(int64_t K, const F* a, const F* b, F* tile) {
     int64_t k = 0;
     for (; k + S <= K; k += S)
 #pragma GCC unroll 4
-        for (int s = 0; s < S; ++s) step(acc[s], a + (k + s) * R, b + (k + s) * NR);
-    for (int s = 0; k < K; ++k, ++s) step(acc[s], a + k * R, b + k * NR);
+        for (int s = 0; s < S; ++s) step(acc[s], a + (k + s) * (RowsA ? 1 : R), b + (k + s) * NR);
+    for (int s = 0; k < K; ++k, ++s) step(acc[s], a + k * (RowsA ? 1 : R), b + k * NR);
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
@@ -82,23 +85,24 @@ static inline void micro_kernel(int64_t K, const F* a, const F* b, F* tile) {
 
 // The micro-kernel for any row count 1..MR: short edges cost no padded rows (B = 1 is a
 // matrix-vector chain and runs the 1-row kernel).
-template <typename F, int R = Tile<F>::MR>
-static inline void micro_kernel_rows(int rows, int64_t K, const F* a, const F* b, F* tile) {
+template <typename F, bool RowsA = false, int R = Tile<F>::MR>
+static inline void micro_kernel_rows(int rows, int64_t K, const F* a, int64_t lda, const F* b, F* tile) {
     if constexpr (R > 1) {
-        if (rows < R) return micro_kernel_rows<F, R - 1>(rows, K, a, b, tile);
+        if (rows < R) return micro_kernel_rows<F, RowsA, R - 1>(rows, K, a, lda, b, tile);
     }
-    micro_kernel<F, R>(K, a, b, tile);
+    micro_kernel<F, R, RowsA>(K, a, lda, b, tile);
 }
 
-// Pack rows [0, m) × columns [0, k) of A (given as at(i, k)) into MR-row panels, k-major; the last
-// panel has m mod MR rows. Panel ir starts at dst + ir·k.
-template <typename F, typename At>
-static void pack_a(int64_t m, int64_t k, const At& at, F* dst) {
+// Pack rows [0, m) × columns [0, k) of an A with contiguous columns (a.rs == 1, e.g. grad_aᵀ)
+// into MR-row panels, k-major; the last panel has m mod MR rows. Panel ir starts at dst + ir·k.
+// (A row-major A is not packed: see micro_kernel.)
+template <typename F>
+static void pack_a(int64_t m, int64_t k, View<F> a, F* dst) {
     constexpr int MR = Tile<F>::MR;
     for (int64_t ir = 0; ir < m; ir += MR) {
         const int64_t rows = min64(MR, m - ir);
-        for (int64_t kk = 0; kk < k; ++kk)
-            for (int64_t r = 0; r < rows; ++r) *dst++ = at(ir + r, kk);
+        for (int64_t kk = 0; kk < k; ++kk, dst += rows)
+            for (int64_t r = 0; r < rows; ++r) dst[r] = (&a(ir, kk))[r];
     }
 }
 
@@ -110,12 +114,17 @@ static void pack_b(int64_t k, int64_t n, View<F> b, F* dst) {
     constexpr int NR = Tile<F>::NR;
     for (int64_t jr = 0; jr < n; jr += NR, dst += k * NR) {
         const int64_t cols = min64(NR, n - jr);
-        if (b.rs == 1) {
+        if (b.cs == 1) {
+            for (int64_t kk = 0; kk < k; ++kk) {
+                const F* src = &b(kk, jr);
+                if (cols == NR)
+                    for (int v = 0; v < NR; v += lanes<F>) store(dst + kk * NR + v, load(src + v));
+                else
+                    for (int64_t j = 0; j < NR; ++j) dst[kk * NR + j] = j < cols ? src[j] : F(0);
+            }
+        } else {
             for (int64_t j = 0; j < NR; ++j)
                 for (int64_t kk = 0; kk < k; ++kk) dst[kk * NR + j] = j < cols ? b(kk, jr + j) : F(0);
-        } else {
-            for (int64_t kk = 0; kk < k; ++kk)
-                for (int64_t j = 0; j < NR; ++j) dst[kk * NR + j] = j < cols ? b(kk, jr + j) : F(0);
         }
     }
 }
@@ -126,7 +135,8 @@ template <typename F> inline int64_t pack_b_size(int64_t K, int64_t N) {
     return min64(KC, K) * min64(NC, ceil_div(N, Tile<F>::NR) * Tile<F>::NR);
 }
 
-// C[0:M, n0:n1] = bias[n0:n1] (or 0) + A·B, with A (M×K), B (K×N) strided, C row-major (ldc).
+// C[0:M, n0:n1] = bias[n0:n1] (or 0) + A·B, with A (M×K) row-major or column-major, B (K×N)
+// strided, C row-major (ldc).
 // One thread's share of a product: threads are given disjoint column ranges starting on NR.
 template <typename F>
 static void gemm(int64_t M, int64_t n0, int64_t n1, int64_t K, View<F> A, View<F> B,
@@ -145,12 +155,16 @@ static void gemm(int64_t M, int64_t n0, int64_t n1, int64_t K, View<F> A, View<F
             pack_b(kc, nc, B.shifted(pc, jc), pack_b_buf);
             for (int64_t ic = 0; ic < M; ic += MC<F>) {
                 const int64_t mc = min64(MC<F>, M - ic);
-                pack_a(mc, kc, A.shifted(ic, pc), pack_a_buf);
+                const bool rows_a = A.cs == 1;  // row-major: read in place; column-major: pack
+                if (!rows_a) pack_a(mc, kc, A.shifted(ic, pc), pack_a_buf);
                 for (int64_t jr = 0; jr < nc; jr += NR) {
                     const int64_t cols = min64(NR, nc - jr);
                     for (int64_t ir = 0; ir < mc; ir += MR) {
                         const int rows = int(min64(MR, mc - ir));
-                        micro_kernel_rows<F>(rows, kc, pack_a_buf + ir * kc, pack_b_buf + jr * kc, tile);
+                        if (rows_a)
+                            micro_kernel_rows<F, true>(rows, kc, &A(ic + ir, pc), A.rs, pack_b_buf + jr * kc, tile);
+                        else
+                            micro_kernel_rows<F>(rows, kc, pack_a_buf + ir * kc, 0, pack_b_buf + jr * kc, tile);
                         for (int r = 0; r < rows; ++r) {
                             F* c = C + (ic + ir + r) * ldc + jc + jr;
                             const F* t = tile + r * NR;

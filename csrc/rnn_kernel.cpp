@@ -150,7 +150,7 @@ void forward(const F* x, const F* weight_ih, const F* weight_hh, const F* bias, 
                 const int64_t cols = min64(NR, H - j);
                 for (int64_t b0 = 0; b0 < B; b0 += MR) {
                     const int rows = int(min64(MR, B - b0));
-                    micro_kernel_rows<F>(rows, H, h_prev + b0 * H, packed_whh.get() + j * H, tile);
+                    micro_kernel_rows<F>(rows, H, h_prev + b0 * H, 0, packed_whh.get() + j * H, tile);
                     for (int r = 0; r < rows; ++r) {
                         const int64_t b = b0 + r;
                         F* out = output + (t * B + b) * H + j;
@@ -220,7 +220,7 @@ void backward(const F* grad_output, const F* x, const F* weight_ih, const F* wei
                 for (int64_t b0 = 0; b0 < B; b0 += MR) {
                     const int rows = int(min64(MR, B - b0));
                     if (has_next)
-                        micro_kernel_rows<F>(rows, H, da_next + b0 * H, packed_whh.get() + j * H, tile);
+                        micro_kernel_rows<F>(rows, H, da_next + b0 * H, 0, packed_whh.get() + j * H, tile);
                     else
                         for (int i = 0; i < MR * NR; ++i) tile[i] = F(0);
                     for (int r = 0; r < rows; ++r) {
