@@ -5,13 +5,19 @@
 
 Three backends compute the same thing: "cpp" (native), "numba" (JIT) and "numpy" (the reference,
 pyrnn.reference). backend=None uses $PYRNN_BACKEND if set, else the fastest available.
+
+On top of the kernel, in NumPy: pyrnn.RNN (multi-layer, bidirectional, torch.nn.RNN's conventions)
+and pyrnn.Linear (pyrnn.nn), losses (pyrnn.losses), clipping and optimizers (pyrnn.optim).
 """
 from ._api import Grads, backward, forward
 from ._backends import available_backends, unavailable_backends
 from ._threads import get_num_threads, set_num_threads
-from .gradcheck import GradcheckError, gradcheck
+from .gradcheck import GradcheckError, gradcheck, numerical_gradient
+from . import losses, nn, optim
+from .nn import RNN, Linear
 
 __version__ = "0.1.0"
 
 __all__ = ["forward", "backward", "Grads", "available_backends", "unavailable_backends",
-           "gradcheck", "GradcheckError", "set_num_threads", "get_num_threads"]
+           "gradcheck", "GradcheckError", "numerical_gradient", "set_num_threads", "get_num_threads",
+           "RNN", "Linear", "nn", "losses", "optim"]

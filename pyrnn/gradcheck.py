@@ -10,6 +10,24 @@ class GradcheckError(AssertionError):
     """A gradient from backward disagrees with finite differences of forward."""
 
 
+def numerical_gradient(f, array, eps=1e-6):
+    """dL/darray by central differences, where L = f() is a float that reads array.
+
+    Each element is moved by ±eps in place (and restored), costing two calls of f per element:
+    use small float64 arrays. Shared by gradcheck and the layer tests (pyrnn.nn, pyrnn.losses).
+    """
+    numerical = np.zeros(array.shape, dtype=np.float64)
+    for index in np.ndindex(array.shape):
+        original = array[index]
+        array[index] = original + eps
+        loss_plus = f()
+        array[index] = original - eps
+        loss_minus = f()
+        array[index] = original
+        numerical[index] = (loss_plus - loss_minus) / (2 * eps)
+    return numerical
+
+
 def gradcheck(x, weight_ih, weight_hh, bias=None, h0=None, *, lengths=None, batch_first=False,
               backend=None, eps=1e-6, atol=1e-6, rtol=1e-5, seed=0, raise_on_failure=True):
     """Check pyrnn.backward against central differences of pyrnn.forward for one backend.
@@ -47,16 +65,7 @@ def gradcheck(x, weight_ih, weight_hh, bias=None, h0=None, *, lengths=None, batc
 
     errors, failures = {}, []
     for name in _CHECKED:
-        value = params[name]
-        numerical = np.zeros_like(value)
-        for index in np.ndindex(value.shape):
-            original = value[index]
-            value[index] = original + eps
-            loss_plus, _ = loss()
-            value[index] = original - eps
-            loss_minus, _ = loss()
-            value[index] = original
-            numerical[index] = (loss_plus - loss_minus) / (2 * eps)
+        numerical = numerical_gradient(lambda: loss()[0], params[name], eps)
         difference = np.abs(analytic[name] - numerical)
         errors[name] = float(difference.max(initial=0.0))
         if np.any(~(difference <= atol + rtol * np.abs(numerical))):  # NaN fails too

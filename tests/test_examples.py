@@ -1,0 +1,71 @@
+"""Smoke tests of the examples: a few iterations each, on each backend; the loss must go down."""
+import importlib.util
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+# Small and short: seconds per run, yet long enough for the loss to fall well beyond noise.
+FAST_ARGUMENTS = {
+    "char_lm": ["--module", "textwrap", "--steps", "40", "--batch", "8", "--seq-len", "16", "--hidden", "32",
+                "--eval-every", "40", "--sample-length", "20", "--lr", "1e-2"],
+    "classify": ["--train", "512", "--test", "256", "--epochs", "6", "--batch", "32", "--hidden", "16",
+                 "--lr", "1e-2"],
+    "forecast": ["--length", "1200", "--steps", "40", "--window", "40", "--warmup", "5", "--hidden", "16",
+                 "--eval-every", "40", "--batch", "16"],
+}
+
+
+# --threads 0 leaves the thread count alone: the examples' own default (1) is process-wide and
+# would outlive the test.
+COMMON_ARGUMENTS = ["--threads", "0"]
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", sorted(FAST_ARGUMENTS))
+def test_example_learns(backend, name, capsys):
+    result = load(name).main(FAST_ARGUMENTS[name] + COMMON_ARGUMENTS + ["--backend", backend])
+    losses = result["losses"]
+    window = max(5, len(losses) // 8)  # mean over several batches: single batches are noisy
+    assert np.mean(losses[-window:]) < 0.8 * np.mean(losses[:window]), losses
+    printed = capsys.readouterr().out
+    assert f"backend {backend}" in printed
+    if name == "char_lm":
+        assert result["perplexity"] < result["unigram_perplexity"] * 1.5 and "--- sample ---" in printed
+    elif name == "classify":
+        assert result["accuracy"] > 0.6
+    else:
+        assert result["mse"] < result["persistence_mse"]
+
+
+def test_examples_save_plots(tmp_path):
+    pytest.importorskip("matplotlib")
+    for name, arguments in FAST_ARGUMENTS.items():
+        path = tmp_path / f"{name}.png"
+        load(name).main(arguments + COMMON_ARGUMENTS + ["--plot", str(path)])
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_readme_models_example_runs(capsys):
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    example = re.search(r"## Models and examples\n.*?```python\n(.*?)```", readme, re.S).group(1)
+    exec(compile(example, "README.md", "exec"), {})
+    losses = [float(v) for v in re.findall(r"loss (\d+\.\d+)", capsys.readouterr().out)]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+
+
+def test_example_runs_repeat_from_their_seed(backend):
+    arguments = FAST_ARGUMENTS["forecast"] + COMMON_ARGUMENTS + ["--backend", backend]
+    forecast = load("forecast")
+    first = forecast.main(arguments + ["--seed", "5"])["losses"]
+    assert forecast.main(arguments + ["--seed", "5"])["losses"] == first
+    assert forecast.main(arguments + ["--seed", "6"])["losses"] != first
