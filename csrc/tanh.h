@@ -47,7 +47,15 @@ template <> struct TanhConstants<double> {
     static constexpr int exp_degree = 13;
 };
 
-static constexpr double inverse_factorial(int k) { return k == 0 ? 1.0 : inverse_factorial(k - 1) / k; }
+// 1/0!, 1/1!, ..., 1/N!, computed at compile time.
+template <typename F, int N>
+struct InverseFactorials {
+    F value[N + 1];
+    constexpr InverseFactorials() : value() {
+        double f = 1;
+        for (int k = 0; k <= N; ++k) value[k] = F(f /= (k > 0 ? k : 1));
+    }
+};
 
 template <typename F>
 static inline Vec<F> tanh(Vec<F> x) {
@@ -62,6 +70,7 @@ static inline Vec<F> tanh(Vec<F> x) {
     // Small |x|: the odd series, Horner in x².
     const V x2 = ax * ax;
     V p = broadcast<F>(C::series[C::series_terms - 1]);
+#pragma GCC unroll 16
     for (int k = C::series_terms - 2; k >= 0; --k) p = p * x2 + C::series[k];
     const V small = ax + ax * (x2 * p);
 
@@ -71,8 +80,10 @@ static inline Vec<F> tanh(Vec<F> x) {
     const V shifted = y * F(1.4426950408889634) + C::round_shift;  // n + 1.5·2^m in the low bits
     const V n = shifted - C::round_shift;
     const V r = (y - n * C::ln2_hi) - n * C::ln2_lo;
-    V e = broadcast<F>(F(inverse_factorial(C::exp_degree)));  // Taylor series of exp(r), Horner
-    for (int k = C::exp_degree - 1; k >= 0; --k) e = e * r + F(inverse_factorial(k));
+    static constexpr InverseFactorials<F, C::exp_degree> exp_series{};  // Taylor series of exp(r)
+    V e = broadcast<F>(exp_series.value[C::exp_degree]);
+#pragma GCC unroll 16
+    for (int k = C::exp_degree - 1; k >= 0; --k) e = e * r + exp_series.value[k];
     const Ubits n_bits = (Ubits)shifted - (Ubits)broadcast<F>(C::round_shift);
     e *= (V)((n_bits + U(C::exponent_bias)) << C::mantissa_bits);  // · 2^n
     const V large = (F(1) - e) / (F(1) + e);
