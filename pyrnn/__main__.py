@@ -1,4 +1,4 @@
-"""The ``pyrnn`` command: ``pyrnn backends`` and ``pyrnn gradcheck``."""
+"""The ``pyrnn`` command: ``pyrnn backends``, ``pyrnn gradcheck`` and ``pyrnn bench``."""
 import argparse
 import sys
 
@@ -38,6 +38,37 @@ def _gradcheck_command(args):
     return status
 
 
+def _bench_command(args):
+    from . import bench  # imports torch when present: only for this command
+
+    return bench.main(args)
+
+
+def _add_bench_parser(commands):
+    from .bench import DEFAULT_SHAPES, MODES, SHAPES
+
+    bench = commands.add_parser(
+        "bench", help="time every backend and torch.nn.RNN side by side, checked against the reference",
+        description="Time every available backend and torch.nn.RNN (when importable), interleaved in "
+        "one process, after checking each against the float64 reference; print a table per shape.")
+    bench.add_argument("--shapes", default=",".join(DEFAULT_SHAPES),
+                       help=f"comma-separated, from {','.join(SHAPES)} (default: %(default)s)")
+    bench.add_argument("--full", action="store_true", help="the whole shape grid (overrides --shapes)")
+    bench.add_argument("--threads", help="comma-separated thread counts, e.g. 1,2 "
+                       "(default: pyrnn.get_num_threads(), i.e. $PYRNN_NUM_THREADS or all cores)")
+    bench.add_argument("--modes", default=",".join(MODES), help="forward, train or both (default: %(default)s)")
+    bench.add_argument("--backends", help="comma-separated contestants (default: every available backend "
+                       "and torch)")
+    bench.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    bench.add_argument("--repeat", type=int, default=5, help="at least this many samples per contestant "
+                       "(default: %(default)s)")
+    bench.add_argument("--budget", type=float, default=2.0, help="keep sampling while a (shape, mode, "
+                       "threads) block has taken fewer seconds than this (default: %(default)s)")
+    bench.add_argument("--json", metavar="PATH", help="write machine, versions, thread pools and every sample")
+    bench.add_argument("--plot", metavar="PATH.png", help="bar chart of speed-ups (needs matplotlib)")
+    bench.set_defaults(run=_bench_command)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="pyrnn", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -47,6 +78,7 @@ def main(argv=None):
     check.add_argument("--backends", help="comma-separated backend names (default: all available)")
     check.add_argument("--seed", type=int, default=0)
     check.set_defaults(run=_gradcheck_command)
+    _add_bench_parser(commands)
     args = parser.parse_args(argv)
     return args.run(args)
 

@@ -1,5 +1,6 @@
-"""One thread count for every pool pyrnn computes with: the native kernel's, numba's, and the
-BLAS behind NumPy's matrix products (through threadpoolctl).
+"""One thread count for every pool pyrnn computes with: the native kernel's, numba's, the BLAS
+behind NumPy's matrix products and every OpenMP runtime in the process (those two through
+threadpoolctl; numba's "omp" threading layer brings its own libgomp).
 
 ``pyrnn.set_num_threads(n)`` (or ``$PYRNN_NUM_THREADS`` at import) bounds them all; by default
 each pool keeps its own default (all cores).
@@ -8,7 +9,7 @@ import os
 
 ENV_VAR = "PYRNN_NUM_THREADS"
 _num_threads = None  # None: every pool keeps its default
-_blas_limiter = None
+_pool_limiter = None
 
 
 def _parse(n, source):
@@ -23,14 +24,14 @@ def get_num_threads():
 
 
 def set_num_threads(n):
-    """Use at most n threads in every backend (native kernel, numba, NumPy's BLAS)."""
+    """Use at most n threads in every backend (native kernel, numba, NumPy's BLAS, OpenMP)."""
     global _num_threads
     _num_threads = _parse(n, "n")
     from . import _backends
 
     for name, module in _backends.loaded().items():
         apply(name, module)
-    _limit_blas(n)
+    _limit_pools(n)
 
 
 def apply(name, module):
@@ -45,15 +46,15 @@ def apply(name, module):
         numba.set_num_threads(min(_num_threads, numba.config.NUMBA_NUM_THREADS))
 
 
-def _limit_blas(n):
-    global _blas_limiter
+def _limit_pools(n):
+    global _pool_limiter
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:  # pragma: no cover - threadpoolctl is a dependency
         return
-    if _blas_limiter is not None:
-        _blas_limiter.restore_original_limits()
-    _blas_limiter = threadpool_limits(limits=n, user_api="blas")
+    if _pool_limiter is not None:
+        _pool_limiter.restore_original_limits()
+    _pool_limiter = threadpool_limits(limits=n)  # every BLAS and OpenMP runtime loaded
 
 
 if os.environ.get(ENV_VAR):
@@ -61,4 +62,4 @@ if os.environ.get(ENV_VAR):
         _num_threads = _parse(int(os.environ[ENV_VAR]), f"${ENV_VAR}")
     except ValueError as error:
         raise ValueError(f"${ENV_VAR} must be a positive integer, got {os.environ[ENV_VAR]!r}") from error
-    _limit_blas(_num_threads)
+    _limit_pools(_num_threads)

@@ -1,0 +1,32 @@
+"""The benchmark suite: each backend and torch.nn.RNN on the shape grid of design.md §4.
+
+    pytest benchmarks/ --benchmark-only -k medium          # time one shape, backend vs backend
+    PYRNN_NUM_THREADS=1 pytest benchmarks/ --benchmark-only  # bound every thread pool, torch's too
+    pytest benchmarks/ --benchmark-disable                  # CI smoke run: every case runs once
+
+The smoke run (--benchmark-disable) keeps to the shapes in SMOKE_SHAPES so that it takes
+seconds; the larger shapes exercise the same code and are skipped there with a reason.
+For the interleaved side-by-side tables use `pyrnn bench` instead.
+"""
+import os
+
+import pytest
+
+from pyrnn import bench
+
+SMOKE_SHAPES = ("tiny", "small")
+
+
+def pytest_configure(config):
+    if os.environ.get("PYRNN_NUM_THREADS"):  # pyrnn's pools follow it already; torch's must too
+        bench.set_threads(int(os.environ["PYRNN_NUM_THREADS"]))
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.getoption("benchmark_disable", False):
+        return
+    skip = pytest.mark.skip(reason=f"smoke run (--benchmark-disable) covers {', '.join(SMOKE_SHAPES)}")
+    for item in items:
+        shape = getattr(item, "callspec", None) and item.callspec.params.get("shape")
+        if shape is not None and shape not in SMOKE_SHAPES:
+            item.add_marker(skip)

@@ -1,0 +1,553 @@
+"""`pyrnn bench`: every backend against torch.nn.RNN, side by side, in one process.
+
+What it measures and how (design.md §4):
+- The problems are the shape grid below, with torch.nn.RNN's initialisation, no lengths.
+- "forward" times pyrnn.forward; "train" times forward followed by backward (all gradients,
+  including those of x and h0, as torch's autograd gives for inputs that require grad).
+- Before anything is timed, every contestant's output and gradients are compared with the
+  float64 NumPy reference on the same inputs (tolerances from pyrnn.testing). A contestant that
+  disagrees, or raises, is reported as such and never timed.
+- The first call of each mode is timed on its own (it includes numba's JIT compilation when a
+  backend meets a dtype for the first time in the process) and never mixed into the samples.
+- Contestants are timed interleaved, A B C A B C ..., so that drift on a busy machine hits
+  all alike. A sample is the mean of enough back-to-back calls to last ~10 ms; a figure is the
+  median of the samples.
+- The GEMM peak (a large NumPy matmul in the dtype benchmarked) is timed as one more contestant
+  in every round, and the peak at a thread count is its best sample: what this machine's BLAS
+  reached in this run. GFLOP/s is read as a fraction of it.
+- Thread counts bound every pool: pyrnn.set_num_threads (native kernel, numba, NumPy's BLAS),
+  torch.set_num_threads and every OpenMP runtime; what each pool then reports is recorded.
+
+This module is also the benchmark suite's toolbox (benchmarks/): problems, runners, the gate.
+"""
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections import namedtuple
+
+import numpy as np
+
+import pyrnn
+
+from . import reference, testing
+
+Shape = namedtuple("Shape", ["T", "B", "I", "H"])
+
+# design.md §4; deepbench is a vanilla-RNN training shape of Baidu's DeepBench.
+SHAPES = {
+    "tiny": Shape(50, 1, 32, 64),
+    "small": Shape(100, 16, 64, 128),
+    "medium": Shape(100, 64, 256, 256),
+    "large": Shape(50, 64, 512, 1024),
+    "deepbench": Shape(50, 32, 1760, 1760),
+}
+DEFAULT_SHAPES = ("tiny", "small", "medium")  # the default run must finish in 2 minutes on 2 cores
+MODES = ("forward", "train")
+PEER = "torch"
+RESULT_NAMES = ("output", "h_n", "grad_x", "grad_h0", "grad_weight_ih", "grad_weight_hh", "grad_bias")
+SAMPLE_SECONDS = 0.01  # a sample repeats a call until it lasts about this long
+MAX_ROUNDS = 1000  # a cap on samples per contestant however large the time budget
+PEAK_N = 1024  # the GEMM peak is an n×n×n matmul: large enough for OpenBLAS to reach its peak
+PEAK_FLOP = 2 * PEAK_N**3
+PEAK = "gemm peak"  # its name among the timed calls
+
+
+def flops(shape, mode):
+    """Floating-point operations of one call: forward 2·T·B·H·(I+H), forward+backward 3× that."""
+    forward = 2 * shape.T * shape.B * shape.H * (shape.I + shape.H)
+    return forward if mode == "forward" else 3 * forward
+
+
+def torch_or_none():
+    """The torch module, or None when it cannot be imported (torch is only an optional peer)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
+def contestants():
+    """The backends this installation can run, plus torch when importable."""
+    return pyrnn.available_backends() + ((PEER,) if torch_or_none() else ())
+
+
+# ---------------------------------------------------------------------------------------------
+# Problems, runners and the correctness gate
+
+
+def make_problem(shape, dtype=np.float32, seed=0):
+    """Inputs of one forward+backward, in `dtype`, drawn as torch.nn.RNN initialises its weights
+    (uniform in ±1/sqrt(H)) with O(1) data, so that tanh neither saturates nor stays linear."""
+    T, B, I, H = shape
+    rng = np.random.default_rng(seed)
+    k = 1 / math.sqrt(H)
+    arrays = {
+        "x": rng.standard_normal((T, B, I)),
+        "weight_ih": rng.uniform(-k, k, (H, I)),
+        "weight_hh": rng.uniform(-k, k, (H, H)),
+        "bias": rng.uniform(-k, k, H),
+        "h0": rng.uniform(-1, 1, (B, H)),
+        "grad_output": rng.standard_normal((T, B, H)),
+        "grad_h_n": rng.standard_normal((B, H)),
+    }
+    return {name: array.astype(dtype) for name, array in arrays.items()}
+
+
+def reference_results(problem):
+    """{name: float64 array} of RESULT_NAMES: the NumPy reference in float64 on the same inputs."""
+    p = {name: array.astype(np.float64) for name, array in problem.items()}
+    output, h_n = reference.forward(p["x"], p["weight_ih"], p["weight_hh"], p["bias"], p["h0"], None)
+    grads = reference.backward(p["grad_output"], p["x"], p["weight_ih"], p["weight_hh"], output,
+                               p["h0"], p["grad_h_n"], None)
+    return dict(zip(RESULT_NAMES, (output, h_n) + tuple(grads)))
+
+
+class PyrnnRunner:
+    """One pyrnn backend on one problem, through the public API (as users call it)."""
+
+    def __init__(self, backend, problem):
+        self.backend, self.p = backend, problem
+
+    def forward(self):
+        p = self.p
+        return pyrnn.forward(p["x"], p["weight_ih"], p["weight_hh"], p["bias"], p["h0"],
+                             backend=self.backend)
+
+    def train(self):
+        p = self.p
+        output, h_n = self.forward()
+        grads = pyrnn.backward(p["grad_output"], p["x"], p["weight_ih"], p["weight_hh"], output,
+                               p["h0"], grad_h_n=p["grad_h_n"], backend=self.backend)
+        return output, h_n, grads
+
+    @staticmethod
+    def results(trained):
+        """{name: ndarray} of RESULT_NAMES from what train() returned."""
+        output, h_n, grads = trained
+        return dict(zip(RESULT_NAMES, (output, h_n) + tuple(grads)))
+
+
+class TorchRunner:
+    """torch.nn.RNN (tanh, one layer, CPU) holding the same weights, as a peer.
+
+    torch has two biases; bias_ih holds ours and bias_hh is zero. In "train", x and h0 require
+    grad, so autograd computes every gradient pyrnn.backward returns; torch.autograd.grad
+    returns them without accumulating into .grad, like pyrnn.backward.
+    """
+
+    def __init__(self, problem):
+        torch = self.torch = torch_or_none()
+        T, B, I = problem["x"].shape
+        H = problem["weight_hh"].shape[0]
+        tensor = {name: torch.from_numpy(array.copy()) for name, array in problem.items()}
+        self.rnn = torch.nn.RNN(I, H, nonlinearity="tanh", dtype=tensor["x"].dtype)
+        with torch.no_grad():
+            self.rnn.weight_ih_l0.copy_(tensor["weight_ih"])
+            self.rnn.weight_hh_l0.copy_(tensor["weight_hh"])
+            self.rnn.bias_ih_l0.copy_(tensor["bias"])
+            self.rnn.bias_hh_l0.zero_()
+        self.x = tensor["x"].requires_grad_()
+        self.h0 = tensor["h0"][None].requires_grad_()  # torch wants (layers, B, H)
+        self.grad_output, self.grad_h_n = tensor["grad_output"], tensor["grad_h_n"][None]
+        self.wrt = (self.x, self.h0, self.rnn.weight_ih_l0, self.rnn.weight_hh_l0, self.rnn.bias_ih_l0)
+
+    def forward(self):
+        with self.torch.inference_mode():
+            return self.rnn(self.x, self.h0)
+
+    def train(self):
+        output, h_n = self.rnn(self.x, self.h0)
+        grads = self.torch.autograd.grad((output, h_n), self.wrt, (self.grad_output, self.grad_h_n))
+        return output, h_n, grads
+
+    @staticmethod
+    def results(trained):
+        output, h_n, (grad_x, grad_h0, grad_weight_ih, grad_weight_hh, grad_bias) = trained
+        values = (output, h_n[0], grad_x, grad_h0[0], grad_weight_ih, grad_weight_hh, grad_bias)
+        return {name: value.detach().numpy() for name, value in zip(RESULT_NAMES, values)}
+
+
+def make_runner(name, problem):
+    return TorchRunner(problem) if name == PEER else PyrnnRunner(name, problem)
+
+
+def disagreement(results, expected, problem):
+    """(worst relative error, its result name, its tolerance) over RESULT_NAMES, NaN counted as
+    infinitely wrong; agreement means error <= tolerance for every result."""
+    T, B, I = problem["x"].shape
+    forward_terms, backward_terms = testing.accumulated_terms(T, B, I, problem["weight_hh"].shape[0])
+    worst = None
+    for name in RESULT_NAMES:
+        terms = forward_terms if name in ("output", "h_n") else backward_terms
+        tol = testing.tolerance(problem["x"].dtype, terms)
+        error = testing.relative_error(results[name], expected[name])
+        error = math.inf if math.isnan(error) else error
+        if worst is None or error / tol > worst[0] / worst[2]:
+            worst = (error, name, tol)
+    return worst
+
+
+# ---------------------------------------------------------------------------------------------
+# Threads
+
+
+def set_threads(n):
+    """Bound every pool to n threads: pyrnn's (native kernel, numba, NumPy's BLAS, OpenMP) and torch's."""
+    pyrnn.available_backends()  # load them all, so that the limit reaches each one
+    torch = torch_or_none()
+    if torch is not None:
+        torch.set_num_threads(n)
+    pyrnn.set_num_threads(n)
+
+
+def thread_report():
+    """What each pool says it will use now: {"threads": {pool: count}, "threadpoolctl": its full
+    view (library, version, architecture, threading layer of every BLAS and OpenMP loaded)}."""
+    from threadpoolctl import threadpool_info
+
+    pyrnn.available_backends()
+    counts = {"pyrnn": pyrnn.get_num_threads()}
+    native = sys.modules.get("pyrnn._cpp")
+    if native is not None and hasattr(native, "get_num_threads"):
+        counts["cpp"] = native.get_num_threads()
+    if "numba" in sys.modules:
+        counts["numba"] = sys.modules["numba"].get_num_threads()
+    torch = torch_or_none()
+    if torch is not None:
+        counts["torch"] = torch.get_num_threads()
+    pools = threadpool_info()
+    for pool in pools:
+        counts[f"{pool['internal_api']} ({os.path.basename(pool['filepath'])})"] = pool["num_threads"]
+    return {"threads": counts, "threadpoolctl": pools}
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+
+
+def time_calls(call, number):
+    """Seconds per call of `number` back-to-back calls, without the garbage collector."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        start = time.perf_counter()
+        for _ in range(number):
+            call()
+        return (time.perf_counter() - start) / number
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def gemm_call(dtype, n=PEAK_N):
+    """A call doing one n×n×n NumPy matmul in `dtype` (2·n³ FLOP): the machine's BLAS GEMM rate
+    under the current thread limits is the peak GFLOP/s figures are compared with."""
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((2, n, n)).astype(dtype)
+    out = np.empty((n, n), dtype)
+    return lambda: np.matmul(a, b, out=out)
+
+
+class Progress:
+    """A progress bar on stderr; when stderr is not a terminal (a log), one line per new label."""
+
+    def __init__(self, total, stream=sys.stderr):
+        self.total, self.done, self.stream = total, 0, stream
+        self.start = time.perf_counter()
+        self.tty = stream.isatty()
+        self.last_label = None
+
+    def show(self, label, detail=""):
+        elapsed = time.perf_counter() - self.start
+        if self.tty:
+            width = 30
+            filled = int(width * self.done / max(self.total, 1))
+            self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total}"
+                              f" {elapsed:4.0f}s  {label + ' ' + detail:<50.50s}")
+        elif label != self.last_label:
+            self.stream.write(f"[{self.done}/{self.total} {elapsed:.0f}s] {label}\n")
+        self.last_label = label
+        self.stream.flush()
+
+    def step(self):
+        self.done += 1
+
+    def close(self):
+        if self.tty:
+            self.stream.write("\r" + " " * 100 + "\r")
+            self.stream.flush()
+
+
+def measure_block(calls, repeat, budget, progress, label):
+    """Time calls[name]() interleaved until every contestant has `repeat` samples, and on while
+    the block has used less than `budget` seconds. -> {name: (samples in s per call, calls per
+    sample)}."""
+    number, samples = {}, {}
+    for name, call in calls.items():  # a warm-up round (the first call was the gate's), sizing samples
+        seconds = time_calls(call, 1)
+        number[name] = max(1, round(SAMPLE_SECONDS / max(seconds, 1e-9)))
+        samples[name] = [seconds] if number[name] == 1 else []  # a warm call long enough to be a sample
+    start = time.perf_counter()
+    rounds = 0
+    while calls:
+        enough = min(map(len, samples.values())) >= repeat
+        if enough and (time.perf_counter() - start >= budget or rounds >= MAX_ROUNDS):
+            break
+        for name, call in calls.items():
+            samples[name].append(time_calls(call, number[name]))
+        rounds += 1
+        progress.show(label, f"round {rounds}")
+    return {name: (samples[name], number[name]) for name in calls}
+
+
+def gate(runner, expected, problem, modes):
+    """Check one contestant against the reference, timing the first call of each mode on the way.
+
+    -> dict with "status" ("ok", "wrong" or "error"), the worst error and its tolerance, and
+    "first_call_s" {mode: seconds}.
+    """
+    first_call, outcomes = {}, {}
+    try:
+        for mode in modes:
+            start = time.perf_counter()
+            outcomes[mode] = getattr(runner, mode)()
+            first_call[mode] = time.perf_counter() - start
+        trained = outcomes["train"] if "train" in outcomes else runner.train()  # gradients always checked
+        error, worst, tol = disagreement(runner.results(trained), expected, problem)
+    except Exception as exc:  # a contestant that raises is reported, not timed
+        return {"status": "error", "message": f"{type(exc).__name__}: {exc}", "first_call_s": first_call}
+    status = "ok" if error <= tol else "wrong"
+    return {"status": status, "max_error": error, "worst": worst, "tolerance": tol,
+            "first_call_s": first_call}
+
+
+def run(shapes, threads, modes, names, dtype, repeat, budget, stream=sys.stderr):
+    """Measure everything; -> the report (a JSON-ready dict)."""
+    dtype = np.dtype(dtype)
+    report = {"machine": machine(), "versions": versions(), "dtype": dtype.name,
+              "settings": {"shapes": list(shapes), "threads": list(threads), "modes": list(modes),
+                           "backends": list(names), "repeat": repeat, "budget_s": budget,
+                           "sample_s": SAMPLE_SECONDS},
+              "shapes": {name: SHAPES[name]._asdict() for name in shapes},
+              "peak": {}, "thread_pools": {}, "results": []}
+    gemm = gemm_call(dtype)
+    progress = Progress(len(threads) * len(shapes) * (1 + len(modes)), stream)
+    problems, expected = {}, {}
+    for n in threads:
+        set_threads(n)
+        report["thread_pools"][n] = thread_report()
+        gemm_samples = []
+        for shape_name in shapes:
+            shape = SHAPES[shape_name]
+            if shape_name not in problems:
+                progress.show(f"{shape_name}: float64 reference")
+                problems[shape_name] = make_problem(shape, dtype)
+                expected[shape_name] = reference_results(problems[shape_name])
+            problem = problems[shape_name]
+            label = f"{shape_name} {n} thread(s)"
+            runners, checks = {}, {}
+            for name in names:
+                progress.show(f"{label}: checking {name}")
+                runner = make_runner(name, problem)
+                checks[name] = gate(runner, expected[shape_name], problem, modes)
+                if checks[name]["status"] == "ok":
+                    runners[name] = runner
+            progress.step()
+            for mode in modes:
+                calls = {name: getattr(runner, mode) for name, runner in runners.items()}
+                timed = measure_block(dict(calls, **{PEAK: gemm}), repeat, budget, progress,
+                                      f"{label} {mode}")
+                gemm_samples += timed.pop(PEAK)[0]
+                for name in names:
+                    report["results"].append(result_row(shape_name, shape, mode, n, name, checks[name],
+                                                        timed.get(name)))
+                progress.step()
+        report["peak"][n] = {"gflops": PEAK_FLOP / min(gemm_samples) / 1e9, "samples_s": gemm_samples,
+                             "n": PEAK_N}
+    progress.close()
+    report["machine"]["load_average_end"] = _load_average()
+    add_ratios(report["results"], report["peak"])
+    return report
+
+
+def result_row(shape_name, shape, mode, threads, name, check, timed):
+    row = {"shape": shape_name, "mode": mode, "threads": threads, "backend": name,
+           "status": check["status"], "first_call_s": check["first_call_s"].get(mode)}
+    row.update({key: check[key] for key in ("max_error", "worst", "tolerance", "message") if key in check})
+    if timed is not None:
+        samples, number = timed
+        median = statistics.median(samples)
+        q1, _, q3 = statistics.quantiles(samples, n=4) if len(samples) > 1 else (median,) * 3
+        row.update({"samples_s": samples, "calls_per_sample": number, "median_s": median,
+                    "iqr_s": q3 - q1, "gflops": flops(shape, mode) / median / 1e9})
+    return row
+
+
+def add_ratios(rows, peak):
+    """fraction_of_peak = GFLOP/s / the GEMM peak at that thread count; speedup_vs_<base> = base's
+    median / this median, within the same shape, mode and threads."""
+    for row in rows:
+        if "median_s" in row:
+            row["fraction_of_peak"] = row["gflops"] / peak[row["threads"]]["gflops"]
+    medians = {(r["shape"], r["mode"], r["threads"], r["backend"]): r["median_s"]
+               for r in rows if "median_s" in r}
+    for row in rows:
+        for base in (PEER, "numpy"):
+            key = (row["shape"], row["mode"], row["threads"], base)
+            if "median_s" in row and key in medians:
+                row[f"speedup_vs_{base}"] = medians[key] / row["median_s"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reporting
+
+
+def machine():
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            model = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": model, "cores": os.cpu_count(), "system": f"{platform.system()} {platform.release()}",
+            "python": platform.python_version(), "load_average_start": _load_average(),
+            "blas_env": {k: v for k, v in os.environ.items() if k.startswith(("OPENBLAS_", "OMP_", "MKL_"))}}
+
+
+def _load_average():
+    """1-minute load average (runnable threads): above the core count, other work shares the CPU."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def versions():
+    found = {"pyrnn": pyrnn.__version__, "numpy": np.__version__}
+    for module in ("numba", "torch", "threadpoolctl"):
+        try:
+            found[module] = __import__(module).__version__
+        except ImportError:
+            pass
+    return found
+
+
+def _speedup(row, base):
+    value = row.get(f"speedup_vs_{base}")
+    return f"{value:.2f}x" if value is not None else "-"
+
+
+def format_report(report):
+    """The tables as text: one per shape, rows by mode, thread count and contestant."""
+    m = report["machine"]
+    gemm = "SGEMM" if report["dtype"] == "float32" else "DGEMM"
+    load = ("" if m["load_average_start"] is None else
+            f", load average {m['load_average_start']:.1f} at start, {m['load_average_end']:.1f} at end")
+    lines = [f"machine: {m['cpu']}, {m['cores']} cores, {m['system']}, Python {m['python']}{load}",
+             "versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
+             f"{gemm} peak (NumPy matmul {PEAK_N}^3, {report['dtype']}, best sample of the run): " + ", ".join(
+                 f"{n} thread(s) {p['gflops']:.1f} GFLOP/s" for n, p in report["peak"].items())]
+    for n, pools in report["thread_pools"].items():
+        over = {pool: count for pool, count in pools["threads"].items() if count > n}
+        if over:
+            lines.append(f"warning: asked for {n} thread(s) but these pools report more: {over}")
+    header = (f"{'mode':8s} {'thr':>3s} {'backend':8s} {'median ms':>10s} {'±iqr':>6s} {'GFLOP/s':>8s} "
+              f"{'%peak':>6s} {'vs torch':>8s} {'vs numpy':>8s} {'1st call ms':>11s}  check")
+    for shape_name, dims in report["shapes"].items():
+        shape = Shape(**dims)
+        lines += ["", f"{shape_name}  T={shape.T} B={shape.B} I={shape.I} H={shape.H}  {report['dtype']}  "
+                  f"forward {flops(shape, 'forward') / 1e9:.3g} GFLOP, train {flops(shape, 'train') / 1e9:.3g} GFLOP",
+                  header]
+        for row in (r for r in report["results"] if r["shape"] == shape_name):
+            first = f"{row['first_call_s'] * 1e3:.1f}" if row.get("first_call_s") is not None else "-"
+            if row["status"] == "error":
+                check = f"ERROR {row['message']}"[:80]
+            else:
+                check = (f"{'ok' if row['status'] == 'ok' else 'WRONG'} {row['max_error']:.1e} "
+                         f"{'<=' if row['status'] == 'ok' else '>'} {row['tolerance']:.1e} ({row['worst']})")
+            if "median_s" in row:
+                timing = (f"{row['median_s'] * 1e3:10.3f} {100 * row['iqr_s'] / row['median_s']:5.0f}% "
+                          f"{row['gflops']:8.2f} {100 * row['fraction_of_peak']:5.1f}% "
+                          f"{_speedup(row, PEER):>8s} {_speedup(row, 'numpy'):>8s}")
+            else:
+                timing = f"{'not timed':>10s} {'':6s} {'':8s} {'':6s} {'':8s} {'':8s}"
+            lines.append(f"{row['mode']:8s} {row['threads']:3d} {row['backend']:8s} {timing} {first:>11s}  {check}")
+    lines += ["", "median ms: median over samples (each the mean of calls lasting ~10 ms), backends "
+              "interleaved; ±iqr: interquartile range / median.",
+              f"%peak: GFLOP/s (forward 2·T·B·H·(I+H), train 3x) / the {gemm} peak (timed in every "
+              "round). vs X: X's median / this median (>1: faster than X).",
+              "1st call: the first call of that mode in this process (includes JIT compilation), "
+              "not in the samples. check: worst relative error against the float64 reference."]
+    return "\n".join(lines)
+
+
+def plot(report, path):
+    """A bar chart of speed-up over torch (over numpy without torch) per shape: one panel per mode
+    (rows) and thread count (columns), one bar per contestant."""
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise SystemExit("--plot needs matplotlib: pip install 'pyrnn[plot]'") from error
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report["results"] if "median_s" in r]
+    base = PEER if any(r["backend"] == PEER for r in rows) else "numpy"
+    speedup = {(r["shape"], r["mode"], r["threads"], r["backend"]): r.get(f"speedup_vs_{base}", math.nan)
+               for r in rows}
+    modes, threads = report["settings"]["modes"], report["settings"]["threads"]
+    shapes = list(report["shapes"])
+    names = [n for n in report["settings"]["backends"] if n != base]
+    fig, axes = plt.subplots(len(modes), len(threads), figsize=(1 + 1.2 * len(shapes) * len(threads),
+                             3.5 * len(modes)), squeeze=False, sharey=True)
+    width = 0.8 / max(len(names), 1)
+    for ax_row, mode in zip(axes, modes):
+        for ax, n in zip(ax_row, threads):
+            for i, name in enumerate(names):
+                ax.bar([j + (i - (len(names) - 1) / 2) * width for j in range(len(shapes))],
+                       [speedup.get((s, mode, n, name), math.nan) for s in shapes], width, label=name)
+            ax.axhline(1, color="black", linewidth=0.8)
+            ax.set_yscale("log")
+            ax.set_xticks(range(len(shapes)), shapes)
+            ax.set_title(f"{mode}, {n} thread(s)")
+        ax_row[0].set_ylabel(f"speed-up over {base}")
+    axes[0][-1].legend()
+    fig.suptitle(f"pyrnn vs {base} ({report['dtype']}; higher is faster), {report['machine']['cpu']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(args):
+    """The `pyrnn bench` subcommand (arguments parsed in pyrnn.__main__)."""
+    shapes = list(SHAPES) if args.full else _choices(args.shapes, SHAPES, "--shapes")
+    names = _choices(args.backends, contestants(), "--backends") if args.backends else list(contestants())
+    modes = _choices(args.modes, MODES, "--modes")
+    try:
+        threads = [int(n) for n in args.threads.split(",")] if args.threads else [pyrnn.get_num_threads()]
+    except ValueError:
+        raise SystemExit(f"--threads must be comma-separated positive integers, got {args.threads!r}")
+    if any(n < 1 for n in threads):
+        raise SystemExit(f"--threads must be positive, got {args.threads!r}")
+    if args.repeat < 1 or args.budget < 0:
+        raise SystemExit(f"--repeat must be at least 1 and --budget not negative, got {args.repeat} "
+                         f"and {args.budget}")
+    report = run(shapes, threads, modes, names, args.dtype, args.repeat, args.budget)
+    print(format_report(report))
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(report, out, indent=1)
+    if args.plot:
+        plot(report, args.plot)
+    return 0 if all(r["status"] == "ok" for r in report["results"]) else 1
+
+
+def _choices(text, allowed, option):
+    chosen = [item.strip() for item in text.split(",") if item.strip()]
+    unknown = [item for item in chosen if item not in allowed]
+    if unknown or not chosen:
+        raise SystemExit(f"{option}: {', '.join(unknown) or text!r} not among {', '.join(allowed)}")
+    return chosen

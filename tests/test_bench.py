@@ -1,0 +1,123 @@
+"""`pyrnn bench` and its toolbox: the gate catches wrong contestants, the command runs end to end
+and records what it promises, thread limits reach every pool."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+import pyrnn
+from pyrnn import bench
+from pyrnn.__main__ import main
+
+TINY = bench.SHAPES["tiny"]
+
+
+def test_flops_follow_design():
+    T, B, I, H = TINY
+    assert bench.flops(TINY, "forward") == 2 * T * B * H * (I + H)
+    assert bench.flops(TINY, "train") == 3 * bench.flops(TINY, "forward")
+
+
+@pytest.mark.parametrize("name", bench.contestants())
+def test_gate_passes_every_contestant(name):
+    problem = bench.make_problem(TINY)
+    check = bench.gate(bench.make_runner(name, problem), bench.reference_results(problem), problem,
+                       bench.MODES)
+    assert check["status"] == "ok", check
+    assert set(check["first_call_s"]) == set(bench.MODES)
+
+
+class _Off(bench.PyrnnRunner):
+    """The reference with every output 0.1 % off: a small but real kernel bug."""
+
+    def train(self):
+        output, h_n, grads = super().train()
+        return output * (1 + 1e-3), h_n, grads
+
+
+class _Raises(bench.PyrnnRunner):
+    def forward(self):
+        raise RuntimeError("kernel exploded")
+
+
+def test_gate_reports_wrong_and_failing_contestants():
+    problem = bench.make_problem(TINY)
+    expected = bench.reference_results(problem)
+    wrong = bench.gate(_Off("numpy", problem), expected, problem, bench.MODES)
+    assert wrong["status"] == "wrong" and wrong["worst"] == "output"
+    assert wrong["max_error"] > wrong["tolerance"]
+    failing = bench.gate(_Raises("numpy", problem), expected, problem, bench.MODES)
+    assert failing["status"] == "error" and "kernel exploded" in failing["message"]
+
+
+def test_disagreement_counts_nan_as_wrong():
+    problem = bench.make_problem(TINY)
+    expected = bench.reference_results(problem)
+    results = dict(expected, grad_bias=np.full_like(expected["grad_bias"], np.nan))
+    error, worst, tolerance = bench.disagreement(results, expected, problem)
+    assert worst == "grad_bias" and not error <= tolerance
+
+
+def test_thread_limits_reach_every_pool():
+    try:
+        bench.set_threads(1)
+        pools = bench.thread_report()["threads"]
+        assert pools["pyrnn"] == 1 and pools.get("torch", 1) == 1
+        assert all(count == 1 for count in pools.values()), str(pools)
+    finally:
+        bench.set_threads(os.cpu_count() or 1)
+
+
+def test_bench_command_end_to_end(tmp_path, capsys):
+    out_json = tmp_path / "out.json"
+    status = main(["bench", "--shapes", "tiny", "--threads", "1", "--repeat", "2", "--budget", "0",
+                   "--json", str(out_json)])
+    table = capsys.readouterr().out
+    assert status == 0, table
+    report = json.loads(out_json.read_text())
+    names = bench.contestants()
+    assert {row["backend"] for row in report["results"]} == set(names)
+    assert len(report["results"]) == len(names) * len(bench.MODES)
+    for row in report["results"]:
+        assert row["status"] == "ok" and len(row["samples_s"]) >= 2 and row["median_s"] > 0
+        assert row["speedup_vs_numpy"] > 0
+        assert row["fraction_of_peak"] == row["gflops"] / report["peak"]["1"]["gflops"]
+        assert f"{row['mode']:8s}   1 {row['backend']:8s}" in table
+    assert report["peak"]["1"]["gflops"] > 0
+    assert report["thread_pools"]["1"]["threads"]["pyrnn"] == 1
+    assert any(pool["user_api"] == "blas" for pool in report["thread_pools"]["1"]["threadpoolctl"])
+    assert report["versions"]["pyrnn"] == pyrnn.__version__
+    assert "tiny  T=50 B=1 I=32 H=64" in table
+
+
+def test_bench_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    report = bench.run(["tiny"], [1], ["forward"], ["numpy", "numba"], "float64", repeat=1, budget=0)
+    path = tmp_path / "speedup.png"
+    bench.plot(report, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_rejects_unknown_choices():
+    with pytest.raises(SystemExit, match="huge"):
+        main(["bench", "--shapes", "huge"])
+    with pytest.raises(SystemExit, match="--threads"):
+        main(["bench", "--threads", "0"])
+    with pytest.raises(SystemExit, match="--repeat"):
+        main(["bench", "--repeat", "0"])
+
+
+@pytest.mark.skipif(len(pyrnn.available_backends()) < 3, reason="needs the cpp and numba backends")
+def test_bench_command_reports_wrong_and_failing_contestants_untimed(monkeypatch, capsys):
+    broken = {"numba": _Off, "cpp": _Raises}
+    monkeypatch.setattr(bench, "make_runner",
+                        lambda name, problem: broken.get(name, bench.PyrnnRunner)(name, problem))
+    status = main(["bench", "--shapes", "tiny", "--threads", "1", "--repeat", "1", "--budget", "0",
+                   "--modes", "forward", "--backends", "numpy,numba,cpp", "--dtype", "float64"])
+    table = capsys.readouterr().out
+    assert status == 1
+    assert "ERROR RuntimeError: kernel exploded" in table
+    rows = {line.split()[2]: line for line in table.splitlines() if line.startswith("forward ")}
+    assert "WRONG" in rows["numba"] and "not timed" in rows["numba"] and "not timed" in rows["cpp"]
+    assert "  ok " in rows["numpy"] and "not timed" not in rows["numpy"]
