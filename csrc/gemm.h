@@ -1,11 +1,11 @@
 // A blocked, packed matrix product C = A·B (+ a row vector), for the hoisted input projection and
 // the gradient products, and the register-tile micro-kernel that the recurrent steps reuse.
 //
-// The classic Goto/BLIS structure: B is copied ("packed") into NR-column panels and A into
-// MR-row panels, both k-major, so that the micro-kernel reads two unit-stride streams and keeps an
-// MR×NR tile of C in vector registers for the whole k loop. Block sizes keep a KC×NR panel of B
-// in L1 and an MC×KC block of A in L2. A and B are strided views, so transposed operands
-// (weight_ihᵀ, grad_aᵀ) cost nothing but their packing.
+// The Goto/BLIS structure: B is copied ("packed") into NR-column panels, k-major, so that the
+// micro-kernel streams it with aligned-free unit-stride vector loads and keeps an MR×NR tile of C
+// in vector registers for the whole k loop; A is read in place by broadcasts (see micro_kernel).
+// Block sizes keep a KC×NR panel of B in L1 and an MC×KC block of A in L2. A and B are strided
+// views, so transposed operands (weight_ihᵀ, grad_aᵀ) cost nothing but B's packing.
 //
 // Each element of C is summed in one fixed order (k ascending, in KC blocks from k = 0) whatever
 // the column range a thread is given, which is what makes the threaded results bitwise
@@ -40,10 +40,11 @@ static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 static inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 static inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// tile (R×NR) = Σ_k A(r, k) · b[k·NR + j]: NR columns of B packed k-major, and R rows of A either
-// packed k-major too (A(r, k) = a[k·R + r]) or, if RowsA, read in place from a row-major matrix
-// (A(r, k) = a[r·lda + k]): the broadcasts then gather the rows, which saves transposing A into
-// panels when it is row-major (x, grad_a), at the price of R address streams.
+// tile (R×NR) = Σ_k A(r, k) · b[k·NR + j]: NR columns of B packed k-major, and R rows of A read in
+// place, A(r, k) = a[k·lda + r] (column-major, e.g. grad_aᵀ, or a k-major panel with lda = R) or,
+// if RowsA, A(r, k) = a[r·lda + k] (row-major: x, grad_a; the broadcasts then gather R rows).
+// A is never packed: each of its elements is loaded once per NR columns, by a broadcast that
+// does not care about alignment, so a copy would cost more than it saves.
 // A tile of fewer than 8 vectors (R <= 3) cannot cover the FMA latency (4 cycles × 2 units), so
 // its k loop is split into S interleaved partial sums, added in a fixed order at the end.
 template <typename F, int R, bool RowsA>
@@ -63,7 +64,7 @@ static inline void micro_kernel(int64_t K, const F* a, int64_t lda, const F* b, 
         for (int v = 0; v < NV; ++v) bv[v] = load(bk + v * L);
 #pragma GCC unroll 16
         for (int r = 0; r < R; ++r) {
-            const Vec<F> ar = broadcast(RowsA ? ak[r * lda] : ak[r]);
+            const Vec<F> ar = broadcast(ak[RowsA ? r * lda : r]);
 #pragma GCC unroll 4
             for (int v = 0; v < NV; ++v) sum[r][v] += ar * bv[v];
         }
@@ -71,8 +72,8 @@ static inline void micro_kernel(int64_t K, const F* a, int64_t lda, const F* b, 
     int64_t k = 0;
     for (; k + S <= K; k += S)
 #pragma GCC unroll 4
-        for (int s = 0; s < S; ++s) step(acc[s], a + (k + s) * (RowsA ? 1 : R), b + (k + s) * NR);
-    for (int s = 0; k < K; ++k, ++s) step(acc[s], a + k * (RowsA ? 1 : R), b + k * NR);
+        for (int s = 0; s < S; ++s) step(acc[s], a + (k + s) * (RowsA ? 1 : lda), b + (k + s) * NR);
+    for (int s = 0; k < K; ++k, ++s) step(acc[s], a + k * (RowsA ? 1 : lda), b + k * NR);
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
@@ -91,19 +92,6 @@ static inline void micro_kernel_rows(int rows, int64_t K, const F* a, int64_t ld
         if (rows < R) return micro_kernel_rows<F, RowsA, R - 1>(rows, K, a, lda, b, tile);
     }
     micro_kernel<F, R, RowsA>(K, a, lda, b, tile);
-}
-
-// Pack rows [0, m) × columns [0, k) of an A with contiguous columns (a.rs == 1, e.g. grad_aᵀ)
-// into MR-row panels, k-major; the last panel has m mod MR rows. Panel ir starts at dst + ir·k.
-// (A row-major A is not packed: see micro_kernel.)
-template <typename F>
-static void pack_a(int64_t m, int64_t k, View<F> a, F* dst) {
-    constexpr int MR = Tile<F>::MR;
-    for (int64_t ir = 0; ir < m; ir += MR) {
-        const int64_t rows = min64(MR, m - ir);
-        for (int64_t kk = 0; kk < k; ++kk, dst += rows)
-            for (int64_t r = 0; r < rows; ++r) dst[r] = (&a(ir, kk))[r];
-    }
 }
 
 // Pack rows [0, k) × columns [0, n) of B into NR-column panels, k-major, zero-padded to NR
@@ -129,18 +117,17 @@ static void pack_b(int64_t k, int64_t n, View<F> b, F* dst) {
     }
 }
 
-// Elements of the buffers one thread's gemm() packs A and B into, for an M×K by K×N product.
-template <typename F> inline int64_t pack_a_size(int64_t M, int64_t K) { return min64(MC<F>, M) * min64(KC, K); }
+// Elements of the buffer one thread's gemm() packs B into, for a K×N operand.
 template <typename F> inline int64_t pack_b_size(int64_t K, int64_t N) {
     return min64(KC, K) * min64(NC, ceil_div(N, Tile<F>::NR) * Tile<F>::NR);
 }
 
-// C[0:M, n0:n1] = bias[n0:n1] (or 0) + A·B, with A (M×K) row-major or column-major, B (K×N)
-// strided, C row-major (ldc).
+// C[0:M, n0:n1] = bias[n0:n1] (or 0) + A·B, with A (M×K) row-major (A.cs == 1) or column-major
+// (A.rs == 1), B (K×N) strided, C row-major (ldc).
 // One thread's share of a product: threads are given disjoint column ranges starting on NR.
 template <typename F>
 static void gemm(int64_t M, int64_t n0, int64_t n1, int64_t K, View<F> A, View<F> B,
-                 const F* bias, F* C, int64_t ldc, F* pack_a_buf, F* pack_b_buf) {
+                 const F* bias, F* C, int64_t ldc, F* pack_b_buf) {
     constexpr int MR = Tile<F>::MR, NR = Tile<F>::NR;
     alignas(64) F tile[MR * NR];
     if (K == 0) {
@@ -155,16 +142,15 @@ static void gemm(int64_t M, int64_t n0, int64_t n1, int64_t K, View<F> A, View<F
             pack_b(kc, nc, B.shifted(pc, jc), pack_b_buf);
             for (int64_t ic = 0; ic < M; ic += MC<F>) {
                 const int64_t mc = min64(MC<F>, M - ic);
-                const bool rows_a = A.cs == 1;  // row-major: read in place; column-major: pack
-                if (!rows_a) pack_a(mc, kc, A.shifted(ic, pc), pack_a_buf);
                 for (int64_t jr = 0; jr < nc; jr += NR) {
                     const int64_t cols = min64(NR, nc - jr);
                     for (int64_t ir = 0; ir < mc; ir += MR) {
                         const int rows = int(min64(MR, mc - ir));
-                        if (rows_a)
-                            micro_kernel_rows<F, true>(rows, kc, &A(ic + ir, pc), A.rs, pack_b_buf + jr * kc, tile);
+                        const F* a = &A(ic + ir, pc);
+                        if (A.cs == 1)
+                            micro_kernel_rows<F, true>(rows, kc, a, A.rs, pack_b_buf + jr * kc, tile);
                         else
-                            micro_kernel_rows<F>(rows, kc, pack_a_buf + ir * kc, 0, pack_b_buf + jr * kc, tile);
+                            micro_kernel_rows<F>(rows, kc, a, A.cs, pack_b_buf + jr * kc, tile);
                         for (int r = 0; r < rows; ++r) {
                             F* c = C + (ic + ir + r) * ldc + jc + jr;
                             const F* t = tile + r * NR;

@@ -83,8 +83,10 @@ inline void add_tanh_store(const F* acc, F* out, int64_t n) {
     for (int64_t j = 0; j < n; ++j) out[j] = pre[j];
 }
 
-// Copy v[0:n] into row b, columns [k, k+n) of a B×H matrix held in the layout of pack_a (MR-row
-// panels, k-major): the recurrent epilogues write h_t / da_t straight into the next step's operand.
+// Copy v[0:n] into row b, columns [k, k+n) of a B×H matrix held as "row panels": MR rows at a
+// time (the last panel B mod MR), k-major within a panel, i.e. panel b0 holds A(r, k) at
+// [b0·H + k·rows + r]. That is the micro-kernel's best A layout (one unit-stride stream), and the
+// recurrent epilogues write h_t / da_t straight into it for the next step.
 template <typename F>
 inline void put_packed(F* packed, int64_t B, int64_t H, int64_t b, int64_t k, const F* v, int64_t n) {
     constexpr int MR = Tile<F>::MR;
@@ -116,9 +118,9 @@ void forward(const F* x, const F* weight_ih, const F* weight_hh, const F* bias, 
     const int nt_wanted = threads_for<F>(max_threads, B, H);
     const int64_t panels = ceil_div(H, NR);
     Scratch<F> packed_whh(panels * NR * H);  // weight_hhᵀ in NR-column panels
-    Scratch<F> packed_h(2 * B * H);          // h_{t-1} and h_t in the layout of pack_a
-    const int64_t a_size = pack_a_size<F>(T * B, I), b_size = pack_b_size<F>(I, H);
-    Scratch<F> per_thread(nt_wanted * (a_size + b_size));
+    Scratch<F> packed_h(2 * B * H);          // h_{t-1} and h_t as row panels (put_packed)
+    const int64_t b_size = pack_b_size<F>(I, H);
+    Scratch<F> per_thread(nt_wanted * b_size);
 
     // h_{t-1} of row b at step t: its state after min(t, length) steps.
     auto state = [&](int64_t t, int64_t b) -> const F* {
@@ -127,15 +129,14 @@ void forward(const F* x, const F* weight_ih, const F* weight_hh, const F* bias, 
     };
 
     in_parallel(nt_wanted, [&](const int tid, const int nt, Barrier& barrier) {
-        F* pack_a_buf = per_thread.get() + tid * (a_size + b_size);
-        F* pack_b_buf = pack_a_buf + a_size;
+        F* pack_b_buf = per_thread.get() + tid * b_size;
         const Columns<F> mine(H, tid, nt);
         const int64_t my_cols = mine.end - mine.begin;
         alignas(64) F tile[MR * NR];
 
         // 1. output <- x·weight_ihᵀ + bias on my columns, every step at once.
         gemm<F>(T * B, mine.begin, mine.end, I, View<F>{x, I, 1}, View<F>{weight_ih, 1, I}, bias,
-                output, H, pack_a_buf, pack_b_buf);
+                output, H, pack_b_buf);
         pack_b<F>(H, my_cols, View<F>{weight_hh + mine.begin * H, 1, H}, packed_whh.get() + mine.begin * H);
         for (int64_t b = 0; b < B; ++b)
             put_packed(packed_h.get(), B, H, b, mine.begin, h0 + b * H + mine.begin, my_cols);
@@ -150,7 +151,7 @@ void forward(const F* x, const F* weight_ih, const F* weight_hh, const F* bias, 
                 const int64_t cols = min64(NR, H - j);
                 for (int64_t b0 = 0; b0 < B; b0 += MR) {
                     const int rows = int(min64(MR, B - b0));
-                    micro_kernel_rows<F>(rows, H, h_prev + b0 * H, 0, packed_whh.get() + j * H, tile);
+                    micro_kernel_rows<F>(rows, H, h_prev + b0 * H, rows, packed_whh.get() + j * H, tile);
                     for (int r = 0; r < rows; ++r) {
                         const int64_t b = b0 + r;
                         F* out = output + (t * B + b) * H + j;
@@ -184,14 +185,12 @@ void backward(const F* grad_output, const F* x, const F* weight_ih, const F* wei
     Scratch<F> h_prev(TB * H);               // h_{t-1} of every valid row, 0 on padding
     Scratch<F> x_valid(lengths ? TB * I : 0);  // x with padding rows zeroed (a NaN there must not leak)
     const F* x_rows = lengths ? x_valid.get() : x;
-    Scratch<F> packed_da(2 * B * H);         // da_{s+1} and da_s in the layout of pack_a
-    const int64_t a_size = max64(pack_a_size<F>(TB, H), pack_a_size<F>(H, TB));
+    Scratch<F> packed_da(2 * B * H);         // da_{s+1} and da_s as row panels (put_packed)
     const int64_t b_size = max64(pack_b_size<F>(H, I), max64(pack_b_size<F>(TB, I), pack_b_size<F>(TB, H)));
-    Scratch<F> per_thread(nt_wanted * (a_size + b_size));
+    Scratch<F> per_thread(nt_wanted * b_size);
 
     in_parallel(nt_wanted, [&](const int tid, const int nt, Barrier& barrier) {
-        F* pack_a_buf = per_thread.get() + tid * (a_size + b_size);
-        F* pack_b_buf = pack_a_buf + a_size;
+        F* pack_b_buf = per_thread.get() + tid * b_size;
         const Columns<F> mine(H, tid, nt);
         alignas(64) F tile[MR * NR];
 
@@ -220,7 +219,7 @@ void backward(const F* grad_output, const F* x, const F* weight_ih, const F* wei
                 for (int64_t b0 = 0; b0 < B; b0 += MR) {
                     const int rows = int(min64(MR, B - b0));
                     if (has_next)
-                        micro_kernel_rows<F>(rows, H, da_next + b0 * H, 0, packed_whh.get() + j * H, tile);
+                        micro_kernel_rows<F>(rows, H, da_next + b0 * H, rows, packed_whh.get() + j * H, tile);
                     else
                         for (int i = 0; i < MR * NR; ++i) tile[i] = F(0);
                     for (int r = 0; r < rows; ++r) {
@@ -250,11 +249,11 @@ void backward(const F* grad_output, const F* x, const F* weight_ih, const F* wei
         // 2. The products over all T·B rows, each thread on its own output columns.
         const Columns<F> mine_i(I, tid, nt);
         gemm<F>(TB, mine_i.begin, mine_i.end, H, View<F>{grad_a.get(), H, 1}, View<F>{weight_ih, I, 1},
-                nullptr, grad_x, I, pack_a_buf, pack_b_buf);
+                nullptr, grad_x, I, pack_b_buf);
         gemm<F>(H, mine_i.begin, mine_i.end, TB, View<F>{grad_a.get(), 1, H}, View<F>{x_rows, I, 1},
-                nullptr, grad_weight_ih, I, pack_a_buf, pack_b_buf);
+                nullptr, grad_weight_ih, I, pack_b_buf);
         gemm<F>(H, mine.begin, mine.end, TB, View<F>{grad_a.get(), 1, H}, View<F>{h_prev.get(), H, 1},
-                nullptr, grad_weight_hh, H, pack_a_buf, pack_b_buf);
+                nullptr, grad_weight_hh, H, pack_b_buf);
         for (int64_t j = mine.begin; j < mine.end; ++j) grad_bias[j] = F(0);
         for (int64_t r = 0; r < TB; ++r)
             for (int64_t j = mine.begin; j < mine.end; ++j) grad_bias[j] += grad_a.get()[r * H + j];
