@@ -103,6 +103,18 @@ py::tuple backward(const Array<F>& grad_output, const Array<F>& x, const Array<F
     return py::make_tuple(grad_x, grad_h0, grad_weight_ih, grad_weight_hh, grad_bias);
 }
 
+template <typename F>
+Array<F> tanh(const Array<F>& x) {
+    Array<F> y(std::vector<py::ssize_t>(x.shape(), x.shape() + x.ndim()));
+    const F* px = x.data();
+    F* py_ = y.mutable_data();
+    {
+        py::gil_scoped_release release;
+        pyrnn::tanh<F>(px, py_, x.size());
+    }
+    return y;
+}
+
 // One overload per dtype. noconvert: a wrong dtype or memory order is a TypeError, never a
 // silent copy, so the caller always knows the kernel saw exactly its arrays.
 template <typename F>
@@ -117,6 +129,8 @@ void bind(py::module_& m) {
           py::arg("grad_h_n").noconvert(), py::arg("lengths").noconvert() = py::none(),
           "(grad_x, grad_h0, grad_weight_ih, grad_weight_hh, grad_bias) by BPTT; see "
           "pyrnn.backward.");
+    m.def("tanh", &tanh<F>, py::arg("x").noconvert(),
+          "Elementwise tanh by the kernel's vectorised approximation (exposed for its tests).");
 }
 
 }  // namespace
@@ -125,4 +139,11 @@ PYBIND11_MODULE(_cpp, m) {
     m.doc() = "pyrnn's native kernel (the 'cpp' backend): tanh RNN forward and BPTT.";
     bind<float>(m);
     bind<double>(m);
+    pyrnn::isa();  // choose the instruction set now: a bad $PYRNN_ISA fails the import, not a call
+    m.def("isa", &pyrnn::isa,
+          "Instruction set of the kernel in use: 'avx512', 'avx2' or 'baseline' ($PYRNN_ISA forces a "
+          "lower one).");
+    m.def("set_num_threads", &pyrnn::set_num_threads, py::arg("n"),
+          "Use at most n threads (pyrnn.set_num_threads calls this).");
+    m.def("get_num_threads", &pyrnn::get_num_threads, "The kernel's thread budget.");
 }

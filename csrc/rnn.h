@@ -1,9 +1,10 @@
 // pyrnn native kernel: the Elman (tanh) RNN over a whole sequence, forward and BPTT.
 //
-// This is the `cpp` backend. It computes exactly what the NumPy reference computes
-// (pyrnn/reference.py, the math of design.md §1) on clean arrays: C-contiguous, time-major,
-// one floating type, h0 present, lengths either null or B integers in [0, T].
-// The bindings (bindings.cpp) check all of that; this file has no Python in it.
+// This is the `cpp` backend. It computes what the NumPy reference computes (pyrnn/reference.py,
+// the math of design.md §1) on clean arrays: C-contiguous, time-major, one floating type, h0
+// present, lengths either null or B integers in [0, T]. The bindings (bindings.cpp) check all of
+// that; the kernel has no Python in it. Design: design.md §3 (hoisted input GEMM, fused recurrent
+// steps over a packed weight_hh, threads owning column blocks with one barrier per step).
 //
 // Dimensions: T steps, B batch rows, I input features, H hidden units.
 #pragma once
@@ -26,5 +27,19 @@ void backward(const F* grad_output, const F* x, const F* weight_ih, const F* wei
               const F* output, const F* h0, const F* grad_h_n, const int64_t* lengths,
               F* grad_x, F* grad_h0, F* grad_weight_ih, F* grad_weight_hh, F* grad_bias,
               int64_t T, int64_t B, int64_t I, int64_t H);
+
+// y[0:n] = tanh(x[0:n]) with the kernel's vectorised tanh (exposed for its accuracy tests).
+template <typename F>
+void tanh(const F* x, F* y, int64_t n);
+
+// The instruction set in use: "avx512", "avx2" or "baseline". The best one this CPU supports,
+// unless $PYRNN_ISA names a lower one; naming one the CPU lacks, or an unknown one, throws
+// std::runtime_error (the first call, at import, surfaces it).
+const char* isa();
+
+// Threads the kernel may use (never more): set_num_threads(n >= 1); the default is OpenMP's
+// (all cores, or $OMP_NUM_THREADS). The kernel may use fewer on shapes too small to share.
+void set_num_threads(int n);
+int get_num_threads();
 
 }  // namespace pyrnn

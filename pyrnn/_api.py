@@ -2,7 +2,8 @@
 
 Everything the backends may assume (design.md §2) is established here: C-contiguous time-major
 arrays of one float dtype, ``h0``/``bias``/``grad_h_n`` materialised, ``lengths`` int64 in
-[0, T]. Inputs are never modified: a backend only ever sees them read-only or as copies.
+[0, T]. Inputs are never modified: backends only read them. The checks are cheap on purpose:
+for the smallest shapes this file's overhead is a visible part of a call.
 """
 from collections import namedtuple
 from numbers import Integral
@@ -21,11 +22,22 @@ def _shape_str(shape):
     return "(" + ", ".join(str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
 
 
-def _check_shape(name, array, expected, names):
-    """expected: a tuple of ints; names: the same dimensions by letter, for the message."""
-    if array.shape != tuple(expected):
-        raise ValueError(f"{name} has shape {_shape_str(array.shape)}, expected "
-                         f"{_shape_str(expected)} = ({', '.join(names)})")
+_DIMENSIONS = {"x": "T, B, I", "weight_ih": "H, I", "weight_hh": "H, H", "bias": "H", "h0": "B, H",
+               "grad_h_n": "B, H", "output": "T, B, H", "grad_output": "T, B, H"}
+
+
+def _shape_error(name, array, expected, batch_first):
+    dims = _DIMENSIONS[name]
+    if batch_first and len(expected) == 3:
+        dims = "B, T" + dims[4:]
+    raise ValueError(f"{name} has shape {_shape_str(array.shape)}, expected "
+                     f"{_shape_str(expected)} = ({dims})")
+
+
+def _dtype_error(name, array):
+    if array.dtype.kind == "c":
+        raise TypeError(f"{name} is complex ({array.dtype}); expected float32 or float64")
+    raise TypeError(f"{name} has dtype {array.dtype}; expected float32 or float64")
 
 
 def _float_arrays(arrays):
@@ -34,47 +46,38 @@ def _float_arrays(arrays):
     NumPy arrays decide the dtype and must all share it; Python sequences take that dtype
     (float64 when no argument is an array).
     """
-    dtype = None
+    dtype = first = None
+    sequences = []
     for name, value in arrays.items():
         if isinstance(value, np.ndarray):
-            if value.dtype.kind == "c":
-                raise TypeError(f"{name} is complex ({value.dtype}); expected float32 or float64")
             if value.dtype not in _FLOAT_DTYPES:
-                raise TypeError(f"{name} has dtype {value.dtype}; expected float32 or float64")
+                _dtype_error(name, value)
             if dtype is None:
                 dtype, first = value.dtype, name
             elif value.dtype != dtype:
                 raise TypeError(f"{name} has dtype {value.dtype} but {first} has {dtype}; "
                                 "all arrays of a call must share one dtype")
+        elif value is not None:
+            sequences.append(name)
     dtype = dtype or np.dtype(np.float64)
-    result = {}
-    for name, value in arrays.items():
-        if value is None or isinstance(value, np.ndarray):
-            result[name] = value
-            continue
+    if sequences:
+        arrays = dict(arrays)
+    for name in sequences:
+        value = arrays[name]
         try:
             array = np.asarray(value)
         except Exception as error:
             raise TypeError(f"{name} must be an array of floats, got {type(value).__name__}") from error
-        if array.dtype.kind not in "fiu" or array.dtype.kind == "b":
+        if array.dtype.kind not in "fiu":
             raise TypeError(f"{name} must be an array of floats, got {type(value).__name__} "
                             f"of dtype {array.dtype}")
-        result[name] = array.astype(dtype)
-    return result, dtype
+        arrays[name] = array.astype(dtype)
+    return arrays, dtype
 
 
 def _check_ndim(name, array, ndim, layout):
     if array.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {_shape_str(array.shape)}")
-
-
-def _clean(array):
-    """C-contiguous, and read-only when it is the caller's own memory, so no backend can write it."""
-    clean = np.ascontiguousarray(array)
-    if np.may_share_memory(clean, array):
-        clean = clean.view()
-        clean.flags.writeable = False
-    return clean
 
 
 def _lengths(lengths, T, B):
@@ -115,20 +118,23 @@ def _normalise(arrays, batch_first):
     _check_ndim("weight_hh", weight_hh, 2, "(H, H)")
     T, B, I = _time_major(x, batch_first).shape
     H = weight_hh.shape[0]
-    sequence = ((B, T, H), "B, T, H") if batch_first else ((T, B, H), "T, B, H")
-    expected = {  # shapes as the caller lays them out
-        "x": ((B, T, I), "B, T, I") if batch_first else ((T, B, I), "T, B, I"),
-        "weight_ih": ((H, I), "H, I"), "weight_hh": ((H, H), "H, H"), "bias": ((H,), "H"),
-        "h0": ((B, H), "B, H"), "grad_h_n": ((B, H), "B, H"),
-        "output": sequence, "grad_output": sequence,
+    sequence = (B, T, H) if batch_first else (T, B, H)
+    expected = {  # shapes as the caller lays them out, and their names for messages
+        "x": (B, T, I) if batch_first else (T, B, I), "weight_ih": (H, I), "weight_hh": (H, H),
+        "bias": (H,), "h0": (B, H), "grad_h_n": (B, H), "output": sequence, "grad_output": sequence,
     }
     clean = {}
     for name, array in arrays.items():
-        shape, dims = expected[name]
+        shape = expected[name]
         if array is None:  # optional: no bias, zero initial state, no gradient into h_n
             array = np.zeros(shape, dtype=dtype)
-        _check_shape(name, array, shape, dims.split(", "))
-        clean[name] = _clean(_time_major(array, batch_first) if len(shape) == 3 else array)
+        elif array.shape != shape:
+            _shape_error(name, array, shape, batch_first)
+        if batch_first and len(shape) == 3:
+            array = array.swapaxes(0, 1)
+        # Backends only read their inputs (tests/test_agreement.py checks it), so a C-contiguous
+        # array is passed as it is, and anything else as a contiguous copy.
+        clean[name] = array if array.flags.c_contiguous else np.ascontiguousarray(array)
     return clean, (T, B, I, H)
 
 

@@ -1,0 +1,170 @@
+// A blocked, packed matrix product C = A·B (+ a row vector), for the hoisted input projection and
+// the gradient products, and the register-tile micro-kernel that the recurrent steps reuse.
+//
+// The Goto/BLIS structure: B is copied ("packed") into NR-column panels, k-major, so that the
+// micro-kernel streams it with aligned-free unit-stride vector loads and keeps an MR×NR tile of C
+// in vector registers for the whole k loop; A is read in place by broadcasts (see micro_kernel).
+// Block sizes keep a KC×NR panel of B in L1 and an MC×KC block of A in L2. A and B are strided
+// views, so transposed operands (weight_ihᵀ, grad_aᵀ) cost nothing but B's packing.
+//
+// Each element of C is summed in one fixed order (k ascending, in KC blocks from k = 0) whatever
+// the column range a thread is given, which is what makes the threaded results bitwise
+// independent of the thread count.
+#pragma once
+#include "simd.h"
+
+namespace pyrnn {
+namespace PYRNN_ISA {
+
+// Register tile: MR rows × NR columns of accumulators. AVX-512 has 32 vector registers (24 for the
+// tile, the rest for B and the broadcast), AVX2 and SSE have 16 (12 for the tile).
+template <typename F> struct Tile {
+    static constexpr int vectors = 2;  // per tile row
+    static constexpr int NR = vectors * lanes<F>;
+    static constexpr int MR = PYRNN_VECTOR_BYTES == 64 ? 12 : 6;
+};
+
+// Cache blocking of gemm(): KC×NR of B per micro-kernel call (32 KiB), MC×KC of A (<= 400 KiB).
+constexpr int64_t KC = 256, NC = 1024;
+template <typename F> constexpr int64_t MC = 16 * Tile<F>::MR;
+
+// Element (i, k) of a strided matrix: p[i·rs + k·cs].
+template <typename F> struct View {
+    const F* p;
+    int64_t rs, cs;
+    const F& operator()(int64_t i, int64_t k) const { return p[i * rs + k * cs]; }
+    View shifted(int64_t i, int64_t k) const { return {p + i * rs + k * cs, rs, cs}; }
+};
+
+static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+static inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+static inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// tile (R×NR) = Σ_k A(r, k) · b[k·NR + j]: NR columns of B packed k-major, and R rows of A read in
+// place, A(r, k) = a[k·lda + r] (column-major, e.g. grad_aᵀ, or a k-major panel with lda = R) or,
+// if RowsA, A(r, k) = a[r·lda + k] (row-major: x, grad_a; the broadcasts then gather R rows).
+// A is never packed: each of its elements is loaded once per NR columns, by a broadcast that
+// does not care about alignment, so a copy would cost more than it saves.
+// A tile of fewer than 8 vectors (R <= 3) cannot cover the FMA latency (4 cycles × 2 units), so
+// its k loop is split into S interleaved partial sums, added in a fixed order at the end.
+template <typename F, int R, bool RowsA>
+static inline void micro_kernel(int64_t K, const F* a, int64_t lda, const F* b, F* tile) {
+    constexpr int NV = Tile<F>::vectors, L = lanes<F>, NR = Tile<F>::NR;
+    constexpr int S = R * NV >= 8 ? 1 : (8 + R * NV - 1) / (R * NV);
+    Vec<F> acc[S][R][NV];
+#pragma GCC unroll 4
+    for (int s = 0; s < S; ++s)
+#pragma GCC unroll 16
+        for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; ++v) acc[s][r][v] = Vec<F>{};
+    auto step = [&](Vec<F>(&sum)[R][NV], const F* ak, const F* bk) __attribute__((always_inline)) {
+        Vec<F> bv[NV];
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) bv[v] = load(bk + v * L);
+#pragma GCC unroll 16
+        for (int r = 0; r < R; ++r) {
+            const Vec<F> ar = broadcast(ak[RowsA ? r * lda : r]);
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; ++v) sum[r][v] += ar * bv[v];
+        }
+    };
+    int64_t k = 0;
+    for (; k + S <= K; k += S)
+#pragma GCC unroll 4
+        for (int s = 0; s < S; ++s) step(acc[s], a + (k + s) * (RowsA ? 1 : lda), b + (k + s) * NR);
+    for (int s = 0; k < K; ++k, ++s) step(acc[s], a + k * (RowsA ? 1 : lda), b + k * NR);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) {
+#pragma GCC unroll 4
+            for (int s = 1; s < S; ++s) acc[0][r][v] += acc[s][r][v];
+            store(tile + r * NR + v * L, acc[0][r][v]);
+        }
+}
+
+// The micro-kernel for any row count 1..MR: short edges cost no padded rows (B = 1 is a
+// matrix-vector chain and runs the 1-row kernel).
+template <typename F, bool RowsA = false, int R = Tile<F>::MR>
+static inline void micro_kernel_rows(int rows, int64_t K, const F* a, int64_t lda, const F* b, F* tile) {
+    if constexpr (R > 1) {
+        if (rows < R) return micro_kernel_rows<F, RowsA, R - 1>(rows, K, a, lda, b, tile);
+    }
+    micro_kernel<F, R, RowsA>(K, a, lda, b, tile);
+}
+
+// Pack rows [0, k) × columns [0, n) of B into NR-column panels, k-major, zero-padded to NR
+// columns. Panel jr starts at dst + jr·k. Reads along B's contiguous direction (rows of a
+// row-major B, columns of a transposed one such as weight_ihᵀ).
+template <typename F>
+static void pack_b(int64_t k, int64_t n, View<F> b, F* dst) {
+    constexpr int NR = Tile<F>::NR;
+    for (int64_t jr = 0; jr < n; jr += NR, dst += k * NR) {
+        const int64_t cols = min64(NR, n - jr);
+        if (b.cs == 1) {
+            for (int64_t kk = 0; kk < k; ++kk) {
+                const F* src = &b(kk, jr);
+                if (cols == NR)
+                    for (int v = 0; v < NR; v += lanes<F>) store(dst + kk * NR + v, load(src + v));
+                else
+                    for (int64_t j = 0; j < NR; ++j) dst[kk * NR + j] = j < cols ? src[j] : F(0);
+            }
+        } else {
+            for (int64_t j = 0; j < NR; ++j)
+                for (int64_t kk = 0; kk < k; ++kk) dst[kk * NR + j] = j < cols ? b(kk, jr + j) : F(0);
+        }
+    }
+}
+
+// Elements of the buffer one thread's gemm() packs B into, for a K×N operand.
+template <typename F> inline int64_t pack_b_size(int64_t K, int64_t N) {
+    return min64(KC, K) * min64(NC, ceil_div(N, Tile<F>::NR) * Tile<F>::NR);
+}
+
+// C[0:M, n0:n1] = bias[n0:n1] (or 0) + A·B, with A (M×K) row-major (A.cs == 1) or column-major
+// (A.rs == 1), B (K×N) strided, C row-major (ldc).
+// One thread's share of a product: threads are given disjoint column ranges starting on NR.
+template <typename F>
+static void gemm(int64_t M, int64_t n0, int64_t n1, int64_t K, View<F> A, View<F> B,
+                 const F* bias, F* C, int64_t ldc, F* pack_b_buf) {
+    constexpr int MR = Tile<F>::MR, NR = Tile<F>::NR;
+    alignas(64) F tile[MR * NR];
+    if (K == 0) {
+        for (int64_t i = 0; i < M; ++i)
+            for (int64_t j = n0; j < n1; ++j) C[i * ldc + j] = bias ? bias[j] : F(0);
+        return;
+    }
+    for (int64_t jc = n0; jc < n1; jc += NC) {
+        const int64_t nc = min64(NC, n1 - jc);
+        for (int64_t pc = 0; pc < K; pc += KC) {
+            const int64_t kc = min64(KC, K - pc);
+            pack_b(kc, nc, B.shifted(pc, jc), pack_b_buf);
+            for (int64_t ic = 0; ic < M; ic += MC<F>) {
+                const int64_t mc = min64(MC<F>, M - ic);
+                for (int64_t jr = 0; jr < nc; jr += NR) {
+                    const int64_t cols = min64(NR, nc - jr);
+                    for (int64_t ir = 0; ir < mc; ir += MR) {
+                        const int rows = int(min64(MR, mc - ir));
+                        const F* a = &A(ic + ir, pc);
+                        if (A.cs == 1)
+                            micro_kernel_rows<F, true>(rows, kc, a, A.rs, pack_b_buf + jr * kc, tile);
+                        else
+                            micro_kernel_rows<F>(rows, kc, a, A.cs, pack_b_buf + jr * kc, tile);
+                        for (int r = 0; r < rows; ++r) {
+                            F* c = C + (ic + ir + r) * ldc + jc + jr;
+                            const F* t = tile + r * NR;
+                            if (pc == 0)
+                                for (int64_t j = 0; j < cols; ++j) c[j] = (bias ? bias[jc + jr + j] : F(0)) + t[j];
+                            else
+                                for (int64_t j = 0; j < cols; ++j) c[j] += t[j];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+}  // namespace PYRNN_ISA
+}  // namespace pyrnn

@@ -1,0 +1,274 @@
+// The fast kernel, compiled once per instruction set (CMakeLists.txt defines PYRNN_ISA, the
+// namespace, and PYRNN_VECTOR_BYTES, the vector width). dispatch.cpp chooses the copy to run.
+//
+// forward:  1. pre = x·weight_ihᵀ + bias for all T·B rows at once (gemm), written into output;
+//           2. per step, h_t = tanh(pre_t + h_{t-1}·weight_hhᵀ): the micro-kernel over a
+//              weight_hhᵀ packed once per call, tanh and the store of h_t fused in its epilogue.
+// backward: 1. the g-chain, per step g = da_{t+1}·weight_hh over a packed weight_hh, with
+//              da_t = (g + grad_output_t)·(1 - h_t²) in the epilogue;
+//           2. grad_x, grad_weight_ih, grad_weight_hh as single products over all T·B rows.
+// Threads: one OpenMP parallel region per call. Each thread owns a fixed range of NR-wide column
+// panels (of H in the recurrence, of the output in each product) and sums every element it owns
+// in the same order whatever the thread count, so results are bitwise identical across thread
+// counts. The steps are separated by one barrier each. Nothing is allocated inside the loops.
+#include <cstdlib>
+#include <new>
+
+#include "gemm.h"
+#include "kernels.h"
+#include "tanh.h"
+#include "threads.h"
+
+namespace pyrnn {
+namespace PYRNN_ISA {
+namespace {
+
+// Scratch memory for one call, 64-byte aligned, freed on scope exit.
+template <typename F>
+class Scratch {
+  public:
+    explicit Scratch(int64_t n) {
+        const size_t bytes = ((size_t(n > 0 ? n : 1) * sizeof(F) + 63) / 64) * 64;
+        data_ = static_cast<F*>(std::aligned_alloc(64, bytes));
+        if (!data_) throw std::bad_alloc();
+    }
+    ~Scratch() { std::free(data_); }
+    Scratch(const Scratch&) = delete;
+    Scratch& operator=(const Scratch&) = delete;
+    F* get() const { return data_; }
+
+  private:
+    F* data_;
+};
+
+// Row b takes part in step t unless t is past its length (design.md §1: padding).
+inline bool valid(const int64_t* lengths, int64_t t, int64_t b) {
+    return lengths == nullptr || t < lengths[b];
+}
+inline int64_t length(const int64_t* lengths, int64_t T, int64_t b) { return lengths ? lengths[b] : T; }
+
+// Threads for a recurrence whose step is a B×H×H product: sharing a step costs a barrier
+// (~1 µs), so a step too small to pay for it runs on one thread. Never more than max_threads.
+template <typename F>
+inline int threads_for(int max_threads, int64_t B, int64_t H) {
+    const int64_t panels = ceil_div(H, Tile<F>::NR);
+    const int64_t step_flops = 2 * B * H * H;
+    int64_t n = step_flops < (int64_t(1) << 18) ? 1 : min64(max_threads, panels);
+    return int(n < 1 ? 1 : n);
+}
+
+// The columns [begin, end) of an n-column output that thread `tid` of `nt` owns: whole NR panels.
+template <typename F>
+struct Columns {
+    int64_t begin, end;
+    Columns(int64_t n, int tid, int nt) {
+        const int64_t panels = ceil_div(n, Tile<F>::NR);
+        begin = min64(n, panels * tid / nt * Tile<F>::NR);
+        end = min64(n, panels * (tid + 1) / nt * Tile<F>::NR);
+    }
+};
+
+// out[0:n] = tanh(pre[0:n] + acc[0:n]), n <= NR; whole vectors only, so every element goes
+// through exactly the same arithmetic whether or not it sits in a partial panel.
+template <typename F>
+inline void add_tanh_store(const F* acc, F* out, int64_t n) {
+    constexpr int L = lanes<F>, NR = Tile<F>::NR;
+    if (n == NR) {
+        for (int v = 0; v < NR; v += L) store(out + v, tanh<F>(load(acc + v) + load(out + v)));
+        return;
+    }
+    alignas(64) F pre[NR] = {};
+    for (int64_t j = 0; j < n; ++j) pre[j] = out[j];
+    for (int v = 0; v < NR; v += L) store(pre + v, tanh<F>(load(acc + v) + load(pre + v)));
+    for (int64_t j = 0; j < n; ++j) out[j] = pre[j];
+}
+
+// Copy v[0:n] into row b, columns [k, k+n) of a B×H matrix held as "row panels": MR rows at a
+// time (the last panel B mod MR), k-major within a panel, i.e. panel b0 holds A(r, k) at
+// [b0·H + k·rows + r]. That is the micro-kernel's best A layout (one unit-stride stream), and the
+// recurrent epilogues write h_t / da_t straight into it for the next step.
+template <typename F>
+inline void put_packed(F* packed, int64_t B, int64_t H, int64_t b, int64_t k, const F* v, int64_t n) {
+    constexpr int MR = Tile<F>::MR;
+    const int64_t b0 = b / MR * MR, rows = min64(MR, B - b0);
+    F* p = packed + b0 * H + k * rows + (b - b0);
+    for (int64_t c = 0; c < n; ++c) p[c * rows] = v[c];
+}
+
+}  // namespace
+
+template <typename F>
+void tanh(const F* x, F* y, int64_t n) {
+    constexpr int L = lanes<F>;
+    int64_t i = 0;
+    for (; i + L <= n; i += L) store(y + i, tanh<F>(load(x + i)));
+    if (i < n) {
+        alignas(64) F rest[L] = {};
+        for (int64_t j = i; j < n; ++j) rest[j - i] = x[j];
+        store(rest, tanh<F>(load(rest)));
+        for (int64_t j = i; j < n; ++j) y[j] = rest[j - i];
+    }
+}
+
+template <typename F>
+void forward(const F* x, const F* weight_ih, const F* weight_hh, const F* bias, const F* h0,
+             const int64_t* lengths, F* output, F* h_n, int64_t T, int64_t B, int64_t I,
+             int64_t H, int max_threads) {
+    constexpr int MR = Tile<F>::MR, NR = Tile<F>::NR;
+    const int nt_wanted = threads_for<F>(max_threads, B, H);
+    const int64_t panels = ceil_div(H, NR);
+    Scratch<F> packed_whh(panels * NR * H);  // weight_hhᵀ in NR-column panels
+    Scratch<F> packed_h(2 * B * H);          // h_{t-1} and h_t as row panels (put_packed)
+    const int64_t b_size = pack_b_size<F>(I, H);
+    Scratch<F> per_thread(nt_wanted * b_size);
+
+    // h_{t-1} of row b at step t: its state after min(t, length) steps.
+    auto state = [&](int64_t t, int64_t b) -> const F* {
+        const int64_t done = min64(t, length(lengths, T, b));
+        return done == 0 ? h0 + b * H : output + ((done - 1) * B + b) * H;
+    };
+
+    in_parallel(nt_wanted, [&](const int tid, const int nt, Barrier& barrier) {
+        F* pack_b_buf = per_thread.get() + tid * b_size;
+        const Columns<F> mine(H, tid, nt);
+        const int64_t my_cols = mine.end - mine.begin;
+        alignas(64) F tile[MR * NR];
+
+        // 1. output <- x·weight_ihᵀ + bias on my columns, every step at once.
+        gemm<F>(T * B, mine.begin, mine.end, I, View<F>{x, I, 1}, View<F>{weight_ih, 1, I}, bias,
+                output, H, pack_b_buf);
+        pack_b<F>(H, my_cols, View<F>{weight_hh + mine.begin * H, 1, H}, packed_whh.get() + mine.begin * H);
+        for (int64_t b = 0; b < B; ++b)
+            put_packed(packed_h.get(), B, H, b, mine.begin, h0 + b * H + mine.begin, my_cols);
+        barrier.wait();
+
+        // 2. The recurrence. Step t reads all of h_{t-1} (packed_h[t % 2]) and writes my columns
+        //    of h_t into output and packed_h[(t + 1) % 2]; one barrier between steps.
+        for (int64_t t = 0; t < T; ++t) {
+            const F* h_prev = packed_h.get() + (t % 2) * B * H;
+            F* h_next = packed_h.get() + ((t + 1) % 2) * B * H;
+            for (int64_t j = mine.begin; j < mine.end; j += NR) {
+                const int64_t cols = min64(NR, H - j);
+                for (int64_t b0 = 0; b0 < B; b0 += MR) {
+                    const int rows = int(min64(MR, B - b0));
+                    micro_kernel_rows<F>(rows, H, h_prev + b0 * H, rows, packed_whh.get() + j * H, tile);
+                    for (int r = 0; r < rows; ++r) {
+                        const int64_t b = b0 + r;
+                        F* out = output + (t * B + b) * H + j;
+                        if (valid(lengths, t, b)) {
+                            add_tanh_store(tile + r * NR, out, cols);
+                            put_packed(h_next, B, H, b, j, out, cols);
+                        } else {  // padding: output 0, state carried
+                            for (int64_t c = 0; c < cols; ++c) out[c] = F(0);
+                            put_packed(h_next, B, H, b, j, state(t, b) + j, cols);
+                        }
+                    }
+                }
+            }
+            barrier.wait();
+        }
+        for (int64_t b = 0; b < B; ++b)
+            for (int64_t j = mine.begin; j < mine.end; ++j) h_n[b * H + j] = state(T, b)[j];
+    });
+}
+
+template <typename F>
+void backward(const F* grad_output, const F* x, const F* weight_ih, const F* weight_hh,
+              const F* output, const F* h0, const F* grad_h_n, const int64_t* lengths,
+              F* grad_x, F* grad_h0, F* grad_weight_ih, F* grad_weight_hh, F* grad_bias,
+              int64_t T, int64_t B, int64_t I, int64_t H, int max_threads) {
+    constexpr int MR = Tile<F>::MR, NR = Tile<F>::NR;
+    const int nt_wanted = threads_for<F>(max_threads, B, H);
+    const int64_t panels = ceil_div(H, NR), TB = T * B;
+    Scratch<F> packed_whh(panels * NR * H);  // weight_hh in NR-column panels
+    Scratch<F> grad_a(TB * H);               // dL/da_t, 0 on padding
+    Scratch<F> h_prev(TB * H);               // h_{t-1} of every valid row, 0 on padding
+    Scratch<F> x_valid(lengths ? TB * I : 0);  // x with padding rows zeroed (a NaN there must not leak)
+    const F* x_rows = lengths ? x_valid.get() : x;
+    Scratch<F> packed_da(2 * B * H);         // da_{s+1} and da_s as row panels (put_packed)
+    const int64_t b_size = max64(pack_b_size<F>(H, I), max64(pack_b_size<F>(TB, I), pack_b_size<F>(TB, H)));
+    Scratch<F> per_thread(nt_wanted * b_size);
+
+    in_parallel(nt_wanted, [&](const int tid, const int nt, Barrier& barrier) {
+        F* pack_b_buf = per_thread.get() + tid * b_size;
+        const Columns<F> mine(H, tid, nt);
+        alignas(64) F tile[MR * NR];
+
+        pack_b<F>(H, mine.end - mine.begin, View<F>{weight_hh + mine.begin, H, 1},
+                  packed_whh.get() + mine.begin * H);
+        for (int64_t t = 0; t < T; ++t)
+            for (int64_t b = 0; b < B; ++b) {
+                const F* h = t == 0 ? h0 + b * H : output + ((t - 1) * B + b) * H;
+                const bool ok = valid(lengths, t, b);
+                for (int64_t j = mine.begin; j < mine.end; ++j) h_prev.get()[(t * B + b) * H + j] = ok ? h[j] : F(0);
+            }
+        if (lengths)
+            for (int64_t r = TB * tid / nt; r < TB * (tid + 1) / nt; ++r)
+                for (int64_t i = 0; i < I; ++i)
+                    x_valid.get()[r * I + i] = valid(lengths, r / B, r % B) ? x[r * I + i] : F(0);
+
+        // 1. The g-chain, s = T-1 .. -1: g_s = da_{s+1}·weight_hh (+ grad_h_n where s is the row's
+        //    last step; padding rows have da = 0, so g reaches that step unchanged), then
+        //    da_s = (g_s + grad_output_s)·(1 - h_s²) on valid rows; g_{-1} is grad_h0.
+        for (int64_t s = T - 1; s >= -1; --s) {
+            const bool has_next = s + 1 <= T - 1;
+            const F* da_next = packed_da.get() + ((s + 1) % 2) * B * H;  // (s + 1 >= 0)
+            F* da_packed = packed_da.get() + ((s + 2) % 2) * B * H;
+            for (int64_t j = mine.begin; j < mine.end; j += NR) {
+                const int64_t cols = min64(NR, H - j);
+                for (int64_t b0 = 0; b0 < B; b0 += MR) {
+                    const int rows = int(min64(MR, B - b0));
+                    if (has_next)
+                        micro_kernel_rows<F>(rows, H, da_next + b0 * H, rows, packed_whh.get() + j * H, tile);
+                    else
+                        for (int i = 0; i < MR * NR; ++i) tile[i] = F(0);
+                    for (int r = 0; r < rows; ++r) {
+                        const int64_t b = b0 + r;
+                        const F* g = tile + r * NR;
+                        const F* g_end = grad_h_n + b * H + j;  // enters at the row's last step
+                        const bool last = s == length(lengths, T, b) - 1;
+                        if (s < 0) {
+                            for (int64_t c = 0; c < cols; ++c) grad_h0[b * H + j + c] = g[c] + (last ? g_end[c] : F(0));
+                            continue;
+                        }
+                        F* da = grad_a.get() + (s * B + b) * H + j;
+                        const F* go = grad_output + (s * B + b) * H + j;
+                        const F* h = output + (s * B + b) * H + j;
+                        if (valid(lengths, s, b))
+                            for (int64_t c = 0; c < cols; ++c)
+                                da[c] = (g[c] + (last ? g_end[c] : F(0)) + go[c]) * (F(1) - h[c] * h[c]);
+                        else
+                            for (int64_t c = 0; c < cols; ++c) da[c] = F(0);
+                        put_packed(da_packed, B, H, b, j, da, cols);
+                    }
+                }
+            }
+            barrier.wait();
+        }
+
+        // 2. The products over all T·B rows, each thread on its own output columns.
+        const Columns<F> mine_i(I, tid, nt);
+        gemm<F>(TB, mine_i.begin, mine_i.end, H, View<F>{grad_a.get(), H, 1}, View<F>{weight_ih, I, 1},
+                nullptr, grad_x, I, pack_b_buf);
+        gemm<F>(H, mine_i.begin, mine_i.end, TB, View<F>{grad_a.get(), 1, H}, View<F>{x_rows, I, 1},
+                nullptr, grad_weight_ih, I, pack_b_buf);
+        gemm<F>(H, mine.begin, mine.end, TB, View<F>{grad_a.get(), 1, H}, View<F>{h_prev.get(), H, 1},
+                nullptr, grad_weight_hh, H, pack_b_buf);
+        for (int64_t j = mine.begin; j < mine.end; ++j) grad_bias[j] = F(0);
+        for (int64_t r = 0; r < TB; ++r)
+            for (int64_t j = mine.begin; j < mine.end; ++j) grad_bias[j] += grad_a.get()[r * H + j];
+    });
+}
+
+#define PYRNN_INSTANTIATE(F)                                                                     \
+    template void forward<F>(const F*, const F*, const F*, const F*, const F*, const int64_t*,   \
+                             F*, F*, int64_t, int64_t, int64_t, int64_t, int);                   \
+    template void backward<F>(const F*, const F*, const F*, const F*, const F*, const F*,        \
+                              const F*, const int64_t*, F*, F*, F*, F*, F*, int64_t, int64_t,    \
+                              int64_t, int64_t, int);                                            \
+    template void tanh<F>(const F*, F*, int64_t);
+PYRNN_INSTANTIATE(float)
+PYRNN_INSTANTIATE(double)
+
+}  // namespace PYRNN_ISA
+}  // namespace pyrnn

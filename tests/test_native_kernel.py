@@ -1,0 +1,195 @@
+"""The fast native kernel (csrc/) against the NumPy reference, on the edges its blocking creates.
+
+Tolerances are pyrnn.testing's (float64 1e-10, float32 8·sqrt(K)·eps32 relative to each result's
+scale, against the float64 reference on the same inputs). Observed with the AVX-512 kernel:
+float64 ~1e-14; float32 at most 0.11 of the bound. The kernel sums in another order than NumPy, with FMAs,
+and its tanh is within 2 ulp (test_native_tanh.py); errors carried in h_{t-1} are damped at every
+step by |weight_hh|·tanh' < 1 in these contracting problems, so they do not grow with T
+(test_long_sequence_does_not_drift).
+"""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import pyrnn
+from pyrnn import _cpp, reference
+from pyrnn.testing import accumulated_terms, relative_error, tolerance
+
+GRAD_NAMES = ("grad_x", "grad_h0", "grad_weight_ih", "grad_weight_hh", "grad_bias")
+
+
+def make_problem(T, B, I, H, dtype, seed=0, lengths=None):
+    """A contracting RNN (|weight_hh| < 1) with random data, as the clean arrays backends get."""
+    rng = np.random.default_rng(seed)
+    arrays = dict(
+        x=rng.standard_normal((T, B, I)),
+        weight_ih=rng.standard_normal((H, I)) / np.sqrt(max(I, 1)),
+        weight_hh=0.9 * rng.standard_normal((H, H)) / np.sqrt(H),
+        bias=0.1 * rng.standard_normal(H),
+        h0=0.5 * rng.standard_normal((B, H)),
+        grad_output=rng.standard_normal((T, B, H)),
+        grad_h_n=rng.standard_normal((B, H)),
+    )
+    arrays = {k: np.ascontiguousarray(v, dtype=dtype) for k, v in arrays.items()}
+    arrays["lengths"] = None if lengths is None else np.asarray(lengths, dtype=np.int64)
+    return arrays
+
+
+def run(module, p, output=None):
+    """(output, h_n, *grads) of one backend; the backward uses `output` (else its own)."""
+    out, h_n = module.forward(p["x"], p["weight_ih"], p["weight_hh"], p["bias"], p["h0"], p["lengths"])
+    grads = module.backward(p["grad_output"], p["x"], p["weight_ih"], p["weight_hh"],
+                            out if output is None else output, p["h0"], p["grad_h_n"], p["lengths"])
+    return (out, h_n) + tuple(grads)
+
+
+def as64(p):
+    return {k: (v if v is None or v.dtype == np.int64 else v.astype(np.float64)) for k, v in p.items()}
+
+
+def assert_close_to_reference(p):
+    """cpp on p against the float64 reference on the same values; the backward of both is fed the
+    reference's output, so each gradient is checked on its own."""
+    expected = run(reference, as64(p))
+    got = run(_cpp, p, output=expected[0].astype(p["x"].dtype))
+    T, B, I = p["x"].shape
+    terms_forward, terms_backward = accumulated_terms(T, B, I, p["weight_hh"].shape[0])
+    for name, g, e in zip(("output", "h_n") + GRAD_NAMES, got, expected):
+        assert g.dtype == p["x"].dtype and g.shape == e.shape, name
+        tol = tolerance(g.dtype, terms_forward if name in ("output", "h_n") else terms_backward)
+        err = relative_error(g, e)
+        assert err <= tol, f"{name}: error {err:.2e} > {tol:.1e}; first values got {g.ravel()[:4]}, " \
+                           f"expected {e.ravel()[:4]}"
+
+
+# Sizes that do not divide the vector width (4/8/16 lanes), the NR = 2 vectors column panels, the
+# MR = 6 or 12 row tiles, or the KC = 256 / MC cache blocks.
+ODD_SHAPES = [(1, 1, 1, 1), (5, 1, 3, 1), (3, 3, 17, 63), (4, 17, 65, 65), (2, 13, 1, 3),
+              (3, 63, 5, 17), (2, 65, 300, 33), (3, 2, 7, 130), (2, 1, 257, 520), (0, 2, 3, 4),
+              (3, 0, 3, 4)]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("shape", ODD_SHAPES, ids=lambda s: "T{}B{}I{}H{}".format(*s))
+def test_matches_reference_on_odd_shapes(shape, dtype):
+    assert_close_to_reference(make_problem(*shape, dtype))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_matches_reference_on_a_grid_shape(dtype):
+    assert_close_to_reference(make_problem(20, 64, 256, 256, dtype))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_matches_reference_with_lengths(dtype):
+    assert_close_to_reference(make_problem(6, 14, 5, 33, dtype, lengths=[6, 0, 3, 1, 6, 2, 5, 4, 6, 0, 1, 3, 2, 6]))
+
+
+def test_nan_in_padding_does_not_leak():
+    p = make_problem(5, 3, 4, 8, np.float64, lengths=[5, 2, 0])
+    p["x"][2:, 1] = np.nan
+    p["x"][:, 2] = np.inf
+    p["grad_output"][2:, 1] = np.nan
+    got = run(_cpp, p)
+    assert all(np.isfinite(g).all() for g in got[1:] if g.size and g is not got[2])
+    assert np.isfinite(got[0][:, :2][np.arange(5)[:, None] < [5, 2]]).all()
+
+
+def test_inputs_are_not_modified():
+    p = make_problem(4, 5, 6, 7, np.float32, lengths=[4, 1, 0, 3, 2])
+    before = {k: v.copy() for k, v in p.items() if v is not None}
+    run(_cpp, p)
+    for k, v in before.items():
+        np.testing.assert_array_equal(p[k], v, err_msg=k)
+
+
+def test_long_sequence_does_not_drift():
+    """T = 10 000 in float32: the error stays at the level of a single step's."""
+    assert_close_to_reference(make_problem(10_000, 2, 8, 16, np.float32, seed=1))
+
+
+@pytest.fixture
+def restore_threads():
+    before = _cpp.get_num_threads()
+    yield
+    _cpp.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_bitwise_identical_across_calls_and_thread_counts(dtype, restore_threads):
+    # Big enough a step (2·B·H² flops) for the kernel to actually share it between threads.
+    p = make_problem(7, 9, 70, 200, dtype, lengths=[7, 3, 7, 0, 5, 7, 1, 7, 6])
+    results = []
+    for n in (1, 2, 3, 1, 2):
+        _cpp.set_num_threads(n)
+        results.append(run(_cpp, p))
+    for other in results[1:]:
+        for name, a, b in zip(("output", "h_n") + GRAD_NAMES, results[0], other):
+            assert np.array_equal(a.view(np.uint8), b.view(np.uint8)), name
+
+
+def test_thread_budget(restore_threads):
+    _cpp.set_num_threads(3)
+    assert _cpp.get_num_threads() == 3
+    assert "cpp" in pyrnn.available_backends()  # loaded, so pyrnn.set_num_threads reaches it
+    before = pyrnn.get_num_threads()
+    pyrnn.set_num_threads(1)
+    assert _cpp.get_num_threads() == 1
+    pyrnn.set_num_threads(before)
+    with pytest.raises(ValueError):
+        _cpp.set_num_threads(0)
+
+
+def test_bad_arrays_raise_instead_of_crashing():
+    p = make_problem(3, 2, 4, 5, np.float32)
+    with pytest.raises(TypeError):
+        _cpp.forward(p["x"].astype(np.float64), p["weight_ih"], p["weight_hh"], p["bias"], p["h0"])
+    with pytest.raises(ValueError, match="weight_ih"):
+        _cpp.forward(p["x"], p["weight_ih"][:, :3].copy(), p["weight_hh"], p["bias"], p["h0"])
+    with pytest.raises(ValueError, match="lengths"):
+        _cpp.forward(p["x"], p["weight_ih"], p["weight_hh"], p["bias"], p["h0"], np.array([4, 0]))
+
+
+# --- instruction sets ------------------------------------------------------------------------
+
+def test_uses_the_best_instruction_set_unless_told_otherwise():
+    assert _cpp.isa() in ("avx512", "avx2", "baseline")
+    if not os.environ.get("PYRNN_ISA"):
+        if not os.path.exists("/proc/cpuinfo"):
+            return
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = cpuinfo.read()
+        if " avx512bw " in flags and " avx512vl " in flags:
+            assert _cpp.isa() == "avx512"
+        elif " avx2 " in flags and " fma " in flags:
+            assert _cpp.isa() == "avx2"
+
+
+LOWER_ISAS = {"avx512": ["avx2", "baseline"], "avx2": ["baseline"], "baseline": []}[_cpp.isa()]
+
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+def run_python(args, isa):
+    """python args with $PYRNN_ISA=isa, from tests/ so that the installed pyrnn is imported."""
+    return subprocess.run([sys.executable] + args, env=dict(os.environ, PYRNN_ISA=isa), cwd=TESTS,
+                          capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("isa", LOWER_ISAS)
+def test_lower_instruction_set_paths(isa):
+    """The same checks (reference, tanh bound, determinism) on the copy of the kernel for `isa`."""
+    result = run_python(["-m", "pytest", "-q", "-p", "no:cacheprovider", "-k",
+                         "not lower_instruction_set and not best_instruction_set and not unknown_instruction_set",
+                         "test_native_kernel.py", "test_native_tanh.py"], isa)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert run_python(["-c", "from pyrnn import _cpp; print(_cpp.isa())"], isa).stdout.strip() == isa
+
+
+def test_unknown_instruction_set_fails_the_import_with_a_reason():
+    result = run_python(["-c", "import pyrnn._cpp"], "sse9")
+    assert result.returncode != 0 and "PYRNN_ISA=sse9" in result.stderr
