@@ -13,12 +13,11 @@ the state the previous one ended in. Adam, gradient clipping, then a sample of g
 import argparse
 import importlib
 import inspect
-import os
-import time
 
 import numpy as np
 
 import pyrnn
+from common import Run, add_run_options, pyplot
 from pyrnn.losses import softmax, softmax_cross_entropy
 from pyrnn.optim import adam, clip_grad_norm, parameters, truncated_bptt
 
@@ -72,19 +71,10 @@ def main(argv=None):
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--sample-length", type=int, default=300)
     parser.add_argument("--temperature", type=float, default=0.7)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--backend", default=None, help="cpp, numba or numpy (default: $PYRNN_BACKEND or the fastest)")
-    # One thread by default: these matrices are small (a few hundred rows by 128), so a second
-    # thread mostly waits at synchronisation points, and on a busy machine far worse (measured at
-    # load 6 on 2 cores: the Linear head 6.5 ms with 1 thread, 43 ms with 2).
-    parser.add_argument("--threads", type=int, default=1,
-                        help="threads for the kernel and BLAS (pyrnn.set_num_threads; 0: pyrnn's default)")
-    parser.add_argument("--plot", metavar="PATH.png", help="save the loss curve (needs matplotlib)")
+    add_run_options(parser, "the loss curve")
     args = parser.parse_args(argv)
-    if args.threads:
-        pyrnn.set_num_threads(args.threads)
-    started = time.perf_counter()
-    rng = np.random.default_rng(args.seed)
+    run = Run(args)
+    rng = run.rng
 
     text = load_text(args.module)
     alphabet = sorted(set(text))
@@ -95,8 +85,7 @@ def main(argv=None):
     train, valid = ids[:split], ids[split:]
     counts = np.bincount(train, minlength=V) + 1  # add-one: every character has some probability
     unigram_loss = -np.mean(np.log(counts / counts.sum())[valid])
-    backend = args.backend or os.environ.get("PYRNN_BACKEND") or pyrnn.available_backends()[0]
-    print(f"text: source of {args.module} ({len(text)} characters, {V} distinct); backend {backend}")
+    print(f"text: source of {args.module} ({len(text)} characters, {V} distinct); backend {run.backend}")
 
     rnn = pyrnn.RNN(V, args.hidden, args.layers, backend=args.backend, seed=rng)
     head = pyrnn.Linear(args.hidden, V, seed=rng)
@@ -122,22 +111,20 @@ def main(argv=None):
             curve.append((step + 1, valid_loss))
             print(f"step {step + 1:5d}  train loss {np.mean(losses[-args.eval_every:]):.3f}  "
                   f"valid perplexity {np.exp(valid_loss):6.2f}  grad norm {norm:.2f}  "
-                  f"{time.perf_counter() - started:5.1f} s")
+                  f"{run.elapsed():5.1f} s")
 
     generated = sample(rnn, head, alphabet.index("\n"), args.sample_length, V, args.temperature, rng)
     print("--- sample ---\n" + "".join(alphabet[i] for i in generated) + "\n--------------")
     perplexity = float(np.exp(curve[-1][1]))
     print(f"valid perplexity {perplexity:.2f} (unigram baseline {np.exp(unigram_loss):.2f}, "
-          f"uniform {V}) in {time.perf_counter() - started:.1f} s")
+          f"uniform {V}) in {run.elapsed():.1f} s")
     if args.plot:
         plot(losses, curve, args.plot)
     return {"losses": losses, "perplexity": perplexity, "unigram_perplexity": float(np.exp(unigram_loss))}
 
 
 def plot(losses, curve, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     figure, axes = plt.subplots(figsize=(7, 4))
     axes.plot(np.arange(1, len(losses) + 1), losses, alpha=0.5, label="train (per chunk)")

@@ -11,12 +11,11 @@ step (pyrnn.nn.select_last). Binary cross-entropy with logits, Adam, accuracy on
     PYRNN_BACKEND=numpy python examples/classify.py --plot classify.png
 """
 import argparse
-import os
-import time
 
 import numpy as np
 
 import pyrnn
+from common import Run, add_run_options, pyplot
 from pyrnn.losses import bce_with_logits
 from pyrnn.nn import select_last, select_last_backward
 from pyrnn.optim import adam, clip_grad_norm, parameters
@@ -75,26 +74,16 @@ def main(argv=None):
     parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--lr", type=float, default=5e-3, help="initial learning rate, decayed linearly to 0")
     parser.add_argument("--clip", type=float, default=1.0, help="max global gradient norm")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--backend", default=None, help="cpp, numba or numpy (default: $PYRNN_BACKEND or the fastest)")
-    # One thread by default: these matrices are small (a few hundred rows by 128), so a second
-    # thread mostly waits at synchronisation points, and on a busy machine far worse (measured at
-    # load 6 on 2 cores: the Linear head 6.5 ms with 1 thread, 43 ms with 2).
-    parser.add_argument("--threads", type=int, default=1,
-                        help="threads for the kernel and BLAS (pyrnn.set_num_threads; 0: pyrnn's default)")
-    parser.add_argument("--plot", metavar="PATH.png", help="save the loss and accuracy curves (needs matplotlib)")
+    add_run_options(parser, "the loss and accuracy curves")
     args = parser.parse_args(argv)
-    if args.threads:
-        pyrnn.set_num_threads(args.threads)
-    started = time.perf_counter()
-    rng = np.random.default_rng(args.seed)
+    run = Run(args)
+    rng = run.rng
 
     train, test = make_reviews(args.train, rng), make_reviews(args.test, rng)
     test_labels = np.array([label for _, label in test])
     bag_of_words = np.mean([int(sentiment(words, negation=False) > 0) == label for words, label in test])
-    backend = args.backend or os.environ.get("PYRNN_BACKEND") or pyrnn.available_backends()[0]
     print(f"{len(train)} training and {len(test)} test reviews, e.g. {' '.join(train[0][0])!r} -> "
-          f"{train[0][1]}; backend {backend}")
+          f"{train[0][1]}; backend {run.backend}")
 
     rnn = pyrnn.RNN(len(VOCABULARY), args.hidden, args.layers, backend=args.backend, seed=rng)
     head = pyrnn.Linear(args.hidden, 1, seed=rng)
@@ -114,20 +103,18 @@ def main(argv=None):
         accuracy = float(np.mean((predict(rnn, head, test)[:, 0] > 0) == test_labels))
         curve.append((len(losses), accuracy))
         print(f"epoch {epoch + 1:2d}  train loss {np.mean(losses[-len(train) // args.batch:]):.3f}  "
-              f"test accuracy {accuracy:.3f}  {time.perf_counter() - started:5.1f} s")
+              f"test accuracy {accuracy:.3f}  {run.elapsed():5.1f} s")
 
     print(f"test accuracy {accuracy:.3f} (bag of words ignoring order {bag_of_words:.3f}, "
           f"majority class {max(test_labels.mean(), 1 - test_labels.mean()):.3f}) "
-          f"in {time.perf_counter() - started:.1f} s")
+          f"in {run.elapsed():.1f} s")
     if args.plot:
         plot(losses, curve, args.plot)
     return {"losses": losses, "accuracy": accuracy, "bag_of_words_accuracy": float(bag_of_words)}
 
 
 def plot(losses, curve, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     figure, (loss_axes, accuracy_axes) = plt.subplots(1, 2, figsize=(10, 4))
     loss_axes.plot(np.arange(1, len(losses) + 1), losses, alpha=0.6)

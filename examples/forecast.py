@@ -12,12 +12,11 @@ which is in the target itself.
     python examples/forecast.py --plot forecast.png   # the forecast against the truth
 """
 import argparse
-import os
-import time
 
 import numpy as np
 
 import pyrnn
+from common import Run, add_run_options, pyplot
 from pyrnn.losses import mse
 from pyrnn.optim import adam, clip_grad_norm, parameters
 
@@ -50,19 +49,10 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=1e-2, help="initial learning rate, decayed linearly to 0")
     parser.add_argument("--clip", type=float, default=1.0, help="max global gradient norm")
     parser.add_argument("--eval-every", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--backend", default=None, help="cpp, numba or numpy (default: $PYRNN_BACKEND or the fastest)")
-    # One thread by default: these matrices are small (a few hundred rows by 128), so a second
-    # thread mostly waits at synchronisation points, and on a busy machine far worse (measured at
-    # load 6 on 2 cores: the Linear head 6.5 ms with 1 thread, 43 ms with 2).
-    parser.add_argument("--threads", type=int, default=1,
-                        help="threads for the kernel and BLAS (pyrnn.set_num_threads; 0: pyrnn's default)")
-    parser.add_argument("--plot", metavar="PATH.png", help="save the forecast against the truth (needs matplotlib)")
+    add_run_options(parser, "the forecast against the truth")
     args = parser.parse_args(argv)
-    if args.threads:
-        pyrnn.set_num_threads(args.threads)
-    started = time.perf_counter()
-    rng = np.random.default_rng(args.seed)
+    run = Run(args)
+    rng = run.rng
 
     series, clean = make_series(args.length, args.noise, rng)
     split = int(0.75 * args.length)
@@ -71,8 +61,7 @@ def main(argv=None):
     truth = test[warm + h:]  # what is predicted at steps warm .. len(test) - h - 1
     persistence = float(np.mean((test[warm:-h] - truth) ** 2))
     mean_only = float(np.mean((series[:split].mean() - truth) ** 2))  # ignores the input entirely
-    backend = args.backend or os.environ.get("PYRNN_BACKEND") or pyrnn.available_backends()[0]
-    print(f"series of {args.length} steps, noise {args.noise}, predicting {h} steps ahead; backend {backend}")
+    print(f"series of {args.length} steps, noise {args.noise}, predicting {h} steps ahead; backend {run.backend}")
 
     rnn = pyrnn.RNN(1, args.hidden, args.layers, backend=args.backend, seed=rng)
     head = pyrnn.Linear(args.hidden, 1, seed=rng)
@@ -95,19 +84,17 @@ def main(argv=None):
             test_mse = float(np.mean((predictions[warm:-h] - truth) ** 2))
             curve.append((step + 1, test_mse))
             print(f"step {step + 1:4d}  train MSE {np.mean(losses[-args.eval_every:]):.4f}  "
-                  f"test MSE {test_mse:.4f}  {time.perf_counter() - started:5.1f} s")
+                  f"test MSE {test_mse:.4f}  {run.elapsed():5.1f} s")
 
     print(f"test MSE {test_mse:.4f} (persistence baseline {persistence:.4f}, training mean "
-          f"{mean_only:.4f}, noise floor {args.noise ** 2:.4f}) in {time.perf_counter() - started:.1f} s")
+          f"{mean_only:.4f}, noise floor {args.noise ** 2:.4f}) in {run.elapsed():.1f} s")
     if args.plot:
         plot(test, clean[split:], predictions, h, warm, losses, curve, args.plot)
     return {"losses": losses, "mse": test_mse, "persistence_mse": persistence}
 
 
 def plot(test, clean, predictions, h, warm, losses, curve, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     figure, (series_axes, loss_axes) = plt.subplots(2, 1, figsize=(9, 7))
     shown = np.arange(warm + h, min(len(test), warm + h + 250))

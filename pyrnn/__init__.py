@@ -10,7 +10,7 @@ On top of the kernel, in NumPy: pyrnn.RNN (multi-layer, bidirectional, torch.nn.
 and pyrnn.Linear (pyrnn.nn), losses (pyrnn.losses), clipping and optimizers (pyrnn.optim).
 """
 from ._api import Grads, backward, forward
-from ._backends import available_backends, unavailable_backends
+from ._backends import available_backends, resolve_backend, unavailable_backends
 from ._threads import get_num_threads, set_num_threads
 from .gradcheck import GradcheckError, gradcheck, numerical_gradient
 from . import losses, nn, optim
@@ -18,6 +18,6 @@ from .nn import RNN, Linear
 
 __version__ = "0.1.0"
 
-__all__ = ["forward", "backward", "Grads", "available_backends", "unavailable_backends",
+__all__ = ["forward", "backward", "Grads", "available_backends", "unavailable_backends", "resolve_backend",
            "gradcheck", "GradcheckError", "numerical_gradient", "set_num_threads", "get_num_threads",
            "RNN", "Linear", "nn", "losses", "optim"]

@@ -66,6 +66,11 @@ def unavailable_backends():
     return dict(_unavailable)
 
 
+def resolve_backend(backend=None):
+    """The name of the backend a call with this `backend` argument runs on (see resolve)."""
+    return resolve(backend)[0]
+
+
 def resolve(backend):
     """(name, module) of the backend to run: the one asked for, else $PYRNN_BACKEND, else the fastest."""
     source = "backend"

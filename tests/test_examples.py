@@ -24,7 +24,8 @@ FAST_ARGUMENTS = {
 COMMON_ARGUMENTS = ["--threads", "0"]
 
 
-def load(name):
+def load(name, monkeypatch):
+    monkeypatch.syspath_prepend(str(EXAMPLES))  # as when run as a script: `import common` works
     spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -32,8 +33,8 @@ def load(name):
 
 
 @pytest.mark.parametrize("name", sorted(FAST_ARGUMENTS))
-def test_example_learns(backend, name, capsys):
-    result = load(name).main(FAST_ARGUMENTS[name] + COMMON_ARGUMENTS + ["--backend", backend])
+def test_example_learns(backend, name, capsys, monkeypatch):
+    result = load(name, monkeypatch).main(FAST_ARGUMENTS[name] + COMMON_ARGUMENTS + ["--backend", backend])
     losses = result["losses"]
     window = max(5, len(losses) // 8)  # mean over several batches: single batches are noisy
     assert np.mean(losses[-window:]) < 0.8 * np.mean(losses[:window]), losses
@@ -47,11 +48,11 @@ def test_example_learns(backend, name, capsys):
         assert result["mse"] < result["persistence_mse"]
 
 
-def test_examples_save_plots(tmp_path):
+def test_examples_save_plots(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     for name, arguments in FAST_ARGUMENTS.items():
         path = tmp_path / f"{name}.png"
-        load(name).main(arguments + COMMON_ARGUMENTS + ["--plot", str(path)])
+        load(name, monkeypatch).main(arguments + COMMON_ARGUMENTS + ["--plot", str(path)])
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -63,9 +64,9 @@ def test_readme_models_example_runs(capsys):
     assert len(losses) == 3 and losses[-1] < losses[0]
 
 
-def test_example_runs_repeat_from_their_seed(backend):
+def test_example_runs_repeat_from_their_seed(backend, monkeypatch):
     arguments = FAST_ARGUMENTS["forecast"] + COMMON_ARGUMENTS + ["--backend", backend]
-    forecast = load("forecast")
+    forecast = load("forecast", monkeypatch)
     first = forecast.main(arguments + ["--seed", "5"])["losses"]
     assert forecast.main(arguments + ["--seed", "5"])["losses"] == first
     assert forecast.main(arguments + ["--seed", "6"])["losses"] != first
