@@ -8,8 +8,9 @@
 #include <stdexcept>
 #include <string>
 
-#ifdef _OPENMP
-#include <omp.h>
+#include <thread>
+#ifdef __linux__
+#include <sched.h>
 #endif
 
 #include "kernels.h"
@@ -47,7 +48,16 @@ Isa selected() {
     return chosen;
 }
 
-std::atomic<int> thread_budget{0};  // 0: OpenMP's default
+std::atomic<int> thread_budget{0};  // 0: every core this process may run on
+
+int usable_cores() {
+#ifdef __linux__
+    cpu_set_t cpus;
+    if (sched_getaffinity(0, sizeof(cpus), &cpus) == 0) return CPU_COUNT(&cpus);
+#endif
+    const unsigned n = std::thread::hardware_concurrency();
+    return n > 0 ? int(n) : 1;
+}
 
 }  // namespace
 
@@ -60,11 +70,7 @@ void set_num_threads(int n) {
 
 int get_num_threads() {
     if (thread_budget > 0) return thread_budget;
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
+    return usable_cores();
 }
 
 // Calls the chosen copy of a kernel function: PYRNN_DISPATCH(forward<F>, args...).

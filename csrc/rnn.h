@@ -37,8 +37,8 @@ void tanh(const F* x, F* y, int64_t n);
 // std::runtime_error (the first call, at import, surfaces it).
 const char* isa();
 
-// Threads the kernel may use (never more): set_num_threads(n >= 1); the default is OpenMP's
-// (all cores, or $OMP_NUM_THREADS). The kernel may use fewer on shapes too small to share.
+// Threads the kernel may use (never more): set_num_threads(n >= 1); the default is every core
+// this process may run on (its CPU affinity). The kernel uses fewer on shapes too small to share.
 void set_num_threads(int n);
 int get_num_threads();
 

@@ -51,6 +51,12 @@ MODES = ("forward", "train")
 PEER = "torch"
 RESULT_NAMES = ("output", "h_n", "grad_x", "grad_h0", "grad_weight_ih", "grad_weight_hh", "grad_bias")
 SAMPLE_SECONDS = 0.01  # a sample repeats a call until it lasts about this long
+# With more than one thread, a pause before each sample lets the previous contestant's idle
+# workers park: OpenBLAS's spin for ~2^28 cycles (~0.1 s) after a call, OpenMP runtimes spin too,
+# and on 2 cores they would take the cores from whoever runs next (measured here: cpp's large
+# train at 2 threads, 164 ms right after a 2-thread NumPy matmul, 85 ms 0.1 s later). Each
+# contestant then runs as it would alone in a process.
+SETTLE_SECONDS = 0.15
 MAX_ROUNDS = 1000  # a cap on samples per contestant however large the time budget
 PEAK_N = 1024  # the GEMM peak is an n×n×n matmul: large enough for OpenBLAS to reach its peak
 PEAK_FLOP = 2 * PEAK_N**3
@@ -284,12 +290,13 @@ class Progress:
             self.stream.flush()
 
 
-def measure_block(calls, repeat, budget, progress, label):
+def measure_block(calls, repeat, budget, progress, label, settle=0.0):
     """Time calls[name]() interleaved until every contestant has `repeat` samples, and on while
-    the block has used less than `budget` seconds. -> {name: (samples in s per call, calls per
-    sample)}."""
+    the block has used less than `budget` seconds, pausing `settle` seconds before each sample.
+    -> {name: (samples in s per call, calls per sample)}."""
     number, samples = {}, {}
     for name, call in calls.items():  # a warm-up round (the first call was the gate's), sizing samples
+        time.sleep(settle)
         seconds = time_calls(call, 1)
         number[name] = max(1, round(SAMPLE_SECONDS / max(seconds, 1e-9)))
         samples[name] = [seconds] if number[name] == 1 else []  # a warm call long enough to be a sample
@@ -300,6 +307,7 @@ def measure_block(calls, repeat, budget, progress, label):
         if enough and (time.perf_counter() - start >= budget or rounds >= MAX_ROUNDS):
             break
         for name, call in calls.items():
+            time.sleep(settle)
             samples[name].append(time_calls(call, number[name]))
         rounds += 1
         progress.show(label, f"round {rounds}")
@@ -333,7 +341,7 @@ def run(shapes, threads, modes, names, dtype, repeat, budget, stream=sys.stderr)
     report = {"machine": machine(), "versions": versions(), "dtype": dtype.name,
               "settings": {"shapes": list(shapes), "threads": list(threads), "modes": list(modes),
                            "backends": list(names), "repeat": repeat, "budget_s": budget,
-                           "sample_s": SAMPLE_SECONDS},
+                           "sample_s": SAMPLE_SECONDS, "settle_s": SETTLE_SECONDS},
               "shapes": {name: SHAPES[name]._asdict() for name in shapes},
               "peak": {}, "thread_pools": {}, "results": []}
     gemm = gemm_call(dtype)
@@ -362,7 +370,7 @@ def run(shapes, threads, modes, names, dtype, repeat, budget, stream=sys.stderr)
             for mode in modes:
                 calls = {name: getattr(runner, mode) for name, runner in runners.items()}
                 timed = measure_block(dict(calls, **{PEAK: gemm}), repeat, budget, progress,
-                                      f"{label} {mode}")
+                                      f"{label} {mode}", SETTLE_SECONDS if n > 1 else 0.0)
                 gemm_samples += timed.pop(PEAK)[0]
                 for name in names:
                     report["results"].append(result_row(shape_name, shape, mode, n, name, checks[name],

@@ -98,3 +98,14 @@ def test_the_kernel_releases_the_gil():
     assert ticks_while_running > 0.1 * ticks_alone, (
         f"Python ran {ticks_while_running} loop iterations during a {elapsed:.2f} s kernel call, "
         f"against {ticks_alone} in the same time alone")
+
+
+def test_the_native_module_loads_no_openmp_runtime(tmp_path):
+    """A libgomp.so.1 loaded by us would serve torch too (same soname) and slow it down ~25×
+    at 2 threads (csrc/threads.h): the module must not bring one."""
+    import subprocess
+    import sys
+
+    maps = subprocess.run([sys.executable, "-c", "import pyrnn._cpp; print(open('/proc/self/maps').read())"],
+                          capture_output=True, text=True, check=True, cwd=tmp_path).stdout
+    assert "libgomp" not in maps and "libomp" not in maps
