@@ -109,3 +109,51 @@ def test_the_native_module_loads_no_openmp_runtime(tmp_path):
     maps = subprocess.run([sys.executable, "-c", "import pyrnn._cpp; print(open('/proc/self/maps').read())"],
                           capture_output=True, text=True, check=True, cwd=tmp_path).stdout
     assert "libgomp" not in maps and "libomp" not in maps
+
+
+def medium_problem(seed=2):
+    rng = np.random.default_rng(seed)
+    shapes = [(20, 64, 96), (256, 96), (256, 256), (256,), (64, 256)]  # a step large enough to share
+    return [(rng.standard_normal(s) * 0.1).astype(np.float32) for s in shapes]
+
+
+def test_concurrent_calls_from_python_threads_agree():
+    """The GIL is released, so calls can overlap; one of them then runs without the worker pool,
+    which changes nothing in the results (they do not depend on the thread count)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    inputs = medium_problem()
+    _cpp.set_num_threads(2)
+    expected = _cpp.forward(*inputs)
+    with ThreadPoolExecutor(4) as executor:
+        results = list(executor.map(lambda _: _cpp.forward(*inputs), range(16)))
+    for output, h_n in results:
+        np.testing.assert_array_equal(output, expected[0])
+        np.testing.assert_array_equal(h_n, expected[1])
+
+
+def test_a_forked_child_can_use_threads(tmp_path):
+    """A fork has none of its parent's worker threads: the child must start its own, not hang."""
+    import subprocess
+    import sys
+
+    code = """
+import multiprocessing, numpy as np, pyrnn._cpp as cpp
+from test_native_bindings import medium_problem
+cpp.set_num_threads(2)
+inputs = medium_problem()
+parent = cpp.forward(*inputs)[0]
+def child(queue):
+    queue.put(cpp.forward(*inputs)[0])
+context = multiprocessing.get_context("fork")
+queue = context.Queue()
+process = context.Process(target=child, args=(queue,))
+process.start()
+result = queue.get(timeout=60)
+process.join(60)
+print(process.exitcode, np.array_equal(result, parent))
+"""
+    env = dict(__import__("os").environ, PYTHONPATH=str(__import__("pathlib").Path(__file__).parent))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=tmp_path, env=env, timeout=120).stdout
+    assert out.split() == ["0", "True"]

@@ -1,0 +1,35 @@
+// The kernel's worker threads: a pool that lives for the whole process.
+//
+// Why not a team per call: a new thread starts on its creator's core and only moves to an idle
+// one when the scheduler rebalances, milliseconds later; until then both share a core and wait
+// for each other at every step's barrier (measured: a 0.6 ms call took 7 ms on 2 threads). The
+// pool's workers stay where they run, spin ~50 µs after a call for the next one, then sleep.
+// Why not OpenMP: see threads.h.
+#pragma once
+#include <chrono>
+#include <functional>
+
+namespace pyrnn {
+
+// Spin briefly (pause), then yield the core, until ready() or `patience` has passed; -> ready().
+template <typename Ready>
+inline bool spin_until(const Ready& ready, std::chrono::microseconds patience) {
+    const auto start = std::chrono::steady_clock::now();
+    for (unsigned spins = 1; !ready(); ++spins) {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+        if (spins % 256 == 0 && std::chrono::steady_clock::now() - start > patience) return ready();
+    }
+    return true;
+}
+
+
+// Runs task(tid, team) for every tid in [0, team) at once, the calling thread being tid 0, and
+// returns when all are done. team is at most `threads`: smaller when the system refuses a thread
+// or when another call is using the workers (that call runs alone: the kernel's results do not
+// depend on the thread count). prepare(team) runs on the caller before any task starts.
+void run_team(int threads, const std::function<void(int team)>& prepare,
+              const std::function<void(int tid, int team)>& task);
+
+}  // namespace pyrnn
