@@ -149,8 +149,12 @@ context = multiprocessing.get_context("fork")
 queue = context.Queue()
 process = context.Process(target=child, args=(queue,))
 process.start()
-result = queue.get(timeout=60)
-process.join(60)
+try:
+    result = queue.get(timeout=60)
+    process.join(60)
+finally:
+    if process.is_alive():  # a hung child must not outlive the test
+        process.kill()
 print(process.exitcode, np.array_equal(result, parent))
 """
     env = dict(__import__("os").environ, PYTHONPATH=str(__import__("pathlib").Path(__file__).parent))
