@@ -56,7 +56,7 @@ class Pool {
         unsigned seen = 0;
         for (;;) {
             const auto called = [&] { return generation_.load(std::memory_order_acquire) != seen; };
-            if (!spin_until(called, std::chrono::microseconds(50))) {
+            if (!spin_until(called, std::chrono::milliseconds(1))) {
                 std::unique_lock<std::mutex> lock(mutex_);
                 wake_.wait(lock, called);
             }

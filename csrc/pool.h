@@ -3,7 +3,8 @@
 // Why not a team per call: a new thread starts on its creator's core and only moves to an idle
 // one when the scheduler rebalances, milliseconds later; until then both share a core and wait
 // for each other at every step's barrier (measured: a 0.6 ms call took 7 ms on 2 threads). The
-// pool's workers stay where they run, spin ~50 µs after a call for the next one, then sleep.
+// pool's workers stay where they run, spin 1 ms after a call for the next one (a training loop's
+// next call comes within microseconds), then sleep.
 // Why not OpenMP: see threads.h.
 #pragma once
 #include <chrono>
@@ -12,8 +13,8 @@
 namespace pyrnn {
 
 // Spin briefly (pause), then yield the core, until ready() or `patience` has passed; -> ready().
-template <typename Ready>
-inline bool spin_until(const Ready& ready, std::chrono::microseconds patience) {
+template <typename Ready, typename Duration>
+inline bool spin_until(const Ready& ready, Duration patience) {
     const auto start = std::chrono::steady_clock::now();
     for (unsigned spins = 1; !ready(); ++spins) {
 #if defined(__x86_64__) || defined(__i386__)

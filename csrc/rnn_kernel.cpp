@@ -47,13 +47,16 @@ inline bool valid(const int64_t* lengths, int64_t t, int64_t b) {
 }
 inline int64_t length(const int64_t* lengths, int64_t T, int64_t b) { return lengths ? lengths[b] : T; }
 
-// Threads for a recurrence whose step is a B×H×H product: sharing a step costs a barrier
-// (~1 µs), so a step too small to pay for it runs on one thread. Never more than max_threads.
+// Threads for a recurrence whose step is a B×H×H product: sharing a step costs a barrier (~1 µs
+// when both threads run, far more when the OS has just put them on one core), so a step under
+// 2 MFLOP (~15 µs on one core) runs on one thread: measured on 2 cores, the small shape's
+// (0.5 MFLOP steps) 2-thread calls were 1.85× faster back to back but up to 10× slower after an
+// idle pause. Never more than max_threads.
 template <typename F>
 inline int threads_for(int max_threads, int64_t B, int64_t H) {
     const int64_t panels = ceil_div(H, Tile<F>::NR);
     const int64_t step_flops = 2 * B * H * H;
-    int64_t n = step_flops < (int64_t(1) << 18) ? 1 : min64(max_threads, panels);
+    int64_t n = step_flops < (int64_t(1) << 21) ? 1 : min64(max_threads, panels);
     return int(n < 1 ? 1 : n);
 }
 

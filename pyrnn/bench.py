@@ -55,7 +55,8 @@ SAMPLE_SECONDS = 0.01  # a sample repeats a call until it lasts about this long
 # workers park: OpenBLAS's spin for ~2^28 cycles (~0.1 s) after a call, OpenMP runtimes spin too,
 # and on 2 cores they would take the cores from whoever runs next (measured here: cpp's large
 # train at 2 threads, 164 ms right after a 2-thread NumPy matmul, 85 ms 0.1 s later). Each
-# contestant then runs as it would alone in a process.
+# contestant then runs as it would alone in a process, after one untimed call that wakes its own
+# parked threads (in a training loop they would still be running from the previous call).
 SETTLE_SECONDS = 0.15
 MAX_ROUNDS = 1000  # a cap on samples per contestant however large the time budget
 PEAK_N = 1024  # the GEMM peak is an n×n×n matmul: large enough for OpenBLAS to reach its peak
@@ -307,7 +308,9 @@ def measure_block(calls, repeat, budget, progress, label, settle=0.0):
         if enough and (time.perf_counter() - start >= budget or rounds >= MAX_ROUNDS):
             break
         for name, call in calls.items():
-            time.sleep(settle)
+            if settle:
+                time.sleep(settle)
+                call()  # wakes the contestant's own parked threads, as a loop's earlier calls would
             samples[name].append(time_calls(call, number[name]))
         rounds += 1
         progress.show(label, f"round {rounds}")
