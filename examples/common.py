@@ -40,3 +40,9 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save(figure, path):
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    print(f"saved {path}")

@@ -8,7 +8,7 @@ as one long sequence. The naive baselines are persistence (the value in `horizon
 today's) and the training mean (ignore the input); no forecast can beat the noise variance,
 which is in the target itself.
 
-    python examples/forecast.py                       # ~20 s with the cpp backend
+    python examples/forecast.py                       # ~2 s with the cpp backend
     python examples/forecast.py --plot forecast.png   # the forecast against the truth
 """
 import argparse
@@ -16,7 +16,7 @@ import argparse
 import numpy as np
 
 import pyrnn
-from common import Run, add_run_options, pyplot
+from common import Run, add_run_options, pyplot, save
 from pyrnn.losses import mse
 from pyrnn.optim import adam, clip_grad_norm, parameters
 
@@ -108,9 +108,7 @@ def plot(test, clean, predictions, h, warm, losses, curve, path):
     loss_axes.semilogy(*zip(*curve), "o-", label="test MSE")
     loss_axes.set(xlabel="step", ylabel="MSE")
     loss_axes.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    print(f"saved {path}")
+    save(figure, path)
 
 
 if __name__ == "__main__":
