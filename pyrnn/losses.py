@@ -60,6 +60,14 @@ def _same_shape(name, array, other_name, other):
         raise ValueError(f"{name} has shape {array.shape}, expected {other.shape} (the shape of {other_name})")
 
 
+def _elementwise(name, value, target_name, target, mask):
+    """An elementwise loss's inputs: (value as floats, target in its dtype and shape, scored, count)."""
+    value = _float(value)
+    target = np.asarray(target, dtype=value.dtype)
+    _same_shape(target_name, target, name, value)
+    return (value, target) + _scored(mask, value.shape)
+
+
 def softmax_cross_entropy(logits, targets, mask=None):
     """Mean of -log softmax(logits)[target] over the scored positions.
 
@@ -98,10 +106,7 @@ def mse(prediction, target, mask=None):
     """Mean of (prediction - target)² over the scored elements -> (loss, dL/dprediction).
 
     mask: bool, shaped as prediction or broadcasting to it (e.g. (T, B, 1) for (T, B, F))."""
-    prediction = _float(prediction)
-    target = np.asarray(target, dtype=prediction.dtype)
-    _same_shape("target", target, "prediction", prediction)
-    scored, count = _scored(mask, prediction.shape)
+    prediction, target, scored, count = _elementwise("prediction", prediction, "target", target, mask)
     if count == 0:
         return 0.0, np.zeros_like(prediction)
     error = np.where(scored, prediction - target, 0)
@@ -116,10 +121,7 @@ def bce_with_logits(logits, targets, mask=None):
     small probabilities that log(sigmoid(z)) would round to log(0). The gradient is
     (sigmoid(z) - y) / count.
     """
-    logits = _float(logits)
-    targets = np.asarray(targets, dtype=logits.dtype)
-    _same_shape("targets", targets, "logits", logits)
-    scored, count = _scored(mask, logits.shape)
+    logits, targets, scored, count = _elementwise("logits", logits, "targets", targets, mask)
     if count == 0:
         return 0.0, np.zeros_like(logits)
     z = logits.astype(np.float64)

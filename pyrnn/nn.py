@@ -16,8 +16,7 @@ from numbers import Integral
 import numpy as np
 
 from . import _api
-
-_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+from ._api import _FLOAT_DTYPES
 
 
 def _float_dtype(dtype):
