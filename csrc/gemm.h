@@ -41,8 +41,8 @@ static inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 static inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // tile (R×NR) = Σ_k A(r, k) · b[k·NR + j]: NR columns of B packed k-major, and R rows of A read in
-// place, A(r, k) = a[k·lda + r] (column-major, e.g. grad_aᵀ, or a k-major panel with lda = R) or,
-// if RowsA, A(r, k) = a[r·lda + k] (row-major: x, grad_a; the broadcasts then gather R rows).
+// place, A(r, k) = a[k·lda + r] (column-major, e.g. grad_aᵀ) or,
+// if RowsA, A(r, k) = a[r·lda + k] (row-major: x, h_{t-1}, grad_a; the broadcasts gather R rows).
 // A is never packed: each of its elements is loaded once per NR columns, by a broadcast that
 // does not care about alignment, so a copy would cost more than it saves.
 // A tile of fewer than 8 vectors (R <= 3) cannot cover the FMA latency (4 cycles × 2 units), so

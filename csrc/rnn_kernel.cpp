@@ -71,31 +71,24 @@ struct Columns {
     }
 };
 
-// out[0:n] = tanh(pre[0:n] + acc[0:n]), n <= NR; whole vectors only, so every element goes
-// through exactly the same arithmetic whether or not it sits in a partial panel.
+// out[0:n] = state[0:n] = tanh(out[0:n] + acc[0:n]), n <= NR: out holds the input term on entry.
+// Whole vectors only, so every element goes through exactly the same arithmetic whether or not it
+// sits in a partial panel.
 template <typename F>
-inline void add_tanh_store(const F* acc, F* out, int64_t n) {
+inline void add_tanh_store(const F* acc, F* out, F* state, int64_t n) {
     constexpr int L = lanes<F>, NR = Tile<F>::NR;
     if (n == NR) {
-        for (int v = 0; v < NR; v += L) store(out + v, tanh<F>(load(acc + v) + load(out + v)));
+        for (int v = 0; v < NR; v += L) {
+            const Vec<F> h = tanh<F>(load(acc + v) + load(out + v));
+            store(out + v, h);
+            store(state + v, h);
+        }
         return;
     }
     alignas(64) F pre[NR] = {};
     for (int64_t j = 0; j < n; ++j) pre[j] = out[j];
     for (int v = 0; v < NR; v += L) store(pre + v, tanh<F>(load(acc + v) + load(pre + v)));
-    for (int64_t j = 0; j < n; ++j) out[j] = pre[j];
-}
-
-// Copy v[0:n] into row b, columns [k, k+n) of a B×H matrix held as "row panels": MR rows at a
-// time (the last panel B mod MR), k-major within a panel, i.e. panel b0 holds A(r, k) at
-// [b0·H + k·rows + r]. That is the micro-kernel's best A layout (one unit-stride stream), and the
-// recurrent epilogues write h_t / da_t straight into it for the next step.
-template <typename F>
-inline void put_packed(F* packed, int64_t B, int64_t H, int64_t b, int64_t k, const F* v, int64_t n) {
-    constexpr int MR = Tile<F>::MR;
-    const int64_t b0 = b / MR * MR, rows = min64(MR, B - b0);
-    F* p = packed + b0 * H + k * rows + (b - b0);
-    for (int64_t c = 0; c < n; ++c) p[c * rows] = v[c];
+    for (int64_t j = 0; j < n; ++j) out[j] = state[j] = pre[j];
 }
 
 }  // namespace
@@ -121,15 +114,11 @@ void forward(const F* x, const F* weight_ih, const F* weight_hh, const F* bias, 
     const int nt_wanted = threads_for<F>(max_threads, B, H);
     const int64_t panels = ceil_div(H, NR);
     Scratch<F> packed_whh(panels * NR * H);  // weight_hhᵀ in NR-column panels
-    Scratch<F> packed_h(2 * B * H);          // h_{t-1} and h_t as row panels (put_packed)
+    // h_{t-1} and h_t (B×H, row-major). Not output itself: a padding row's state is carried
+    // while its output is 0.
+    Scratch<F> states(2 * B * H);
     const int64_t b_size = pack_b_size<F>(I, H);
     Scratch<F> per_thread(nt_wanted * b_size);
-
-    // h_{t-1} of row b at step t: its state after min(t, length) steps.
-    auto state = [&](int64_t t, int64_t b) -> const F* {
-        const int64_t done = min64(t, length(lengths, T, b));
-        return done == 0 ? h0 + b * H : output + ((done - 1) * B + b) * H;
-    };
 
     in_parallel(nt_wanted, [&](const int tid, const int nt, Barrier& barrier) {
         F* pack_b_buf = per_thread.get() + tid * b_size;
@@ -142,36 +131,36 @@ void forward(const F* x, const F* weight_ih, const F* weight_hh, const F* bias, 
                 output, H, pack_b_buf);
         pack_b<F>(H, my_cols, View<F>{weight_hh + mine.begin * H, 1, H}, packed_whh.get() + mine.begin * H);
         for (int64_t b = 0; b < B; ++b)
-            put_packed(packed_h.get(), B, H, b, mine.begin, h0 + b * H + mine.begin, my_cols);
+            for (int64_t j = mine.begin; j < mine.end; ++j) states.get()[b * H + j] = h0[b * H + j];
         barrier.wait();
 
-        // 2. The recurrence. Step t reads all of h_{t-1} (packed_h[t % 2]) and writes my columns
-        //    of h_t into output and packed_h[(t + 1) % 2]; one barrier between steps.
+        // 2. The recurrence. Step t reads all of h_{t-1} (states[t % 2]) and writes my columns
+        //    of h_t into output and states[(t + 1) % 2]; one barrier between steps.
         for (int64_t t = 0; t < T; ++t) {
-            const F* h_prev = packed_h.get() + (t % 2) * B * H;
-            F* h_next = packed_h.get() + ((t + 1) % 2) * B * H;
+            const F* h_prev = states.get() + (t % 2) * B * H;
+            F* h_next = states.get() + ((t + 1) % 2) * B * H;
             for (int64_t j = mine.begin; j < mine.end; j += NR) {
                 const int64_t cols = min64(NR, H - j);
                 for (int64_t b0 = 0; b0 < B; b0 += MR) {
                     const int rows = int(min64(MR, B - b0));
-                    micro_kernel_rows<F>(rows, H, h_prev + b0 * H, rows, packed_whh.get() + j * H, tile);
+                    micro_kernel_rows<F, true>(rows, H, h_prev + b0 * H, H, packed_whh.get() + j * H, tile);
                     for (int r = 0; r < rows; ++r) {
                         const int64_t b = b0 + r;
                         F* out = output + (t * B + b) * H + j;
                         if (valid(lengths, t, b)) {
-                            add_tanh_store(tile + r * NR, out, cols);
-                            put_packed(h_next, B, H, b, j, out, cols);
+                            add_tanh_store(tile + r * NR, out, h_next + b * H + j, cols);
                         } else {  // padding: output 0, state carried
                             for (int64_t c = 0; c < cols; ++c) out[c] = F(0);
-                            put_packed(h_next, B, H, b, j, state(t, b) + j, cols);
+                            for (int64_t c = 0; c < cols; ++c) h_next[b * H + j + c] = h_prev[b * H + j + c];
                         }
                     }
                 }
             }
             barrier.wait();
         }
+        const F* h_last = states.get() + (T % 2) * B * H;
         for (int64_t b = 0; b < B; ++b)
-            for (int64_t j = mine.begin; j < mine.end; ++j) h_n[b * H + j] = state(T, b)[j];
+            for (int64_t j = mine.begin; j < mine.end; ++j) h_n[b * H + j] = h_last[b * H + j];
     });
 }
 
@@ -188,7 +177,6 @@ void backward(const F* grad_output, const F* x, const F* weight_ih, const F* wei
     Scratch<F> h_prev(TB * H);               // h_{t-1} of every valid row, 0 on padding
     Scratch<F> x_valid(lengths ? TB * I : 0);  // x with padding rows zeroed (a NaN there must not leak)
     const F* x_rows = lengths ? x_valid.get() : x;
-    Scratch<F> packed_da(2 * B * H);         // da_{s+1} and da_s as row panels (put_packed)
     const int64_t b_size = max64(pack_b_size<F>(H, I), max64(pack_b_size<F>(TB, I), pack_b_size<F>(TB, H)));
     Scratch<F> per_thread(nt_wanted * b_size);
 
@@ -215,14 +203,13 @@ void backward(const F* grad_output, const F* x, const F* weight_ih, const F* wei
         //    da_s = (g_s + grad_output_s)·(1 - h_s²) on valid rows; g_{-1} is grad_h0.
         for (int64_t s = T - 1; s >= -1; --s) {
             const bool has_next = s + 1 <= T - 1;
-            const F* da_next = packed_da.get() + ((s + 1) % 2) * B * H;  // (s + 1 >= 0)
-            F* da_packed = packed_da.get() + ((s + 2) % 2) * B * H;
+            const F* da_next = grad_a.get() + (s + 1) * B * H;  // read only if has_next
             for (int64_t j = mine.begin; j < mine.end; j += NR) {
                 const int64_t cols = min64(NR, H - j);
                 for (int64_t b0 = 0; b0 < B; b0 += MR) {
                     const int rows = int(min64(MR, B - b0));
                     if (has_next)
-                        micro_kernel_rows<F>(rows, H, da_next + b0 * H, rows, packed_whh.get() + j * H, tile);
+                        micro_kernel_rows<F, true>(rows, H, da_next + b0 * H, H, packed_whh.get() + j * H, tile);
                     else
                         for (int i = 0; i < MR * NR; ++i) tile[i] = F(0);
                     for (int r = 0; r < rows; ++r) {
@@ -242,7 +229,6 @@ void backward(const F* grad_output, const F* x, const F* weight_ih, const F* wei
                                 da[c] = (g[c] + (last ? g_end[c] : F(0)) + go[c]) * (F(1) - h[c] * h[c]);
                         else
                             for (int64_t c = 0; c < cols; ++c) da[c] = F(0);
-                        put_packed(da_packed, B, H, b, j, da, cols);
                     }
                 }
             }

@@ -58,7 +58,7 @@ struct InverseFactorials {
 };
 
 template <typename F>
-static inline Vec<F> tanh(Vec<F> x) {
+__attribute__((always_inline)) static inline Vec<F> tanh(Vec<F> x) {
     using C = TanhConstants<F>;
     using V = Vec<F>;
     using U = typename C::Uint;
