@@ -76,8 +76,8 @@ def resolve(backend):
     source = "backend"
     if backend is None and os.environ.get(ENV_VAR):
         backend, source = os.environ[ENV_VAR], f"${ENV_VAR}"
-    if backend is None:
-        backend = available_backends()[0]
+    if backend is None:  # the fastest that loads (numpy always does)
+        backend = next(name for name in NAMES if _load(name) is not None)
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string or None, got {type(backend).__name__}")
     if backend not in NAMES:
