@@ -47,17 +47,24 @@ inline bool valid(const int64_t* lengths, int64_t t, int64_t b) {
 }
 inline int64_t length(const int64_t* lengths, int64_t T, int64_t b) { return lengths ? lengths[b] : T; }
 
-// Threads for a recurrence whose step is a B×H×H product: sharing a step costs a barrier (~1 µs
-// when both threads run, far more when the OS has just put them on one core), so a step under
-// 2 MFLOP (~15 µs on one core) runs on one thread: measured on 2 cores, the small shape's
-// (0.5 MFLOP steps) 2-thread calls were 1.85× faster back to back but up to 10× slower after an
-// idle pause. Never more than max_threads.
+// How a call shares its work among threads. The products over all T·B rows split into column
+// ranges with nothing to synchronise inside, so they use every thread once they are worth waking
+// one for (>= 4M multiply-adds, ~40 µs on one core). A recurrence step shared between threads
+// ends in a barrier (~1 µs when both threads run, far more when the OS has just put them on one
+// core), so the steps are shared only from 2 MFLOP (~15 µs on one core) up, and otherwise run
+// on thread 0 while the others wait: measured on 2 cores, the small shape's 0.5 MFLOP steps were
+// 1.85× faster on 2 threads back to back but up to 10× slower after an idle pause.
+// Never more threads than max_threads, nor than H has column panels.
+struct Plan {
+    int team;          // threads to ask the pool for
+    bool share_steps;  // whether the recurrence is split too (else thread 0 runs it)
+};
 template <typename F>
-inline int threads_for(int max_threads, int64_t B, int64_t H) {
-    const int64_t panels = ceil_div(H, Tile<F>::NR);
-    const int64_t step_flops = 2 * B * H * H;
-    int64_t n = step_flops < (int64_t(1) << 21) ? 1 : min64(max_threads, panels);
-    return int(n < 1 ? 1 : n);
+inline Plan plan_threads(int max_threads, int64_t T, int64_t B, int64_t I, int64_t H) {
+    const int most = int(max64(1, min64(max_threads, ceil_div(H, Tile<F>::NR))));
+    const bool share_steps = 2 * B * H * H >= (int64_t(1) << 21);
+    const bool share_products = T * B * H * (I + H) >= (int64_t(1) << 22);
+    return {share_steps || share_products ? most : 1, share_steps && most > 1};
 }
 
 // The columns [begin, end) of an n-column output that thread `tid` of `nt` owns: whole NR panels.
@@ -111,35 +118,37 @@ void forward(const F* x, const F* weight_ih, const F* weight_hh, const F* bias, 
              const int64_t* lengths, F* output, F* h_n, int64_t T, int64_t B, int64_t I,
              int64_t H, int max_threads) {
     constexpr int MR = Tile<F>::MR, NR = Tile<F>::NR;
-    const int nt_wanted = threads_for<F>(max_threads, B, H);
+    const Plan plan = plan_threads<F>(max_threads, T, B, I, H);
     const int64_t panels = ceil_div(H, NR);
     Scratch<F> packed_whh(panels * NR * H);  // weight_hhᵀ in NR-column panels
     // h_{t-1} and h_t (B×H, row-major). Not output itself: a padding row's state is carried
     // while its output is 0.
     Scratch<F> states(2 * B * H);
     const int64_t b_size = pack_b_size<F>(I, H);
-    Scratch<F> per_thread(nt_wanted * b_size);
+    Scratch<F> per_thread(plan.team * b_size);
 
-    in_parallel(nt_wanted, [&](const int tid, const int nt, Barrier& barrier) {
+    in_parallel(plan.team, [&](const int tid, const int nt, Barrier& barrier) {
         F* pack_b_buf = per_thread.get() + tid * b_size;
-        const Columns<F> mine(H, tid, nt);
-        const int64_t my_cols = mine.end - mine.begin;
+        const int step_threads = plan.share_steps ? nt : 1;
+        const Columns<F> mine(H, tid, nt), steps(H, tid, step_threads);  // steps: empty past step_threads
         alignas(64) F tile[MR * NR];
 
         // 1. output <- x·weight_ihᵀ + bias on my columns, every step at once.
         gemm<F>(T * B, mine.begin, mine.end, I, View<F>{x, I, 1}, View<F>{weight_ih, 1, I}, bias,
                 output, H, pack_b_buf);
-        pack_b<F>(H, my_cols, View<F>{weight_hh + mine.begin * H, 1, H}, packed_whh.get() + mine.begin * H);
+        pack_b<F>(H, steps.end - steps.begin, View<F>{weight_hh + steps.begin * H, 1, H},
+                  packed_whh.get() + steps.begin * H);
         for (int64_t b = 0; b < B; ++b)
-            for (int64_t j = mine.begin; j < mine.end; ++j) states.get()[b * H + j] = h0[b * H + j];
+            for (int64_t j = steps.begin; j < steps.end; ++j) states.get()[b * H + j] = h0[b * H + j];
         barrier.wait();
+        if (tid >= step_threads) return;
 
         // 2. The recurrence. Step t reads all of h_{t-1} (states[t % 2]) and writes my columns
-        //    of h_t into output and states[(t + 1) % 2]; one barrier between steps.
+        //    of h_t into output and states[(t + 1) % 2]; one barrier between shared steps.
         for (int64_t t = 0; t < T; ++t) {
             const F* h_prev = states.get() + (t % 2) * B * H;
             F* h_next = states.get() + ((t + 1) % 2) * B * H;
-            for (int64_t j = mine.begin; j < mine.end; j += NR) {
+            for (int64_t j = steps.begin; j < steps.end; j += NR) {
                 const int64_t cols = min64(NR, H - j);
                 for (int64_t b0 = 0; b0 < B; b0 += MR) {
                     const int rows = int(min64(MR, B - b0));
@@ -156,11 +165,11 @@ void forward(const F* x, const F* weight_ih, const F* weight_hh, const F* bias, 
                     }
                 }
             }
-            barrier.wait();
+            if (step_threads > 1) barrier.wait();
         }
         const F* h_last = states.get() + (T % 2) * B * H;
         for (int64_t b = 0; b < B; ++b)
-            for (int64_t j = mine.begin; j < mine.end; ++j) h_n[b * H + j] = h_last[b * H + j];
+            for (int64_t j = steps.begin; j < steps.end; ++j) h_n[b * H + j] = h_last[b * H + j];
     });
 }
 
@@ -170,7 +179,7 @@ void backward(const F* grad_output, const F* x, const F* weight_ih, const F* wei
               F* grad_x, F* grad_h0, F* grad_weight_ih, F* grad_weight_hh, F* grad_bias,
               int64_t T, int64_t B, int64_t I, int64_t H, int max_threads) {
     constexpr int MR = Tile<F>::MR, NR = Tile<F>::NR;
-    const int nt_wanted = threads_for<F>(max_threads, B, H);
+    const Plan plan = plan_threads<F>(max_threads, T, B, I, H);
     const int64_t panels = ceil_div(H, NR), TB = T * B;
     Scratch<F> packed_whh(panels * NR * H);  // weight_hh in NR-column panels
     Scratch<F> grad_a(TB * H);               // dL/da_t, 0 on padding
@@ -178,15 +187,16 @@ void backward(const F* grad_output, const F* x, const F* weight_ih, const F* wei
     Scratch<F> x_valid(lengths ? TB * I : 0);  // x with padding rows zeroed (a NaN there must not leak)
     const F* x_rows = lengths ? x_valid.get() : x;
     const int64_t b_size = max64(pack_b_size<F>(H, I), max64(pack_b_size<F>(TB, I), pack_b_size<F>(TB, H)));
-    Scratch<F> per_thread(nt_wanted * b_size);
+    Scratch<F> per_thread(plan.team * b_size);
 
-    in_parallel(nt_wanted, [&](const int tid, const int nt, Barrier& barrier) {
+    in_parallel(plan.team, [&](const int tid, const int nt, Barrier& barrier) {
         F* pack_b_buf = per_thread.get() + tid * b_size;
-        const Columns<F> mine(H, tid, nt);
+        const int step_threads = plan.share_steps ? nt : 1;
+        const Columns<F> mine(H, tid, nt), steps(H, tid, step_threads);  // steps: empty past step_threads
         alignas(64) F tile[MR * NR];
 
-        pack_b<F>(H, mine.end - mine.begin, View<F>{weight_hh + mine.begin, H, 1},
-                  packed_whh.get() + mine.begin * H);
+        pack_b<F>(H, steps.end - steps.begin, View<F>{weight_hh + steps.begin, H, 1},
+                  packed_whh.get() + steps.begin * H);
         for (int64_t t = 0; t < T; ++t)
             for (int64_t b = 0; b < B; ++b) {
                 const F* h = t == 0 ? h0 + b * H : output + ((t - 1) * B + b) * H;
@@ -201,39 +211,41 @@ void backward(const F* grad_output, const F* x, const F* weight_ih, const F* wei
         // 1. The g-chain, s = T-1 .. -1: g_s = da_{s+1}·weight_hh (+ grad_h_n where s is the row's
         //    last step; padding rows have da = 0, so g reaches that step unchanged), then
         //    da_s = (g_s + grad_output_s)·(1 - h_s²) on valid rows; g_{-1} is grad_h0.
-        for (int64_t s = T - 1; s >= -1; --s) {
-            const bool has_next = s + 1 <= T - 1;
-            const F* da_next = grad_a.get() + (s + 1) * B * H;  // read only if has_next
-            for (int64_t j = mine.begin; j < mine.end; j += NR) {
-                const int64_t cols = min64(NR, H - j);
-                for (int64_t b0 = 0; b0 < B; b0 += MR) {
-                    const int rows = int(min64(MR, B - b0));
-                    if (has_next)
-                        micro_kernel_rows<F, true>(rows, H, da_next + b0 * H, H, packed_whh.get() + j * H, tile);
-                    else
-                        for (int i = 0; i < MR * NR; ++i) tile[i] = F(0);
-                    for (int r = 0; r < rows; ++r) {
-                        const int64_t b = b0 + r;
-                        const F* g = tile + r * NR;
-                        const F* g_end = grad_h_n + b * H + j;  // enters at the row's last step
-                        const bool last = s == length(lengths, T, b) - 1;
-                        if (s < 0) {
-                            for (int64_t c = 0; c < cols; ++c) grad_h0[b * H + j + c] = g[c] + (last ? g_end[c] : F(0));
-                            continue;
-                        }
-                        F* da = grad_a.get() + (s * B + b) * H + j;
-                        const F* go = grad_output + (s * B + b) * H + j;
-                        const F* h = output + (s * B + b) * H + j;
-                        if (valid(lengths, s, b))
-                            for (int64_t c = 0; c < cols; ++c)
-                                da[c] = (g[c] + (last ? g_end[c] : F(0)) + go[c]) * (F(1) - h[c] * h[c]);
+        if (tid < step_threads)
+            for (int64_t s = T - 1; s >= -1; --s) {
+                const bool has_next = s + 1 <= T - 1;
+                const F* da_next = grad_a.get() + (s + 1) * B * H;  // read only if has_next
+                for (int64_t j = steps.begin; j < steps.end; j += NR) {
+                    const int64_t cols = min64(NR, H - j);
+                    for (int64_t b0 = 0; b0 < B; b0 += MR) {
+                        const int rows = int(min64(MR, B - b0));
+                        if (has_next)
+                            micro_kernel_rows<F, true>(rows, H, da_next + b0 * H, H, packed_whh.get() + j * H, tile);
                         else
-                            for (int64_t c = 0; c < cols; ++c) da[c] = F(0);
+                            for (int i = 0; i < MR * NR; ++i) tile[i] = F(0);
+                        for (int r = 0; r < rows; ++r) {
+                            const int64_t b = b0 + r;
+                            const F* g = tile + r * NR;
+                            const F* g_end = grad_h_n + b * H + j;  // enters at the row's last step
+                            const bool last = s == length(lengths, T, b) - 1;
+                            if (s < 0) {
+                                for (int64_t c = 0; c < cols; ++c) grad_h0[b * H + j + c] = g[c] + (last ? g_end[c] : F(0));
+                                continue;
+                            }
+                            F* da = grad_a.get() + (s * B + b) * H + j;
+                            const F* go = grad_output + (s * B + b) * H + j;
+                            const F* h = output + (s * B + b) * H + j;
+                            if (valid(lengths, s, b))
+                                for (int64_t c = 0; c < cols; ++c)
+                                    da[c] = (g[c] + (last ? g_end[c] : F(0)) + go[c]) * (F(1) - h[c] * h[c]);
+                            else
+                                for (int64_t c = 0; c < cols; ++c) da[c] = F(0);
+                        }
                     }
                 }
+                if (step_threads > 1) barrier.wait();
             }
-            barrier.wait();
-        }
+        if (step_threads == 1) barrier.wait();  // the products read all of grad_a
 
         // 2. The products over all T·B rows, each thread on its own output columns.
         const Columns<F> mine_i(I, tid, nt);

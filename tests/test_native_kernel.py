@@ -119,9 +119,14 @@ def restore_threads():
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_bitwise_identical_across_calls_and_thread_counts(dtype, restore_threads):
-    # Big enough a step (2·B·H² flops) for the kernel to actually share it between threads.
-    p = make_problem(7, 9, 70, 200, dtype, lengths=[7, 3, 7, 0, 5, 7, 1, 7, 6])
+@pytest.mark.parametrize("T, B, I, H, lengths", [
+    # a step big enough (2·B·H² flops) for the kernel to share the steps between threads
+    (7, 9, 70, 200, [7, 3, 7, 0, 5, 7, 1, 7, 6]),
+    # small steps (thread 0 runs them alone) but products over T·B rows big enough to share
+    (80, 5, 33, 100, [80, 0, 41, 80, 79]),
+], ids=["steps shared", "products shared"])
+def test_bitwise_identical_across_calls_and_thread_counts(dtype, T, B, I, H, lengths, restore_threads):
+    p = make_problem(T, B, I, H, dtype, lengths=lengths)
     results = []
     for n in (1, 2, 3, 1, 2):
         _cpp.set_num_threads(n)
@@ -129,6 +134,7 @@ def test_bitwise_identical_across_calls_and_thread_counts(dtype, restore_threads
     for other in results[1:]:
         for name, a, b in zip(("output", "h_n") + GRAD_NAMES, results[0], other):
             assert np.array_equal(a.view(np.uint8), b.view(np.uint8)), name
+    assert_close_to_reference(p)  # on 2 threads, the last count set
 
 
 def test_thread_budget(restore_threads):
