@@ -73,7 +73,10 @@ static inline void micro_kernel(int64_t K, const F* a, int64_t lda, const F* b, 
     for (; k + S <= K; k += S)
 #pragma GCC unroll 4
         for (int s = 0; s < S; ++s) step(acc[s], a + (k + s) * (RowsA ? 1 : lda), b + (k + s) * NR);
-    for (int s = 0; k < K; ++k, ++s) step(acc[s], a + k * (RowsA ? 1 : lda), b + k * NR);
+    // The last K mod S terms; s stays a compile-time index (unrolled), so acc stays in registers.
+#pragma GCC unroll 4
+    for (int s = 0; s < S - 1; ++s)
+        if (k + s < K) step(acc[s], a + (k + s) * (RowsA ? 1 : lda), b + (k + s) * NR);
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
@@ -94,26 +97,60 @@ static inline void micro_kernel_rows(int rows, int64_t K, const F* a, int64_t ld
     micro_kernel<F, R, RowsA>(K, a, lda, b, tile);
 }
 
+// v[0..L), the rows of an L×L block (L = lanes), becomes its columns: log2(L) rounds in which
+// rows i and i + L/2 are interleaved into rows 2i and 2i + 1 (two-source shuffles, no memory).
+template <typename F>
+static inline void transpose(Vec<F> (&v)[lanes<F>]) {
+    constexpr int L = lanes<F>;
+    Bits<F> low, high;  // lanes 0..L/2 of both sources, then lanes L/2..L, alternating
+#pragma GCC unroll 16
+    for (int m = 0; m < L / 2; ++m) {
+        low[2 * m] = m, low[2 * m + 1] = m + L;
+        high[2 * m] = m + L / 2, high[2 * m + 1] = m + L / 2 + L;
+    }
+#pragma GCC unroll 4
+    for (int round = 1; round < L; round *= 2) {
+        Vec<F> w[L];
+#pragma GCC unroll 16
+        for (int i = 0; i < L / 2; ++i) {
+            w[2 * i] = __builtin_shuffle(v[i], v[i + L / 2], low);
+            w[2 * i + 1] = __builtin_shuffle(v[i], v[i + L / 2], high);
+        }
+#pragma GCC unroll 16
+        for (int i = 0; i < L; ++i) v[i] = w[i];
+    }
+}
+
 // Pack rows [0, k) × columns [0, n) of B into NR-column panels, k-major, zero-padded to NR
-// columns. Panel jr starts at dst + jr·k. Reads along B's contiguous direction (rows of a
-// row-major B, columns of a transposed one such as weight_ihᵀ).
+// columns. Panel jr starts at dst + jr·k. B is either row-major (cs == 1: vector copies) or
+// transposed (rs == 1, e.g. weight_ihᵀ: L×L blocks read along B's columns and transposed in
+// registers; a scalar gather would cost as much as a small shape's whole recurrence).
 template <typename F>
 static void pack_b(int64_t k, int64_t n, View<F> b, F* dst) {
-    constexpr int NR = Tile<F>::NR;
+    constexpr int NR = Tile<F>::NR, L = lanes<F>;
     for (int64_t jr = 0; jr < n; jr += NR, dst += k * NR) {
         const int64_t cols = min64(NR, n - jr);
         if (b.cs == 1) {
             for (int64_t kk = 0; kk < k; ++kk) {
                 const F* src = &b(kk, jr);
                 if (cols == NR)
-                    for (int v = 0; v < NR; v += lanes<F>) store(dst + kk * NR + v, load(src + v));
+                    for (int v = 0; v < NR; v += L) store(dst + kk * NR + v, load(src + v));
                 else
                     for (int64_t j = 0; j < NR; ++j) dst[kk * NR + j] = j < cols ? src[j] : F(0);
             }
-        } else {
-            for (int64_t j = 0; j < NR; ++j)
-                for (int64_t kk = 0; kk < k; ++kk) dst[kk * NR + j] = j < cols ? b(kk, jr + j) : F(0);
+            continue;
         }
+        int64_t kk = 0;
+        if (b.rs == 1 && cols == NR)
+            for (; kk + L <= k; kk += L)
+                for (int c = 0; c < NR; c += L) {
+                    Vec<F> block[L];
+                    for (int i = 0; i < L; ++i) block[i] = load(&b(kk, jr + c + i));
+                    transpose<F>(block);
+                    for (int i = 0; i < L; ++i) store(dst + (kk + i) * NR + c, block[i]);
+                }
+        for (int64_t j = 0; j < NR; ++j)  // the rest, element by element
+            for (int64_t r = kk; r < k; ++r) dst[r * NR + j] = j < cols ? b(r, jr + j) : F(0);
     }
 }
 
