@@ -11,11 +11,9 @@
 // column panels (of H in the recurrence, of the output in each product) and sums every element it owns
 // in the same order whatever the thread count, so results are bitwise identical across thread
 // counts. The steps are separated by one barrier each. Nothing is allocated inside the loops.
-#include <cstdlib>
-#include <new>
-
 #include "gemm.h"
 #include "kernels.h"
+#include "scratch.h"
 #include "tanh.h"
 #include "threads.h"
 
@@ -23,22 +21,18 @@ namespace pyrnn {
 namespace PYRNN_ISA {
 namespace {
 
-// Scratch memory for one call, 64-byte aligned, freed on scope exit.
+// Scratch memory for one call (scratch.h: kept for the next call), 64-byte aligned.
 template <typename F>
 class Scratch {
   public:
-    explicit Scratch(int64_t n) {
-        const size_t bytes = ((size_t(n > 0 ? n : 1) * sizeof(F) + 63) / 64) * 64;
-        data_ = static_cast<F*>(std::aligned_alloc(64, bytes));
-        if (!data_) throw std::bad_alloc();
-    }
-    ~Scratch() { std::free(data_); }
+    explicit Scratch(int64_t n) : block_(acquire_scratch(size_t(n > 0 ? n : 1) * sizeof(F))) {}
+    ~Scratch() { release_scratch(block_); }
     Scratch(const Scratch&) = delete;
     Scratch& operator=(const Scratch&) = delete;
-    F* get() const { return data_; }
+    F* get() const { return static_cast<F*>(block_.data); }
 
   private:
-    F* data_;
+    ScratchBlock block_;
 };
 
 // Row b takes part in step t unless t is past its length (design.md §1: padding).

@@ -98,6 +98,18 @@ def test_nan_in_padding_does_not_leak():
     assert np.isfinite(got[0][:, :2][np.arange(5)[:, None] < [5, 2]]).all()
 
 
+def test_scratch_kept_from_an_earlier_call_does_not_leak():
+    """The kernel keeps its scratch memory between calls (csrc/scratch.h): a call must write
+    every scratch element it reads, so NaN left there by a previous call cannot reach it."""
+    for shape in [(6, 5, 7, 40), (30, 16, 64, 128)]:
+        full = [shape[0]] * shape[1]
+        poisoned = make_problem(*shape, np.float32, lengths=full)
+        for name in ("x", "weight_ih", "weight_hh", "grad_output"):
+            poisoned[name] = np.full_like(poisoned[name], np.nan)
+        run(_cpp, poisoned)
+        assert_close_to_reference(make_problem(*shape, np.float32, lengths=full))
+
+
 def test_inputs_are_not_modified():
     p = make_problem(4, 5, 6, 7, np.float32, lengths=[4, 1, 0, 3, 2])
     before = {k: v.copy() for k, v in p.items() if v is not None}
