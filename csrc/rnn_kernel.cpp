@@ -7,10 +7,11 @@
 // backward: 1. the g-chain, per step g = da_{t+1}·weight_hh over a packed weight_hh, with
 //              da_t = (g + grad_output_t)·(1 - h_t²) in the epilogue;
 //           2. grad_x, grad_weight_ih, grad_weight_hh as single products over all T·B rows.
-// Threads: one team of threads per call (threads.h). Each thread owns a fixed range of NR-wide
-// column panels (of H in the recurrence, of the output in each product) and sums every element it owns
-// in the same order whatever the thread count, so results are bitwise identical across thread
-// counts. The steps are separated by one barrier each. Nothing is allocated inside the loops.
+// Threads: one team of threads per call (threads.h, plan_threads). Each thread owns a fixed range
+// of NR-wide column panels (of the output in each product, and of H in the recurrence when its
+// steps are big enough to share; else thread 0 runs them) and sums every element it owns in the
+// same order whatever the thread count, so results are bitwise identical across thread counts.
+// Shared steps are separated by one barrier each. Nothing is allocated inside the loops.
 #include "gemm.h"
 #include "kernels.h"
 #include "scratch.h"
