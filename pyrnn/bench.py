@@ -411,7 +411,8 @@ def result_row(shape_name, shape, mode, threads, name, check, timed):
 
 def add_ratios(rows, peak):
     """fraction_of_peak = GFLOP/s / the GEMM peak at that thread count; speedup_vs_<base> = base's
-    median / this median, within the same shape, mode and threads."""
+    median / this median, within the same shape, mode and threads; speedup_vs_1_thread = the same
+    contestant's median on 1 thread / this median."""
     for row in rows:
         if "median_s" in row:
             row["fraction_of_peak"] = row["gflops"] / peak[row["threads"]]["gflops"]
@@ -422,6 +423,9 @@ def add_ratios(rows, peak):
             key = (row["shape"], row["mode"], row["threads"], base)
             if "median_s" in row and key in medians:
                 row[f"speedup_vs_{base}"] = medians[key] / row["median_s"]
+        one_thread = (row["shape"], row["mode"], 1, row["backend"])
+        if "median_s" in row and row["threads"] > 1 and one_thread in medians:
+            row["speedup_vs_1_thread"] = medians[one_thread] / row["median_s"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -460,6 +464,11 @@ def _speedup(row, base):
     return f"{value:.2f}x" if value is not None else "-"
 
 
+def _vs_1_thread(row):
+    value = row.get("speedup_vs_1_thread")
+    return f"{value:.2f}x" if value is not None else "-"
+
+
 def format_report(report):
     """The tables as text: one per shape, rows by mode, thread count and contestant."""
     m = report["machine"]
@@ -475,7 +484,7 @@ def format_report(report):
         if over:
             lines.append(f"warning: asked for {n} thread(s) but these pools report more: {over}")
     header = (f"{'mode':8s} {'thr':>3s} {'backend':8s} {'median ms':>10s} {'±iqr':>6s} {'GFLOP/s':>8s} "
-              f"{'%peak':>6s} {'vs torch':>8s} {'vs numpy':>8s} {'1st call ms':>11s}  check")
+              f"{'%peak':>6s} {'vs torch':>8s} {'vs numpy':>8s} {'vs 1 thr':>8s} {'1st call ms':>11s}  check")
     for shape_name, dims in report["shapes"].items():
         shape = Shape(**dims)
         lines += ["", f"{shape_name}  T={shape.T} B={shape.B} I={shape.I} H={shape.H}  {report['dtype']}  "
@@ -491,14 +500,15 @@ def format_report(report):
             if "median_s" in row:
                 timing = (f"{row['median_s'] * 1e3:10.3f} {100 * row['iqr_s'] / row['median_s']:5.0f}% "
                           f"{row['gflops']:8.2f} {100 * row['fraction_of_peak']:5.1f}% "
-                          f"{_speedup(row, PEER):>8s} {_speedup(row, 'numpy'):>8s}")
+                          f"{_speedup(row, PEER):>8s} {_speedup(row, 'numpy'):>8s} {_vs_1_thread(row):>8s}")
             else:
-                timing = f"{'not timed':>10s} {'':6s} {'':8s} {'':6s} {'':8s} {'':8s}"
+                timing = f"{'not timed':>10s} {'':6s} {'':8s} {'':6s} {'':8s} {'':8s} {'':8s}"
             lines.append(f"{row['mode']:8s} {row['threads']:3d} {row['backend']:8s} {timing} {first:>11s}  {check}")
     lines += ["", "median ms: median over samples (each the mean of calls lasting ~10 ms), backends "
               "interleaved; ±iqr: interquartile range / median.",
               f"%peak: GFLOP/s (forward 2·T·B·H·(I+H), train 3x) / the {gemm} peak (timed in every "
-              "round). vs X: X's median / this median (>1: faster than X).",
+              "round). vs X: X's median / this median (>1: faster than X); vs 1 thr: the same "
+              "contestant's 1-thread median / this one.",
               "1st call: the first call of that mode in this process (includes JIT compilation), "
               "not in the samples. check: worst relative error against the float64 reference."]
     return "\n".join(lines)

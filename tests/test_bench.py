@@ -91,6 +91,19 @@ def test_bench_command_end_to_end(tmp_path, capsys):
     assert "tiny  T=50 B=1 I=32 H=64" in table
 
 
+def test_ratios_between_contestants_and_thread_counts():
+    def row(backend, threads, median_s):
+        return {"shape": "tiny", "mode": "train", "threads": threads, "backend": backend,
+                "median_s": median_s, "gflops": 1.0}
+    rows = [row("cpp", 1, 4.0), row("torch", 1, 40.0), row("cpp", 2, 2.5), row("torch", 2, 30.0)]
+    bench.add_ratios(rows, {1: {"gflops": 10.0}, 2: {"gflops": 20.0}})
+    cpp_1, torch_1, cpp_2, torch_2 = rows
+    assert cpp_1["speedup_vs_torch"] == 10.0 and cpp_2["speedup_vs_torch"] == 12.0
+    assert cpp_2["speedup_vs_1_thread"] == 1.6 and torch_2["speedup_vs_1_thread"] == 40.0 / 30.0
+    assert "speedup_vs_1_thread" not in cpp_1
+    assert cpp_2["fraction_of_peak"] == 1.0 / 20.0
+
+
 def test_bench_plot(tmp_path):
     pytest.importorskip("matplotlib")
     report = bench.run(["tiny"], [1], ["forward"], ["numpy", "numba"], "float64", repeat=1, budget=0)
