@@ -24,9 +24,13 @@ better), or compile anything at import (each function compiles on its first call
 is cached on disk, ``cache=True``).
 """
 import math
+import threading
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from . import _threads
 from .reference import valid_steps, weight_gradients
@@ -35,13 +39,6 @@ from .reference import valid_steps, weight_gradients
 _SUMS_IN_ANY_ORDER = {"reassoc", "contract"}
 _TILE = 4  # result rows and columns per register tile: 16 sums
 _COLUMN_BLOCK = 16  # weight rows kept in cache while every row of the left operand goes past
-# Per-step multiply-adds (B·H·H) from which, with several threads, each step's product goes to
-# NumPy's threaded BLAS from a Python loop (a few us per step) instead of the compiled loop (one
-# thread). Splitting the compiled steps over numba's threads instead (prange, one parallel
-# region per step) was measured 1.5-10x slower than one thread on the 2-core development machine
-# under load: waking the pool every step costs more than the step. Threaded BLAS is robust there;
-# it beats the 1-thread compiled loop from large (B·H·H = 67M) on, not yet at medium (4.2M).
-_BLAS_STEP_MIN_WORK = 1 << 24
 
 
 @njit(fastmath=_SUMS_IN_ANY_ORDER, cache=True)
@@ -127,31 +124,94 @@ def _tanh(x):
     return t if ax >= _LINEAR_BELOW else x
 
 
-@njit(error_model="numpy", cache=True)
-def _forward_columns(t, output, weight_hh, state, recurrent, lengths, j0, j1):
-    """Step t for hidden units j0:j1.   output (T, B, H): the input term on entry, h_t on exit
-    (0 on padding); state (2, B, H): h_{t-1} in state[t % 2], h_t goes to state[(t + 1) % 2]
-    (carried on padding rows); recurrent (B, H): scratch for h_{t-1} · weight_hhᵀ."""
-    _matmul_wt_columns(state[t % 2], weight_hh, recurrent, j0, j1)
-    _forward_epilogue(t, output, state, recurrent, lengths, j0, j1)
+# Threads share a time loop by splitting the hidden units (columns) between them and meeting at
+# one barrier per step, as the native kernel does (design.md §3.4). The barrier is a counter per
+# thread: the steps it has finished, written with release and read with acquire ordering, so the
+# columns a thread wrote before its counter moved are visible to the others once they see it.
+
+@intrinsic
+def _load_acquire(typingctx, counters, i):
+    """counters[i], read atomically with acquire ordering (never hoisted out of a spin loop)."""
+    def codegen(context, builder, signature, arguments):
+        pointer = _element_pointer(context, builder, signature.args[0], *arguments)
+        return builder.load_atomic(pointer, "acquire", align=8)
+    return counters.dtype(counters, i), codegen
+
+
+@intrinsic
+def _store_release(typingctx, counters, i, value):
+    """counters[i] = value, written atomically with release ordering."""
+    def codegen(context, builder, signature, arguments):
+        pointer = _element_pointer(context, builder, signature.args[0], *arguments[:2])
+        builder.store_atomic(arguments[2], pointer, "release", align=8)
+        return context.get_dummy_value()
+    return types.void(counters, i, counters.dtype), codegen
+
+
+def _element_pointer(context, builder, array_type, array, i):
+    array = context.make_array(array_type)(context, builder, array)
+    return cgutils.get_item_pointer(context, builder, array_type, array, [i])
+
+
+@intrinsic
+def _sched_yield(typingctx):
+    """Let another thread have this core (POSIX sched_yield)."""
+    def codegen(context, builder, signature, arguments):
+        function = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(32), []),
+                                                  "sched_yield")
+        builder.call(function, [])
+        return context.get_dummy_value()
+    return types.void(), codegen
+
+
+_SPINS_BEFORE_YIELD = 1 << 12
+
+
+@njit(inline="always")
+def _barrier(steps_done, thread, step):
+    """Thread `thread` has finished `step`; wait until every thread has."""
+    _store_release(steps_done, thread, step)
+    for other in range(steps_done.shape[0]):
+        spins = 0
+        while _load_acquire(steps_done, other) < step:
+            spins += 1
+            if spins > _SPINS_BEFORE_YIELD:
+                _sched_yield()
 
 
 @njit(error_model="numpy", cache=True, nogil=True)
-def _forward_epilogue(t, output, state, recurrent, lengths, j0, j1):
-    """h_t = tanh(input term + recurrent) for hidden units j0:j1, recurrent = h_{t-1} · weight_hhᵀ."""
+def _forward_epilogue(t, output, state, recurrent, bias, lengths, j0, j1):
+    """h_t = tanh(output[t] + recurrent + bias) for hidden units j0:j1, where output[t] holds the
+    input term x_t · weight_ihᵀ and recurrent h_{t-1} · weight_hhᵀ; padding rows: 0, state carried."""
     h_prev, h_next = state[t % 2], state[(t + 1) % 2]
+    b_j = bias[j0:j1]
     for b in range(output.shape[1]):
         # Row slices, so that the loops below start at 0: numba then knows no index is negative
         # (no wraparound check) and LLVM vectorises them.
         out, rec, new = output[t, b, j0:j1], recurrent[b, j0:j1], h_next[b, j0:j1]
         if t < lengths[b]:
             for j in range(out.shape[0]):
-                h_j = _tanh(np.float64(out[j] + rec[j]))
+                h_j = _tanh(np.float64(out[j] + rec[j] + b_j[j]))
                 out[j] = h_j
                 new[j] = h_j
-        else:  # padding: output 0, state carried
+        else:
             out[:] = 0.0
             new[:] = h_prev[b, j0:j1]
+
+
+@njit(error_model="numpy", cache=True, nogil=True)
+def _forward_columns(x, weight_ih, weight_hh, bias, lengths, output, state, recurrent,
+                     input_in_loop, steps_done, thread, j0, j1):
+    """The forward time loop for hidden units j0:j1 (all of them with one thread).
+    output (T, B, H) gets h_t (0 on padding); state (2, B, H): h_{t-1} in state[t % 2] (h0 in
+    state[0] on entry), h_t goes to state[(t + 1) % 2]; recurrent (B, H) is scratch. The input
+    term x_t · weight_ihᵀ is computed here if input_in_loop, else it is in output on entry."""
+    for t in range(x.shape[0]):
+        if input_in_loop:
+            _matmul_wt_columns(x[t], weight_ih, output[t], j0, j1)
+        _matmul_wt_columns(state[t % 2], weight_hh, recurrent, j0, j1)
+        _forward_epilogue(t, output, state, recurrent, bias, lengths, j0, j1)
+        _barrier(steps_done, thread, t + 1)
 
 
 @njit(error_model="numpy", cache=True, nogil=True)
@@ -166,82 +226,118 @@ def _grad_a_columns(t, grad_output, output, g, lengths, grad_a, k0, k1):
                 da[k] = (g_b[k] + go[k]) * (one - h[k] * h[k])
 
 
-@njit(error_model="numpy", cache=True)
-def _backward_columns(t, grad_output, weight_hh_t, output, g, lengths, grad_a, product, k0, k1):
-    """Step t for hidden units k0:k1, once grad_a[t] is complete.   weight_hh_t (H, H) is
-    weight_hhᵀ, contiguous; product (B, H) is scratch for grad_a[t] · weight_hh."""
-    _matmul_wt_columns(grad_a[t], weight_hh_t, product, k0, k1)
-    _backward_epilogue(t, grad_output, output, g, lengths, grad_a, product, k0, k1)
-
-
 @njit(error_model="numpy", cache=True, nogil=True)
-def _backward_epilogue(t, grad_output, output, g, lengths, grad_a, product, k0, k1):
-    """Given product = grad_a[t] · weight_hh: g[:, k0:k1] becomes the gradient reaching h_{t-1}
-    (product on valid rows, passed through on padding), and grad_a[t - 1][:, k0:k1] follows from
-    it, column by column, so no other column is waited for."""
-    for b in range(output.shape[1]):
-        if t < lengths[b]:
-            g[b, k0:k1] = product[b, k0:k1]
-    if t > 0:
-        _grad_a_columns(t - 1, grad_output, output, g, lengths, grad_a, k0, k1)
-
-
-# The time loops: compiled whole, or, for big steps with several threads, a Python loop whose
-# products are NumPy's BLAS calls (threaded) and whose element-wise rest is compiled.
-
-@njit(cache=True, nogil=True)
-def _forward_steps(output, weight_hh, state, lengths):
-    T, B, H = output.shape
-    recurrent = np.empty((B, H), output.dtype)
-    for t in range(T):
-        _forward_columns(t, output, weight_hh, state, recurrent, lengths, 0, H)
-
-
-def _forward_steps_blas(output, weight_hh, state, lengths):
-    T, B, H = output.shape
-    recurrent = np.empty((B, H), output.dtype)
-    for t in range(T):
-        np.matmul(state[t % 2], weight_hh.T, out=recurrent)
-        _forward_epilogue(t, output, state, recurrent, lengths, 0, H)
-
-
-@njit(cache=True, nogil=True)
-def _backward_steps(grad_output, weight_hh_t, output, g, lengths, grad_a):
-    T, B, H = output.shape
-    product = np.empty((B, H), output.dtype)
+def _backward_columns(grad_output, weight_hh_t, output, lengths, g, grad_a, product,
+                      steps_done, thread, k0, k1):
+    """The BPTT chain for hidden units k0:k1 (all of them with one thread).
+    g (B, H): dL/dh_T on entry (grad_h_n), dL/dh0 on exit; grad_a (T, B, H), zeros on entry,
+    gets dL/da_t; weight_hh_t (H, H) is weight_hhᵀ, contiguous; product (B, H) is scratch."""
+    T = output.shape[0]
     if T > 0:
-        _grad_a_columns(T - 1, grad_output, output, g, lengths, grad_a, 0, H)
+        _grad_a_columns(T - 1, grad_output, output, g, lengths, grad_a, k0, k1)
+        _barrier(steps_done, thread, 1)
     for t in range(T - 1, -1, -1):
-        _backward_columns(t, grad_output, weight_hh_t, output, g, lengths, grad_a, product, 0, H)
+        _matmul_wt_columns(grad_a[t], weight_hh_t, product, k0, k1)  # needs all of grad_a[t]
+        for b in range(output.shape[1]):
+            if t < lengths[b]:  # padding rows pass g through
+                g[b, k0:k1] = product[b, k0:k1]
+        if t > 0:
+            _grad_a_columns(t - 1, grad_output, output, g, lengths, grad_a, k0, k1)
+        _barrier(steps_done, thread, T - t + 1)
 
 
-def _backward_steps_blas(grad_output, weight_hh_t, output, g, lengths, grad_a):
-    T, B, H = output.shape
-    product = np.empty((B, H), output.dtype)
-    if T > 0:
-        _grad_a_columns(T - 1, grad_output, output, g, lengths, grad_a, 0, H)
-    for t in range(T - 1, -1, -1):
-        np.matmul(grad_a[t], weight_hh_t.T, out=product)
-        _backward_epilogue(t, grad_output, output, g, lengths, grad_a, product, 0, H)
+# Per-step multiply-adds from which a time loop is split between threads; below it a second
+# thread costs more at the barrier than it takes off the step.
+_SPLIT_MIN_WORK = 1 << 20
+
+
+def _thread_count(J, work):
+    """Threads for a time loop over J columns with `work` multiply-adds per step: as many as
+    set_num_threads allows and the work pays for, each with at least one column block."""
+    return max(1, min(_threads.get_num_threads(), work // _SPLIT_MIN_WORK, J // _COLUMN_BLOCK))
+
+
+def _column_bounds(J, n):
+    """n + 1 bounds splitting J columns into n slices that start at multiples of _COLUMN_BLOCK, so
+    that every element is summed in the same order whatever n is: results do not depend on it."""
+    blocks = -(-J // _COLUMN_BLOCK)
+    return [min(J, _COLUMN_BLOCK * (blocks * i // n)) for i in range(n)] + [J]
+
+
+_blas_pools = None
+
+
+def _one_blas_thread():
+    """A context in which NumPy's BLAS computes on the calling thread only. Its own pool would
+    wake worker threads that keep spinning ~0.1 s after the call, on the cores where our time
+    loop's threads wait for each other at every step (measured: a 2-thread forward on medium
+    takes 18-80 ms instead of 9.6 right after a 2-thread NumPy product)."""
+    global _blas_pools
+    if _blas_pools is None:
+        from threadpoolctl import ThreadpoolController
+
+        _blas_pools = ThreadpoolController().select(user_api="blas")
+    return _blas_pools.limit(limits=1)
+
+
+def _on_threads(n, task):
+    """[task(0), ..., task(n - 1)]: task(0) on this thread, the others on threads of their own,
+    where NumPy's BLAS then runs single-threaded, so that n threads compute in all."""
+    if n == 1:
+        return [task(0)]
+    results, errors = [None] * n, []
+
+    def run(i):
+        try:
+            results[i] = task(i)
+        except BaseException as error:  # re-raised below, on the calling thread
+            errors.append(error)
+
+    workers = [threading.Thread(target=run, args=(i,)) for i in range(1, n)]
+    with _one_blas_thread():
+        for worker in workers:
+            worker.start()
+        run(0)
+        for worker in workers:
+            worker.join()
+    if errors:
+        raise errors[0]
+    return results
 
 
 def _full_lengths(lengths, T, B):
     return np.full(B, T, dtype=np.int64) if lengths is None else lengths
 
 
-def _threaded_blas_pays(B, H):
-    """Whether to hand each step's product to NumPy's BLAS: only with several threads, big steps."""
-    return _threads.get_num_threads() > 1 and B * H * H >= _BLAS_STEP_MIN_WORK
+# The input term x_t · weight_ihᵀ is computed inside the time loop, by the per-step product,
+# which is faster than NumPy's BLAS on the hoisted product (all T·B rows at once) as long as
+# weight_ih stays in cache between steps and the step has whole 4-row tiles. Measured per
+# forward at 1 thread: in the loop 13.3 ms instead of 15.7 at medium (weight_ih 256 KB), 82
+# instead of 90 at large (2 MB); hoisted 196 ms instead of 208 at deepbench (12 MB), 34 us
+# instead of 39 at tiny (B = 1).
+_INPUT_IN_LOOP_MAX_BYTES = 4 << 20
 
 
 def forward(x, weight_ih, weight_hh, bias, h0, lengths):
     T, B, I = x.shape
     H = weight_hh.shape[0]
-    output = (x.reshape(T * B, I) @ weight_ih.T + bias).reshape(T, B, H)
+    output = np.empty((T, B, H), x.dtype)
     state = np.empty((2, B, H), x.dtype)  # h_{t-1} and h_t, taking turns
     state[0] = h0
-    arguments = (output, weight_hh, state, _full_lengths(lengths, T, B))
-    (_forward_steps_blas if _threaded_blas_pays(B, H) else _forward_steps)(*arguments)
+    recurrent = np.empty((B, H), x.dtype)
+    input_in_loop = B >= _TILE and weight_ih.nbytes <= _INPUT_IN_LOOP_MAX_BYTES
+    arguments = (x, weight_ih, weight_hh, bias, _full_lengths(lengths, T, B), output, state, recurrent,
+                 input_in_loop)
+    n = _thread_count(H, B * H * (H + I))
+    bounds, steps_done = _column_bounds(H, n), np.zeros(n, np.int64)
+
+    def columns(i):
+        j0, j1 = bounds[i], bounds[i + 1]
+        if not input_in_loop:
+            np.matmul(x.reshape(T * B, I), weight_ih[j0:j1].T, out=output.reshape(T * B, H)[:, j0:j1])
+        _forward_columns(*arguments, steps_done, i, j0, j1)
+
+    _on_threads(n, columns)
     return output, state[T % 2].copy()
 
 
@@ -250,9 +346,26 @@ def backward(grad_output, x, weight_ih, weight_hh, output, h0, grad_h_n, lengths
     H = weight_hh.shape[0]
     grad_a = np.zeros_like(output)
     g = grad_h_n.copy()
-    weight_hh_t = np.ascontiguousarray(weight_hh.T)  # so that g · weight_hh reads contiguous rows
-    arguments = (grad_output, weight_hh_t, output, g, _full_lengths(lengths, T, B), grad_a)
-    (_backward_steps_blas if _threaded_blas_pays(B, H) else _backward_steps)(*arguments)
-    grad_x = (grad_a.reshape(T * B, H) @ weight_ih).reshape(T, B, I)
+    weight_hh_t = np.ascontiguousarray(weight_hh.T)  # so that grad_a · weight_hh reads contiguous rows
+    product = np.empty((B, H), x.dtype)
+    arguments = (grad_output, weight_hh_t, output, _full_lengths(lengths, T, B), g, grad_a, product)
+    grad_x = np.empty_like(x)
     valid = valid_steps(lengths, T, B)[:, :, None]
-    return (grad_x, g) + weight_gradients(grad_a, x, output, h0, valid)
+    n = _thread_count(H, B * H * H)
+    bounds, steps_done = _column_bounds(H, n), np.zeros(n, np.int64)
+
+    def chain_then_products(i):
+        """The chain over columns i, then, once every thread is through it, the products
+        over the rows of time steps i·T/n .. (i+1)·T/n: grad_x, and those steps' share of the
+        weight gradients (the sums over rows of reference.weight_gradients, split in n parts)."""
+        _backward_columns(*arguments, steps_done, i, bounds[i], bounds[i + 1])
+        t0, t1 = T * i // n, T * (i + 1) // n
+        np.matmul(grad_a[t0:t1].reshape(-1, H), weight_ih, out=grad_x[t0:t1].reshape(-1, I))
+        h_before = h0 if t0 == 0 else output[t0 - 1]  # h_{t0-1}; masked where it is padding
+        return weight_gradients(grad_a[t0:t1], x[t0:t1], output[t0:t1], h_before, valid[t0:t1])
+
+    weight_grads, *other_parts = _on_threads(n, chain_then_products)
+    for part in other_parts:
+        for total, term in zip(weight_grads, part):
+            total += term
+    return (grad_x, g) + weight_grads
