@@ -1,28 +1,38 @@
 """The ``numba`` backend: the reference (pyrnn/reference.py) with its time loops compiled.
 
-What it is for: the fast path when the native module is not built. Only the recurrence is
-sequential, so only it is compiled (design.md §3): the products over all T·B rows at once (the
-input term, the weight gradients, grad_x) stay NumPy matrix products, i.e. BLAS, and the time
-steps run inside one compiled loop with no Python, no call into BLAS and no allocation (except
-big steps with several threads, see Threads below).
+What it is for: the fast path when the native module is not built. The time steps run inside
+one compiled loop with no Python and no allocation; the products over all T·B rows at once
+(the weight gradients, grad_x, and the input term when weight_ih is big) stay NumPy matrix
+products, i.e. BLAS (design.md §3).
 
 Why the compiled step is fast (measured against NumPy's BLAS on the same per-step products):
 - ``_matmul_wt_columns``, the per-step product, computes 4 rows x 4 columns of the result at once, so
   every number loaded from memory is used 4 times, and walks 16 rows of the weight at a time so
   they stay in cache while all batch rows go past. Its sums may be reordered (fastmath
   ``reassoc``/``contract`` only, nothing that changes NaN, inf or rounding of single operations),
-  which is what lets LLVM keep the 16 sums in vector registers, as any BLAS does.
+  which is what lets LLVM keep the 16 sums in vector registers, as any BLAS does. It beats
+  NumPy's BLAS here (150 against 100 GFLOP/s at medium), so while weight_ih stays in cache the
+  input term x_t · weight_ihᵀ is computed in the loop too (_INPUT_IN_LOOP_MAX_BYTES).
 - ``_tanh`` is plain arithmetic that LLVM vectorises; numba's ``np.tanh`` is one libm call per
   element (16 ns each here), which would cost more than the products themselves at small H.
 - ``error_model="numpy"``: a float division is not checked for zero, so loops with one vectorise.
-- Threads: with several, big steps (see _BLAS_STEP_MIN_WORK) hand their product to NumPy's
-  threaded BLAS; otherwise threads speed up the BLAS products around the loop only, and results
-  do not depend on the thread count.
+
+Threads (as the native kernel, design.md §3.4): from _SPLIT_MIN_WORK multiply-adds per step,
+set_num_threads(n) threads share each time loop, each owning a block-aligned slice of the hidden
+units and all of them meeting at one barrier per step (``_barrier``: a counter per thread,
+written with release and read with acquire ordering). The caller's thread is one of them, the
+others are started per call; compiled code releases the GIL (``nogil``). NumPy's BLAS runs
+single-threaded meanwhile, each thread calling it on its own share, so no idle BLAS worker
+spins on the cores the barrier waits for. Results: the forward pass computes every element on
+one thread in the same order whatever n is, so output and h_n do not depend on the thread
+count (bitwise, tested); the backward pass sums each weight gradient in n parts, so those
+differ with n within roundoff (float32: ~1e-6 relative).
 
 What it deliberately does not do: compile the big products over all T·B rows (BLAS does those
 better), or compile anything at import (each function compiles on its first call per dtype and
 is cached on disk, ``cache=True``).
 """
+import contextlib
 import math
 import threading
 
@@ -164,6 +174,10 @@ def _sched_yield(typingctx):
     return types.void(), codegen
 
 
+# A waiting thread spins (a few us) and then yields its core at every check: when the machine
+# has more runnable threads than cores (other processes, BLAS workers), the thread it waits for
+# may be the one that needs the core. Measured on medium at 2 threads right after a NumPy
+# product (whose BLAS workers spin ~0.1 s): 18 ms per forward with yielding, 50 without.
 _SPINS_BEFORE_YIELD = 1 << 12
 
 
@@ -194,7 +208,7 @@ def _forward_epilogue(t, output, state, recurrent, bias, lengths, j0, j1):
                 h_j = _tanh(np.float64(out[j] + rec[j] + b_j[j]))
                 out[j] = h_j
                 new[j] = h_j
-        else:
+        else:  # padding: output 0, state carried
             out[:] = 0.0
             new[:] = h_prev[b, j0:j1]
 
@@ -264,20 +278,34 @@ def _column_bounds(J, n):
     return [min(J, _COLUMN_BLOCK * (blocks * i // n)) for i in range(n)] + [J]
 
 
-_blas_pools = None
+_blas_pools = None  # threadpoolctl's handle on NumPy's BLAS, made on first use
+_blas_lock = threading.Lock()
+_blas_users = 0  # calls inside _one_blas_thread: the first one limits the pool, the last restores it
+_blas_limit = None
 
 
+@contextlib.contextmanager
 def _one_blas_thread():
     """A context in which NumPy's BLAS computes on the calling thread only. Its own pool would
     wake worker threads that keep spinning ~0.1 s after the call, on the cores where our time
     loop's threads wait for each other at every step (measured: a 2-thread forward on medium
     takes 18-80 ms instead of 9.6 right after a 2-thread NumPy product)."""
-    global _blas_pools
-    if _blas_pools is None:
-        from threadpoolctl import ThreadpoolController
+    global _blas_pools, _blas_users, _blas_limit
+    with _blas_lock:
+        if _blas_users == 0:
+            if _blas_pools is None:
+                from threadpoolctl import ThreadpoolController
 
-        _blas_pools = ThreadpoolController().select(user_api="blas")
-    return _blas_pools.limit(limits=1)
+                _blas_pools = ThreadpoolController().select(user_api="blas")
+            _blas_limit = _blas_pools.limit(limits=1)
+        _blas_users += 1
+    try:
+        yield
+    finally:
+        with _blas_lock:
+            _blas_users -= 1
+            if _blas_users == 0:
+                _blas_limit.restore_original_limits()
 
 
 def _on_threads(n, task):

@@ -164,6 +164,33 @@ def test_small_steps_stay_on_one_thread():
     assert numba_kernel._thread_count(256, 64 * 256 * 512) == min(2, pyrnn.get_num_threads())  # medium
 
 
+def _blas_threads():
+    from threadpoolctl import threadpool_info
+
+    return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+
+
+def test_blas_runs_on_one_thread_inside_split_calls_and_is_restored_after(split_always):
+    """Inside a split call NumPy's BLAS is limited to the calling thread; nested and concurrent
+    calls keep the limit until the last one leaves, which restores set_num_threads' count."""
+    before = pyrnn.get_num_threads()
+    pyrnn.set_num_threads(2)
+    try:
+        seen = numba_kernel._on_threads(2, lambda i: _blas_threads())
+        assert all(counts and set(counts) == {1} for counts in seen)
+        with numba_kernel._one_blas_thread():
+            with numba_kernel._one_blas_thread():
+                assert set(_blas_threads()) == {1}
+            assert set(_blas_threads()) == {1}
+        assert set(_blas_threads()) == {2}
+        rng = np.random.default_rng(4)
+        p = make_problem(rng, 3, 5, 2, 40)
+        _run_numba(p, rng.standard_normal((3, 5, 40)), None, 2)
+        assert set(_blas_threads()) == {2}
+    finally:
+        pyrnn.set_num_threads(before)
+
+
 def test_an_error_on_a_worker_thread_is_raised_on_the_caller():
     def task(i):
         if i == 1:
