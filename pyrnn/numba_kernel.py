@@ -12,7 +12,8 @@ Why the compiled step is fast (measured against NumPy's BLAS on the same per-ste
   ``reassoc``/``contract`` only, nothing that changes NaN, inf or rounding of single operations),
   which is what lets LLVM keep the 16 sums in vector registers, as any BLAS does. It beats
   NumPy's BLAS here (150 against 100 GFLOP/s at medium), so while weight_ih stays in cache the
-  input term x_t · weight_ihᵀ is computed in the loop too (_INPUT_IN_LOOP_MAX_BYTES).
+  products with it (the input term x_t · weight_ihᵀ, grad_x_t) are computed in the loop too
+  (_weight_ih_in_loop).
 - ``_tanh`` is plain arithmetic that LLVM vectorises; numba's ``np.tanh`` is one libm call per
   element (16 ns each here), which would cost more than the products themselves at small H.
 - ``error_model="numpy"``: a float division is not checked for zero, so loops with one vectorise.
@@ -23,10 +24,11 @@ units and all of them meeting at one barrier per step (``_barrier``: a counter p
 written with release and read with acquire ordering). The caller's thread is one of them, the
 others are started per call; compiled code releases the GIL (``nogil``). NumPy's BLAS runs
 single-threaded meanwhile, each thread calling it on its own share, so no idle BLAS worker
-spins on the cores the barrier waits for. Results: the forward pass computes every element on
-one thread in the same order whatever n is, so output and h_n do not depend on the thread
-count (bitwise, tested); the backward pass sums each weight gradient in n parts, so those
-differ with n within roundoff (float32: ~1e-6 relative).
+spins on the cores the barrier waits for. Results do not depend on the thread count beyond
+roundoff (float32: ~1e-6 relative): the time loops compute every element on one thread in the
+same order whatever n is (bitwise identical output and h_n when the input term is computed in
+the loop), but BLAS may round its products over column slices differently, and each weight
+gradient is summed in n parts.
 
 What it deliberately does not do: compile the big products over all T·B rows (BLAS does those
 better), or compile anything at import (each function compiles on its first call per dtype and
@@ -230,28 +232,34 @@ def _forward_columns(x, weight_ih, weight_hh, bias, lengths, output, state, recu
 
 @njit(error_model="numpy", cache=True, nogil=True)
 def _grad_a_columns(t, grad_output, output, g, lengths, grad_a, k0, k1):
-    """grad_a[t][:, k0:k1] = (g + grad_output[t]) · (1 - h_t²) on valid rows (left 0 on padding)."""
+    """grad_a[t][:, k0:k1] = (g + grad_output[t]) · (1 - h_t²) on valid rows, 0 on padding."""
     one = output.dtype.type(1)  # not the int 1, which would promote float32 to float64
     for b in range(output.shape[1]):
+        da = grad_a[t, b, k0:k1]  # row slices: see _forward_epilogue
         if t < lengths[b]:
-            da, g_b = grad_a[t, b, k0:k1], g[b, k0:k1]  # row slices: see _forward_epilogue
-            go, h = grad_output[t, b, k0:k1], output[t, b, k0:k1]
+            g_b, go, h = g[b, k0:k1], grad_output[t, b, k0:k1], output[t, b, k0:k1]
             for k in range(da.shape[0]):
                 da[k] = (g_b[k] + go[k]) * (one - h[k] * h[k])
+        else:
+            da[:] = 0.0
 
 
 @njit(error_model="numpy", cache=True, nogil=True)
-def _backward_columns(grad_output, weight_hh_t, output, lengths, g, grad_a, product,
-                      steps_done, thread, k0, k1):
-    """The BPTT chain for hidden units k0:k1 (all of them with one thread).
-    g (B, H): dL/dh_T on entry (grad_h_n), dL/dh0 on exit; grad_a (T, B, H), zeros on entry,
-    gets dL/da_t; weight_hh_t (H, H) is weight_hhᵀ, contiguous; product (B, H) is scratch."""
+def _backward_columns(grad_output, weight_hh_t, weight_ih_t, output, lengths, g, grad_a, grad_x,
+                      product, grad_x_in_loop, steps_done, thread, k0, k1, i0, i1):
+    """The BPTT chain for hidden units k0:k1 (all of them with one thread), and, if
+    grad_x_in_loop, grad_x[t] = grad_a[t] · weight_ih for inputs i0:i1 as soon as grad_a[t] is
+    complete. g (B, H): dL/dh_T on entry (grad_h_n), dL/dh0 on exit; grad_a (T, B, H) gets
+    dL/da_t; weight_hh_t (H, H) and weight_ih_t (I, H) are weight_hhᵀ and weight_ihᵀ,
+    contiguous; product (B, H) is scratch."""
     T = output.shape[0]
     if T > 0:
         _grad_a_columns(T - 1, grad_output, output, g, lengths, grad_a, k0, k1)
         _barrier(steps_done, thread, 1)
-    for t in range(T - 1, -1, -1):
-        _matmul_wt_columns(grad_a[t], weight_hh_t, product, k0, k1)  # needs all of grad_a[t]
+    for t in range(T - 1, -1, -1):  # here grad_a[t] is complete
+        _matmul_wt_columns(grad_a[t], weight_hh_t, product, k0, k1)
+        if grad_x_in_loop:
+            _matmul_wt_columns(grad_a[t], weight_ih_t, grad_x[t], i0, i1)
         for b in range(output.shape[1]):
             if t < lengths[b]:  # padding rows pass g through
                 g[b, k0:k1] = product[b, k0:k1]
@@ -273,7 +281,7 @@ def _thread_count(J, work):
 
 def _column_bounds(J, n):
     """n + 1 bounds splitting J columns into n slices that start at multiples of _COLUMN_BLOCK, so
-    that every element is summed in the same order whatever n is: results do not depend on it."""
+    that _matmul_wt_columns sums every element in the same order whatever n is."""
     blocks = -(-J // _COLUMN_BLOCK)
     return [min(J, _COLUMN_BLOCK * (blocks * i // n)) for i in range(n)] + [J]
 
@@ -337,13 +345,18 @@ def _full_lengths(lengths, T, B):
     return np.full(B, T, dtype=np.int64) if lengths is None else lengths
 
 
-# The input term x_t · weight_ihᵀ is computed inside the time loop, by the per-step product,
-# which is faster than NumPy's BLAS on the hoisted product (all T·B rows at once) as long as
+# The products with weight_ih (forward the input term x_t · weight_ihᵀ, backward grad_x_t =
+# grad_a_t · weight_ih) are computed step by step inside the time loop, by the per-step product,
+# which is faster than NumPy's BLAS on the same product over all T·B rows at once as long as
 # weight_ih stays in cache between steps and the step has whole 4-row tiles. Measured per
 # forward at 1 thread: in the loop 13.3 ms instead of 15.7 at medium (weight_ih 256 KB), 82
-# instead of 90 at large (2 MB); hoisted 196 ms instead of 208 at deepbench (12 MB), 34 us
+# instead of 90 at large (2 MB); one product 196 ms instead of 208 at deepbench (12 MB), 34 us
 # instead of 39 at tiny (B = 1).
-_INPUT_IN_LOOP_MAX_BYTES = 4 << 20
+_IN_LOOP_MAX_WEIGHT_IH_BYTES = 4 << 20
+
+
+def _weight_ih_in_loop(weight_ih, B):
+    return B >= _TILE and weight_ih.nbytes <= _IN_LOOP_MAX_WEIGHT_IH_BYTES
 
 
 def forward(x, weight_ih, weight_hh, bias, h0, lengths):
@@ -353,7 +366,7 @@ def forward(x, weight_ih, weight_hh, bias, h0, lengths):
     state = np.empty((2, B, H), x.dtype)  # h_{t-1} and h_t, taking turns
     state[0] = h0
     recurrent = np.empty((B, H), x.dtype)
-    input_in_loop = B >= _TILE and weight_ih.nbytes <= _INPUT_IN_LOOP_MAX_BYTES
+    input_in_loop = _weight_ih_in_loop(weight_ih, B)
     arguments = (x, weight_ih, weight_hh, bias, _full_lengths(lengths, T, B), output, state, recurrent,
                  input_in_loop)
     n = _thread_count(H, B * H * (H + I))
@@ -372,23 +385,27 @@ def forward(x, weight_ih, weight_hh, bias, h0, lengths):
 def backward(grad_output, x, weight_ih, weight_hh, output, h0, grad_h_n, lengths):
     T, B, I = x.shape
     H = weight_hh.shape[0]
-    grad_a = np.zeros_like(output)
+    grad_a, grad_x = np.empty_like(output), np.empty_like(x)
     g = grad_h_n.copy()
-    weight_hh_t = np.ascontiguousarray(weight_hh.T)  # so that grad_a · weight_hh reads contiguous rows
-    product = np.empty((B, H), x.dtype)
-    arguments = (grad_output, weight_hh_t, output, _full_lengths(lengths, T, B), g, grad_a, product)
-    grad_x = np.empty_like(x)
+    grad_x_in_loop = _weight_ih_in_loop(weight_ih, B)
+    # Transposed copies, so that the per-step products read contiguous rows.
+    weight_hh_t = np.ascontiguousarray(weight_hh.T)
+    weight_ih_t = np.ascontiguousarray(weight_ih.T) if grad_x_in_loop else weight_ih
+    arguments = (grad_output, weight_hh_t, weight_ih_t, output, _full_lengths(lengths, T, B), g,
+                 grad_a, grad_x, np.empty((B, H), x.dtype), grad_x_in_loop)
     valid = valid_steps(lengths, T, B)[:, :, None]
-    n = _thread_count(H, B * H * H)
-    bounds, steps_done = _column_bounds(H, n), np.zeros(n, np.int64)
+    n = _thread_count(H, B * H * (H + I))
+    hidden, inputs, steps_done = _column_bounds(H, n), _column_bounds(I, n), np.zeros(n, np.int64)
 
     def chain_then_products(i):
-        """The chain over columns i, then, once every thread is through it, the products
-        over the rows of time steps i·T/n .. (i+1)·T/n: grad_x, and those steps' share of the
-        weight gradients (the sums over rows of reference.weight_gradients, split in n parts)."""
-        _backward_columns(*arguments, steps_done, i, bounds[i], bounds[i + 1])
+        """The chain over thread i's columns, then, once every thread is through it, the
+        products over the rows of time steps i·T/n .. (i+1)·T/n: grad_x (unless the chain
+        computed it), and those steps' share of the weight gradients (the sums over rows of
+        reference.weight_gradients, split in n parts)."""
+        _backward_columns(*arguments, steps_done, i, hidden[i], hidden[i + 1], inputs[i], inputs[i + 1])
         t0, t1 = T * i // n, T * (i + 1) // n
-        np.matmul(grad_a[t0:t1].reshape(-1, H), weight_ih, out=grad_x[t0:t1].reshape(-1, I))
+        if not grad_x_in_loop:
+            np.matmul(grad_a[t0:t1].reshape(-1, H), weight_ih, out=grad_x[t0:t1].reshape(-1, I))
         h_before = h0 if t0 == 0 else output[t0 - 1]  # h_{t0-1}; masked where it is padding
         return weight_gradients(grad_a[t0:t1], x[t0:t1], output[t0:t1], h_before, valid[t0:t1])
 
