@@ -22,7 +22,7 @@ Threads (as the native kernel, design.md §3.4): from _SPLIT_MIN_WORK multiply-a
 set_num_threads(n) threads share each time loop, each owning a block-aligned slice of the hidden
 units and all of them meeting at one barrier per step (``_barrier``: a counter per thread,
 written with release and read with acquire ordering). The caller's thread is one of them, the
-others are started per call; compiled code releases the GIL (``nogil``). NumPy's BLAS runs
+others are kept worker threads (``_on_threads``); compiled code releases the GIL (``nogil``). NumPy's BLAS runs
 single-threaded meanwhile, each thread calling it on its own share, so no idle BLAS worker
 spins on the cores the barrier waits for. Results do not depend on the thread count beyond
 roundoff (float32: ~1e-6 relative): the time loops compute every element on one thread in the
@@ -36,6 +36,8 @@ is cached on disk, ``cache=True``).
 """
 import contextlib
 import math
+import os
+import queue
 import threading
 
 import numpy as np
@@ -316,26 +318,53 @@ def _one_blas_thread():
                 _blas_limit.restore_original_limits()
 
 
+# Worker threads, started when first needed and kept: a thread started per call shares its
+# creator's core until the scheduler moves it, which can take longer than the call (measured:
+# 2-thread forwards on medium as slow as 1-thread ones), while a kept worker wakes on the core
+# it last ran on. Idle workers sleep in their queue.
+_workers = []  # one task queue per worker thread
+_workers_lock = threading.Lock()  # one split call at a time: its threads must all run at once
+
+
+def _work(tasks):
+    while True:
+        task = tasks.get()
+        task()
+
+
+def _forget_workers():  # a forked child has none of its parent's threads
+    global _workers_lock
+    _workers.clear()
+    _workers_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_workers)
+
+
 def _on_threads(n, task):
-    """[task(0), ..., task(n - 1)]: task(0) on this thread, the others on threads of their own,
-    where NumPy's BLAS then runs single-threaded, so that n threads compute in all."""
+    """[task(0), ..., task(n - 1)]: task(0) on this thread, the others on worker threads, where
+    NumPy's BLAS then runs single-threaded, so that n threads compute in all."""
     if n == 1:
         return [task(0)]
-    results, errors = [None] * n, []
+    results, errors, finished = [None] * n, [], threading.Semaphore(0)
 
     def run(i):
         try:
             results[i] = task(i)
         except BaseException as error:  # re-raised below, on the calling thread
             errors.append(error)
+        if i:
+            finished.release()
 
-    workers = [threading.Thread(target=run, args=(i,)) for i in range(1, n)]
-    with _one_blas_thread():
-        for worker in workers:
-            worker.start()
+    with _workers_lock, _one_blas_thread():
+        while len(_workers) < n - 1:
+            _workers.append(queue.SimpleQueue())
+            threading.Thread(target=_work, args=(_workers[-1],), daemon=True).start()
+        for i in range(1, n):
+            _workers[i - 1].put(lambda i=i: run(i))
         run(0)
-        for worker in workers:
-            worker.join()
+        for _ in range(1, n):
+            finished.acquire()
     if errors:
         raise errors[0]
     return results

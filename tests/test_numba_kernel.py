@@ -205,6 +205,34 @@ def test_an_error_on_a_worker_thread_is_raised_on_the_caller():
     assert numba_kernel._on_threads(3, lambda i: i * i) == [0, 1, 4]
 
 
+def test_a_forked_child_starts_its_own_workers():
+    """A fork has none of its parent's worker threads: a split call in the child must start its
+    own, not wait for them forever."""
+    code = """
+import multiprocessing, numpy as np, pyrnn
+from pyrnn import numba_kernel
+numba_kernel._SPLIT_MIN_WORK = 1
+pyrnn.set_num_threads(2)
+rng = np.random.default_rng(0)
+arguments = rng.standard_normal((4, 5, 3)), rng.standard_normal((40, 3)), 0.2 * rng.standard_normal((40, 40))
+parent = pyrnn.forward(*arguments, backend="numba")[0]
+def child(queue):
+    queue.put(pyrnn.forward(*arguments, backend="numba")[0])
+context = multiprocessing.get_context("fork")
+queue = context.Queue()
+process = context.Process(target=child, args=(queue,))
+process.start()
+try:
+    result = queue.get(timeout=60)
+    process.join(60)
+finally:
+    if process.is_alive():  # a hung child must not outlive the test
+        process.kill()
+print(process.exitcode, np.array_equal(result, parent))
+"""
+    assert _run(code).split() == ["0", "True"]
+
+
 def _run(code):
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                           timeout=600).stdout
