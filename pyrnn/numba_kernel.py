@@ -320,15 +320,26 @@ def _one_blas_thread():
 
 # Worker threads, started when first needed and kept: a thread started per call shares its
 # creator's core until the scheduler moves it, which can take longer than the call (measured:
-# 2-thread forwards on medium as slow as 1-thread ones), while a kept worker wakes on the core
-# it last ran on. Idle workers sleep in their queue.
-_workers = []  # one task queue per worker thread
+# 2-thread forwards on medium as slow as 1-thread ones). For the same reason a worker spins
+# ~1 ms after each task before it sleeps: woken from sleep it may again be placed on the
+# waking thread's core, while a spinning one keeps its own for back-to-back calls.
+_workers = []  # (task queue, doorbell) per worker thread; doorbell[0] = 1: a task is queued
 _workers_lock = threading.Lock()  # one split call at a time: its threads must all run at once
+_WORKER_SPINS = 1 << 22  # checks of the doorbell: ~1 ms on the development machine
 
 
-def _work(tasks):
+@njit(cache=True, nogil=True)
+def _spin_until_rung(doorbell, spins):
+    for _ in range(spins):
+        if _load_acquire(doorbell, 0):
+            return
+
+
+def _work(tasks, doorbell):
     while True:
-        task = tasks.get()
+        _spin_until_rung(doorbell, _WORKER_SPINS)
+        task = tasks.get()  # sleeps here if no task came while spinning
+        doorbell[0] = 0
         task()
 
 
@@ -358,10 +369,12 @@ def _on_threads(n, task):
 
     with _workers_lock, _one_blas_thread():
         while len(_workers) < n - 1:
-            _workers.append(queue.SimpleQueue())
-            threading.Thread(target=_work, args=(_workers[-1],), daemon=True).start()
+            _workers.append((queue.SimpleQueue(), np.zeros(1, np.int64)))
+            threading.Thread(target=_work, args=_workers[-1], daemon=True).start()
         for i in range(1, n):
-            _workers[i - 1].put(lambda i=i: run(i))
+            tasks, doorbell = _workers[i - 1]
+            tasks.put(lambda i=i: run(i))
+            doorbell[0] = 1
         run(0)
         for _ in range(1, n):
             finished.acquire()
