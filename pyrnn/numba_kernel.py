@@ -383,6 +383,19 @@ def _on_threads(n, task):
     return results
 
 
+def _empty_aligned(shape, dtype):
+    """np.empty(shape, dtype) starting at a 64-byte boundary, a cache line. Threads write
+    neighbouring column slices of these arrays, which start at multiples of 64 bytes within
+    each row: with aligned rows no cache line is written by two threads (NumPy aligns to 16
+    bytes only). Measured at 2 threads, forward / backward: medium 11.0 / 22.6 ms aligned,
+    12.5 / 23.6 ms 16 bytes past a line; large 44.6 / 104 against 47.3 / 108."""
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    buffer = np.empty(nbytes + 64, np.uint8)
+    start = -buffer.ctypes.data % 64
+    return buffer[start:start + nbytes].view(dtype).reshape(shape)
+
+
 def _full_lengths(lengths, T, B):
     return np.full(B, T, dtype=np.int64) if lengths is None else lengths
 
@@ -404,10 +417,10 @@ def _weight_ih_in_loop(weight_ih, B):
 def forward(x, weight_ih, weight_hh, bias, h0, lengths):
     T, B, I = x.shape
     H = weight_hh.shape[0]
-    output = np.empty((T, B, H), x.dtype)
-    state = np.empty((2, B, H), x.dtype)  # h_{t-1} and h_t, taking turns
+    output = _empty_aligned((T, B, H), x.dtype)
+    state = _empty_aligned((2, B, H), x.dtype)  # h_{t-1} and h_t, taking turns
     state[0] = h0
-    recurrent = np.empty((B, H), x.dtype)
+    recurrent = _empty_aligned((B, H), x.dtype)
     input_in_loop = _weight_ih_in_loop(weight_ih, B)
     arguments = (x, weight_ih, weight_hh, bias, _full_lengths(lengths, T, B), output, state, recurrent,
                  input_in_loop)
@@ -427,14 +440,15 @@ def forward(x, weight_ih, weight_hh, bias, h0, lengths):
 def backward(grad_output, x, weight_ih, weight_hh, output, h0, grad_h_n, lengths):
     T, B, I = x.shape
     H = weight_hh.shape[0]
-    grad_a, grad_x = np.empty_like(output), np.empty_like(x)
-    g = grad_h_n.copy()
+    grad_a, grad_x = _empty_aligned(output.shape, x.dtype), _empty_aligned(x.shape, x.dtype)
+    g = _empty_aligned((B, H), x.dtype)
+    g[:] = grad_h_n
     grad_x_in_loop = _weight_ih_in_loop(weight_ih, B)
     # Transposed copies, so that the per-step products read contiguous rows.
     weight_hh_t = np.ascontiguousarray(weight_hh.T)
     weight_ih_t = np.ascontiguousarray(weight_ih.T) if grad_x_in_loop else weight_ih
     arguments = (grad_output, weight_hh_t, weight_ih_t, output, _full_lengths(lengths, T, B), g,
-                 grad_a, grad_x, np.empty((B, H), x.dtype), grad_x_in_loop)
+                 grad_a, grad_x, _empty_aligned((B, H), x.dtype), grad_x_in_loop)
     valid = valid_steps(lengths, T, B)[:, :, None]
     n = _thread_count(H, B * H * (H + I))
     hidden, inputs, steps_done = _column_bounds(H, n), _column_bounds(I, n), np.zeros(n, np.int64)
