@@ -2,8 +2,8 @@
 
 What it is for: the fast path when the native module is not built. The time steps run inside
 one compiled loop with no Python and no allocation; the products over all T·B rows at once
-(the weight gradients, grad_x, and the input term when weight_ih is big) stay NumPy matrix
-products, i.e. BLAS (design.md §3).
+(the weight gradients; the input term and grad_x too when weight_ih is big or B < 4) stay
+NumPy matrix products, i.e. BLAS (design.md §3).
 
 Why the compiled step is fast (measured against NumPy's BLAS on the same per-step products):
 - ``_matmul_wt_columns``, the per-step product, computes 4 rows x 4 columns of the result at once, so
@@ -299,7 +299,7 @@ def _one_blas_thread():
     """A context in which NumPy's BLAS computes on the calling thread only. Its own pool would
     wake worker threads that keep spinning ~0.1 s after the call, on the cores where our time
     loop's threads wait for each other at every step (measured: a 2-thread forward on medium
-    takes 18-80 ms instead of 9.6 right after a 2-thread NumPy product)."""
+    takes 18 ms, median, instead of 9.6 right after a 2-thread NumPy product)."""
     global _blas_pools, _blas_users, _blas_limit
     with _blas_lock:
         if _blas_users == 0:
