@@ -62,7 +62,7 @@ def _matmul_wt_columns(a, w, out, j0, j1):
         _matmul_wt_block(a, w, out, block_start, min(block_start + _COLUMN_BLOCK, j1))
 
 
-@njit(fastmath=_SUMS_IN_ANY_ORDER, cache=True, inline="always")  # measured 20% faster at B = 16
+@njit(fastmath=_SUMS_IN_ANY_ORDER, cache=True, inline="always")  # measured: 20% faster at B = 1, 3% at 16
 def _matmul_wt_block(a, w, out, j0, j1):
     """out[:, j0:j1] = a · w[j0:j1]ᵀ for one block of columns, small enough to stay in cache."""
     B, K = a.shape
