@@ -1,7 +1,8 @@
 """The numba backend's own parts, tested against NumPy: the per-step product (every tile and
-remainder path), the vectorisable tanh, the step loops that use NumPy's BLAS (equal to the
-compiled ones), lazy compilation and the on-disk cache. Agreement of the whole backend with the reference is
-tested for every backend in test_agreement.py.
+remainder path), the vectorisable tanh, the time loops split between threads (equal to one
+thread's, within the thread budget, BLAS kept single-threaded meanwhile, errors and forks
+handled), lazy compilation and the on-disk cache. Agreement of the whole backend with the
+reference is tested for every backend in test_agreement.py.
 """
 import subprocess
 import sys
@@ -92,8 +93,9 @@ def _run_numba(problem, grad_output, lengths, threads):
     pyrnn.set_num_threads(threads)
     try:
         output, h_n = pyrnn.forward(**problem, lengths=lengths, backend="numba")
-        grads = pyrnn.backward(grad_output, problem["x"], problem["weight_ih"], problem["weight_hh"],
-                               output, problem["h0"], lengths=lengths, backend="numba")
+        grads = pyrnn.backward(grad_output, problem["x"], problem["weight_ih"],
+                               problem["weight_hh"], output, problem["h0"], lengths=lengths,
+                               backend="numba")
     finally:
         pyrnn.set_num_threads(before)
     return (output, h_n) + tuple(grads)
@@ -122,13 +124,14 @@ def split_always(monkeypatch):
 @pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
 @pytest.mark.parametrize("weight_ih_in_loop", [False, True], ids=["hoisted", "in_loop"])
 @pytest.mark.parametrize("threads", [2, 3])
-def test_threads_split_the_columns_and_agree_with_one_thread(split_always, monkeypatch, dtype,
-                                                             with_lengths, weight_ih_in_loop, threads):
+def test_threads_split_the_columns_and_agree_with_one_thread(
+        split_always, monkeypatch, dtype, with_lengths, weight_ih_in_loop, threads):
     """Each thread runs the time loop over its own block-aligned columns, on a thread of its own
     (3 threads on 2 cores too: the barrier yields), with the products with weight_ih in the loop
     or over all rows at once. Results agree with one thread's within roundoff, bitwise for the
     forward pass when it computes the input term itself."""
-    monkeypatch.setattr(numba_kernel, "_IN_LOOP_MAX_WEIGHT_IH_BYTES", 1 << 40 if weight_ih_in_loop else 0)
+    limit = 1 << 40 if weight_ih_in_loop else 0
+    monkeypatch.setattr(numba_kernel, "_IN_LOOP_MAX_WEIGHT_IH_BYTES", limit)
     rng = np.random.default_rng(threads)
     T, B, I, H = 7, 5, 37, 53  # 3 and 4 column blocks of 16, the last one partial
     p = make_problem(rng, T, B, I, H, dtype)
@@ -141,7 +144,8 @@ def test_threads_split_the_columns_and_agree_with_one_thread(split_always, monke
         assert len({ident for *_, ident in calls}) == threads, name
         bounds = [j0 for _, j0, _, _ in sorted(calls)] + [H]  # each thread's columns j0:j1
         assert [j1 for _, _, j1, _ in sorted(calls)] == bounds[1:], name
-        assert bounds[0] == 0 and all(j0 % 16 == 0 and j0 < j1 for j0, j1 in zip(bounds, bounds[1:]))
+        assert bounds[0] == 0
+        assert all(j0 % 16 == 0 and j0 < j1 for j0, j1 in zip(bounds, bounds[1:])), name
     tolerance = 1e-13 if dtype == np.float64 else 1e-5
     for i, (a, b) in enumerate(zip(one, several)):
         if i < 2 and weight_ih_in_loop:  # forward: every element summed in the same order
@@ -164,7 +168,8 @@ def test_threads_never_exceed_set_num_threads(split_always):
 def test_small_steps_stay_on_one_thread():
     """Below _SPLIT_MIN_WORK multiply-adds per step, a second thread would only wait."""
     assert numba_kernel._thread_count(128, 16 * 128 * 192) == 1  # small: 0.4M per step
-    assert numba_kernel._thread_count(256, 64 * 256 * 512) == min(2, pyrnn.get_num_threads())  # medium
+    medium = numba_kernel._thread_count(256, 64 * 256 * 512)  # 8.4M per step
+    assert medium == min(2, pyrnn.get_num_threads())
 
 
 def _blas_threads():
@@ -222,7 +227,8 @@ from pyrnn import numba_kernel
 numba_kernel._SPLIT_MIN_WORK = 1
 pyrnn.set_num_threads(2)
 rng = np.random.default_rng(0)
-arguments = rng.standard_normal((4, 5, 3)), rng.standard_normal((40, 3)), 0.2 * rng.standard_normal((40, 40))
+arguments = (rng.standard_normal((4, 5, 3)), rng.standard_normal((40, 3)),
+             0.2 * rng.standard_normal((40, 40)))
 parent = pyrnn.forward(*arguments, backend="numba")[0]
 def child(queue):
     queue.put(pyrnn.forward(*arguments, backend="numba")[0])
