@@ -1,10 +1,12 @@
 """The numba backend's own parts, tested against NumPy: the per-step product (every tile and
-remainder path), the vectorisable tanh, the step loops that use NumPy's BLAS (equal to the
-compiled ones), lazy compilation and the on-disk cache. Agreement of the whole backend with the reference is
-tested for every backend in test_agreement.py.
+remainder path), the vectorisable tanh, the time loops split between threads (equal to one
+thread's, within the thread budget, BLAS kept single-threaded meanwhile, errors and forks
+handled), lazy compilation and the on-disk cache. Agreement of the whole backend with the
+reference is tested for every backend in test_agreement.py.
 """
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -85,62 +87,164 @@ def test_tanh_special_values():
     assert out[8] == -1e-320  # tanh(x) = x below roundoff, subnormals included
 
 
-def _loops(loops, p, lengths, grad_output):
-    """(output, h_n, grad_h0, grad_a) from a pair of step loops, forward then backward."""
-    forward_steps, backward_steps = loops
-    T, B, I = p["x"].shape
-    H = p["weight_hh"].shape[0]
-    output = (p["x"].reshape(T * B, I) @ p["weight_ih"].T + p["bias"]).reshape(T, B, H)
-    state = np.stack([p["h0"], p["h0"]])
-    forward_steps(output, p["weight_hh"], state, lengths)
-    g, grad_a = p["h0"].copy(), np.zeros_like(output)
-    backward_steps(grad_output, np.ascontiguousarray(p["weight_hh"].T), output, g, lengths, grad_a)
-    return output, state[T % 2], g, grad_a
+def _run_numba(problem, grad_output, lengths, threads):
+    """(output, h_n, *grads) of the numba backend with set_num_threads(threads)."""
+    before = pyrnn.get_num_threads()
+    pyrnn.set_num_threads(threads)
+    try:
+        output, h_n = pyrnn.forward(**problem, lengths=lengths, backend="numba")
+        grads = pyrnn.backward(grad_output, problem["x"], problem["weight_ih"],
+                               problem["weight_hh"], output, problem["h0"], lengths=lengths,
+                               backend="numba")
+    finally:
+        pyrnn.set_num_threads(before)
+    return (output, h_n) + tuple(grads)
+
+
+@pytest.fixture
+def split_always(monkeypatch):
+    """Split every time loop between threads, whatever its size; record which threads ran which
+    columns: {loop name: [(thread index, first column, end column, OS thread id)]}."""
+    monkeypatch.setattr(numba_kernel, "_SPLIT_MIN_WORK", 1)
+    calls = {}
+    for name in ("_forward_columns", "_backward_columns"):
+        loop = getattr(numba_kernel, name)
+
+        def recording(*arguments, loop=loop, name=name):
+            # (..., thread, j0, j1) forward, (..., thread, k0, k1, i0, i1) backward
+            thread, j0, j1 = arguments[-3:] if name == "_forward_columns" else arguments[-5:-2]
+            calls.setdefault(name, []).append((thread, j0, j1, threading.get_ident()))
+            return loop(*arguments)
+
+        monkeypatch.setattr(numba_kernel, name, recording)
+    return calls
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
-def test_blas_step_loops_match_compiled_loops(dtype, with_lengths):
-    """The loops that hand each step's product to NumPy's BLAS compute the same thing."""
-    rng = np.random.default_rng(1)
-    T, B, I, H = 6, 9, 5, 37
+@pytest.mark.parametrize("weight_ih_in_loop", [False, True], ids=["hoisted", "in_loop"])
+@pytest.mark.parametrize("threads", [2, 3])
+def test_threads_split_the_columns_and_agree_with_one_thread(
+        split_always, monkeypatch, dtype, with_lengths, weight_ih_in_loop, threads):
+    """Each thread runs the time loop over its own block-aligned columns, on a thread of its own
+    (3 threads on 2 cores too: the barrier yields), with the products with weight_ih in the loop
+    or over all rows at once. Results agree with one thread's within roundoff, bitwise for the
+    forward pass when it computes the input term itself."""
+    limit = 1 << 40 if weight_ih_in_loop else 0
+    monkeypatch.setattr(numba_kernel, "_IN_LOOP_MAX_WEIGHT_IH_BYTES", limit)
+    rng = np.random.default_rng(threads)
+    T, B, I, H = 7, 5, 37, 53  # 3 and 4 column blocks of 16, the last one partial
     p = make_problem(rng, T, B, I, H, dtype)
-    lengths = random_lengths(rng, T, B) if with_lengths else np.full(B, T, np.int64)
+    lengths = random_lengths(rng, T, B) if with_lengths else None
     grad_output = rng.standard_normal((T, B, H)).astype(dtype)
-    k = numba_kernel
-    compiled = _loops((k._forward_steps, k._backward_steps), p, lengths, grad_output)
-    blas = _loops((k._forward_steps_blas, k._backward_steps_blas), p, lengths, grad_output)
+    one = _run_numba(p, grad_output, lengths, 1)
+    split_always.clear()
+    several = _run_numba(p, grad_output, lengths, threads)
+    for name, calls in split_always.items():
+        assert len({ident for *_, ident in calls}) == threads, name
+        bounds = [j0 for _, j0, _, _ in sorted(calls)] + [H]  # each thread's columns j0:j1
+        assert [j1 for _, _, j1, _ in sorted(calls)] == bounds[1:], name
+        assert bounds[0] == 0
+        assert all(j0 % 16 == 0 and j0 < j1 for j0, j1 in zip(bounds, bounds[1:])), name
     tolerance = 1e-13 if dtype == np.float64 else 1e-5
-    for a, b in zip(compiled, blas):
-        np.testing.assert_allclose(a, b, rtol=0, atol=tolerance)
+    for i, (a, b) in enumerate(zip(one, several)):
+        if i < 2 and weight_ih_in_loop:  # forward: every element summed in the same order
+            np.testing.assert_array_equal(a, b)
+        else:  # BLAS on column slices may round otherwise; weight gradients summed in parts
+            np.testing.assert_allclose(a, b, rtol=0, atol=tolerance * max(1, np.abs(a).max()))
 
 
-def test_public_call_takes_the_blas_step_loops_with_two_threads(monkeypatch):
-    """Through pyrnn.forward/backward with 2 threads and the threshold lowered: the BLAS loops run
-    and agree with the compiled ones that 1 thread uses."""
-    rng = np.random.default_rng(5)
-    T, B, I, H = 4, 6, 3, 21
-    p = make_problem(rng, T, B, I, H)
-    grad_output = rng.standard_normal((T, B, H))
-    monkeypatch.setattr(numba_kernel, "_BLAS_STEP_MIN_WORK", 1)
-    calls = []
-    for name in ("_forward_steps_blas", "_backward_steps_blas"):
-        loop = getattr(numba_kernel, name)
-        monkeypatch.setattr(numba_kernel, name, lambda *arguments, loop=loop: calls.append(loop(*arguments)))
-    results = {}
+def test_threads_never_exceed_set_num_threads(split_always):
+    rng = np.random.default_rng(3)
+    p = make_problem(rng, 4, 6, 3, 100)
+    grad_output = rng.standard_normal((4, 6, 100))
+    for threads in (1, 2):
+        split_always.clear()
+        _run_numba(p, grad_output, None, threads)
+        for calls in split_always.values():
+            assert len({ident for *_, ident in calls}) == len(calls) == threads
+
+
+def test_small_steps_stay_on_one_thread():
+    """Below _SPLIT_MIN_WORK multiply-adds per step, a second thread would only wait."""
+    assert numba_kernel._thread_count(128, 16 * 128 * 192) == 1  # small: 0.4M per step
+    medium = numba_kernel._thread_count(256, 64 * 256 * 512)  # 8.4M per step
+    assert medium == min(2, pyrnn.get_num_threads())
+
+
+def _blas_threads():
+    from threadpoolctl import threadpool_info
+
+    return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+
+
+def test_blas_runs_on_one_thread_inside_split_calls_and_is_restored_after(split_always):
+    """Inside a split call NumPy's BLAS is limited to the calling thread; nested and concurrent
+    calls keep the limit until the last one leaves, which restores set_num_threads' count."""
     before = pyrnn.get_num_threads()
+    pyrnn.set_num_threads(2)
     try:
-        for n in (1, 2):
-            pyrnn.set_num_threads(n)
-            output, h_n = pyrnn.forward(**p, backend="numba")
-            grads = pyrnn.backward(grad_output, p["x"], p["weight_ih"], p["weight_hh"], output, p["h0"],
-                                   backend="numba")
-            results[n] = (output, h_n) + tuple(grads)
+        seen = numba_kernel._on_threads(2, lambda i: _blas_threads())
+        assert all(counts and set(counts) == {1} for counts in seen)
+        with numba_kernel._one_blas_thread():
+            with numba_kernel._one_blas_thread():
+                assert set(_blas_threads()) == {1}
+            assert set(_blas_threads()) == {1}
+        assert set(_blas_threads()) == {2}
+        rng = np.random.default_rng(4)
+        p = make_problem(rng, 3, 5, 2, 40)
+        _run_numba(p, rng.standard_normal((3, 5, 40)), None, 2)
+        assert set(_blas_threads()) == {2}
     finally:
         pyrnn.set_num_threads(before)
-    assert len(calls) == 2  # forward and backward of the 2-thread run; 1 thread compiled loops
-    for a, b in zip(results[1], results[2]):
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_arrays_threads_write_start_at_a_cache_line(dtype):
+    for shape in [(3, 5, 7), (1,), (2, 64, 256)]:  # (an empty array has nothing to share)
+        array = numba_kernel._empty_aligned(shape, dtype)
+        assert array.shape == shape and array.dtype == dtype and array.flags.c_contiguous
+        assert array.ctypes.data % 64 == 0
+
+
+def test_an_error_on_a_worker_thread_is_raised_on_the_caller():
+    def task(i):
+        if i == 1:
+            raise RuntimeError("worker failed")
+        return i
+
+    with pytest.raises(RuntimeError, match="worker failed"):
+        numba_kernel._on_threads(2, task)
+    assert numba_kernel._on_threads(3, lambda i: i * i) == [0, 1, 4]
+
+
+def test_a_forked_child_starts_its_own_workers():
+    """A fork has none of its parent's worker threads: a split call in the child must start its
+    own, not wait for them forever."""
+    code = """
+import multiprocessing, numpy as np, pyrnn
+from pyrnn import numba_kernel
+numba_kernel._SPLIT_MIN_WORK = 1
+pyrnn.set_num_threads(2)
+rng = np.random.default_rng(0)
+arguments = (rng.standard_normal((4, 5, 3)), rng.standard_normal((40, 3)),
+             0.2 * rng.standard_normal((40, 40)))
+parent = pyrnn.forward(*arguments, backend="numba")[0]
+def child(queue):
+    queue.put(pyrnn.forward(*arguments, backend="numba")[0])
+context = multiprocessing.get_context("fork")
+queue = context.Queue()
+process = context.Process(target=child, args=(queue,))
+process.start()
+try:
+    result = queue.get(timeout=60)
+    process.join(60)
+finally:
+    if process.is_alive():  # a hung child must not outlive the test
+        process.kill()
+print(process.exitcode, np.array_equal(result, parent))
+"""
+    assert _run(code).split() == ["0", "True"]
 
 
 def _run(code):
@@ -151,7 +255,7 @@ def _run(code):
 def test_import_compiles_nothing():
     out = _run("import sys, pyrnn; print('numba' in sys.modules); "
                "from pyrnn import numba_kernel as k; "
-               "steps = (k._forward_steps, k._backward_steps, k._matmul_wt_columns); "
+               "steps = (k._forward_columns, k._backward_columns, k._matmul_wt_columns); "
                "print(sum(len(f.signatures) for f in steps))")
     assert out.split() == ["False", "0"]
 
@@ -160,7 +264,7 @@ def test_second_process_loads_compiled_code_from_the_cache():
     code = ("import numpy as np, pyrnn; from pyrnn import numba_kernel as k; "
             "x = np.ones((3, 2, 4)); out, h = pyrnn.forward(x, np.ones((5, 4)), np.eye(5), backend='numba'); "
             "pyrnn.backward(out, x, np.ones((5, 4)), np.eye(5), out, backend='numba'); "
-            "print(sum(f.stats.cache_misses[s] for f in (k._forward_steps, k._backward_steps) "
+            "print(sum(f.stats.cache_misses[s] for f in (k._forward_columns, k._backward_columns) "
             "for s in f.stats.cache_misses))")
     _run(code)  # compiles, unless an earlier run did
     assert _run(code).split() == ["0"]
