@@ -38,6 +38,7 @@ import contextlib
 import math
 import os
 import queue
+import sys
 import threading
 
 import numpy as np
@@ -168,12 +169,16 @@ def _element_pointer(context, builder, array_type, array, i):
     return cgutils.get_item_pointer(context, builder, array_type, array, [i])
 
 
+# The system call that lets another thread have this core (both return an int).
+_YIELD_FUNCTION = "SwitchToThread" if sys.platform == "win32" else "sched_yield"
+
+
 @intrinsic
-def _sched_yield(typingctx):
-    """Let another thread have this core (POSIX sched_yield)."""
+def _yield_core(typingctx):
+    """Let another thread have this core (sched_yield; SwitchToThread on Windows)."""
     def codegen(context, builder, signature, arguments):
         function_type = ir.FunctionType(ir.IntType(32), [])
-        function = cgutils.get_or_insert_function(builder.module, function_type, "sched_yield")
+        function = cgutils.get_or_insert_function(builder.module, function_type, _YIELD_FUNCTION)
         builder.call(function, [])
         return context.get_dummy_value()
     return types.void(), codegen
@@ -195,7 +200,7 @@ def _barrier(steps_done, thread, step):
         while _load_acquire(steps_done, other) < step:
             spins += 1
             if spins > _SPINS_BEFORE_YIELD:
-                _sched_yield()
+                _yield_core()
 
 
 @njit(error_model="numpy", cache=True, nogil=True)
@@ -385,6 +390,18 @@ def _on_threads(n, task):
     return results
 
 
+@contextlib.contextmanager
+def _never_waited_for_if_failing(steps_done, thread):
+    """If the block raises, `thread` is marked as past every step before the error propagates,
+    so that the threads waiting for it at a barrier finish (the call then raises) instead of
+    waiting forever."""
+    try:
+        yield
+    except BaseException:
+        steps_done[thread] = np.iinfo(steps_done.dtype).max
+        raise
+
+
 def _empty_aligned(shape, dtype):
     """np.empty(shape, dtype) starting at a 64-byte boundary, a cache line. Threads write
     neighbouring column slices of these arrays, which start at multiples of 64 bytes within
@@ -432,8 +449,9 @@ def forward(x, weight_ih, weight_hh, bias, h0, lengths):
     def columns(i):
         j0, j1 = bounds[i], bounds[i + 1]
         if not input_in_loop:
-            input_term = output.reshape(T * B, H)[:, j0:j1]
-            np.matmul(x.reshape(T * B, I), weight_ih[j0:j1].T, out=input_term)
+            with _never_waited_for_if_failing(steps_done, i):
+                input_term = output.reshape(T * B, H)[:, j0:j1]
+                np.matmul(x.reshape(T * B, I), weight_ih[j0:j1].T, out=input_term)
         _forward_columns(*arguments, steps_done, i, j0, j1)
 
     _on_threads(n, columns)

@@ -218,6 +218,32 @@ def test_an_error_on_a_worker_thread_is_raised_on_the_caller():
     assert numba_kernel._on_threads(3, lambda i: i * i) == [0, 1, 4]
 
 
+def test_a_thread_failing_before_its_time_loop_does_not_leave_the_others_waiting(
+        split_always, monkeypatch):
+    """The hoisted input term is a NumPy product on each thread; if one of them raises, the
+    threads already in the time loop must not wait for that thread at the barrier forever."""
+    monkeypatch.setattr(numba_kernel, "_IN_LOOP_MAX_WEIGHT_IH_BYTES", 0)  # the input term by BLAS
+    rng = np.random.default_rng(5)
+    p = make_problem(rng, 6, 5, 4, 40)
+    matmul = np.matmul
+
+    def failing_on_a_worker(*arguments, **keywords):
+        if threading.current_thread() is not threading.main_thread():
+            raise MemoryError("no memory for the input term")
+        return matmul(*arguments, **keywords)
+
+    before = pyrnn.get_num_threads()
+    pyrnn.set_num_threads(2)
+    try:
+        monkeypatch.setattr(np, "matmul", failing_on_a_worker)
+        with pytest.raises(MemoryError, match="input term"):
+            pyrnn.forward(**p, backend="numba")
+        monkeypatch.setattr(np, "matmul", matmul)
+        _run_numba(p, rng.standard_normal((6, 5, 40)), None, 2)  # the workers are fine after it
+    finally:
+        pyrnn.set_num_threads(before)
+
+
 def test_a_forked_child_starts_its_own_workers():
     """A fork has none of its parent's worker threads: a split call in the child must start its
     own, not wait for them forever."""
