@@ -4,6 +4,8 @@ import pytest
 
 _cpp = pytest.importorskip("pyrnn._cpp")  # required when installed: see test_backends.py
 
+from forking import forked_child_agrees  # noqa: E402
+
 T, B, I, H = 3, 2, 4, 5
 
 
@@ -133,31 +135,6 @@ def test_concurrent_calls_from_python_threads_agree():
 
 
 def test_a_forked_child_can_use_threads(tmp_path):
-    """A fork has none of its parent's worker threads: the child must start its own, not hang."""
-    import subprocess
-    import sys
-
-    code = """
-import multiprocessing, numpy as np, pyrnn._cpp as cpp
-from test_native_bindings import medium_problem
-cpp.set_num_threads(2)
-inputs = medium_problem()
-parent = cpp.forward(*inputs)[0]
-def child(queue):
-    queue.put(cpp.forward(*inputs)[0])
-context = multiprocessing.get_context("fork")
-queue = context.Queue()
-process = context.Process(target=child, args=(queue,))
-process.start()
-try:
-    result = queue.get(timeout=60)
-    process.join(60)
-finally:
-    if process.is_alive():  # a hung child must not outlive the test
-        process.kill()
-print(process.exitcode, np.array_equal(result, parent))
-"""
-    env = dict(__import__("os").environ, PYTHONPATH=str(__import__("pathlib").Path(__file__).parent))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=tmp_path, env=env, timeout=120).stdout
-    assert out.split() == ["0", "True"]
+    setup = ("import pyrnn._cpp as cpp\nfrom test_native_bindings import medium_problem\n"
+             "cpp.set_num_threads(2)\ninputs = medium_problem()")
+    assert forked_child_agrees(setup, "cpp.forward(*inputs)[0]", tmp_path)
