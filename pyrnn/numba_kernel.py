@@ -356,7 +356,8 @@ def _forget_workers():  # a forked child has none of its parent's threads
     _workers_lock = threading.Lock()
 
 
-os.register_at_fork(after_in_child=_forget_workers)
+if hasattr(os, "register_at_fork"):  # POSIX; Windows has no fork
+    os.register_at_fork(after_in_child=_forget_workers)
 
 
 def _on_threads(n, task):
