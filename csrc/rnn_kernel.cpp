@@ -73,6 +73,17 @@ struct Columns {
     }
 };
 
+// Thread `tid`'s share of a call on a team of `nt`: its columns of H in the products (mine) and
+// in the recurrence (steps: empty unless tid < step_threads, i.e. on thread 0 alone when the
+// plan keeps the steps on one thread).
+template <typename F>
+struct Share {
+    int step_threads;
+    Columns<F> mine, steps;
+    Share(const Plan& plan, int64_t H, int tid, int nt)
+        : step_threads(plan.share_steps ? nt : 1), mine(H, tid, nt), steps(H, tid, step_threads) {}
+};
+
 // out[0:n] = state[0:n] = tanh(out[0:n] + acc[0:n]), n <= NR: out holds the input term on entry.
 // Whole vectors only, so every element goes through exactly the same arithmetic whether or not it
 // sits in a partial panel.
@@ -124,8 +135,9 @@ void forward(const F* x, const F* weight_ih, const F* weight_hh, const F* bias, 
 
     in_parallel(plan.team, [&](const int tid, const int nt, Barrier& barrier) {
         F* pack_b_buf = per_thread.get() + tid * b_size;
-        const int step_threads = plan.share_steps ? nt : 1;
-        const Columns<F> mine(H, tid, nt), steps(H, tid, step_threads);  // steps: empty past step_threads
+        const Share<F> share(plan, H, tid, nt);
+        const Columns<F>& mine = share.mine, &steps = share.steps;
+        const int step_threads = share.step_threads;
         alignas(64) F tile[MR * NR];
 
         // 1. output <- x·weight_ihᵀ + bias on my columns, every step at once.
@@ -186,8 +198,9 @@ void backward(const F* grad_output, const F* x, const F* weight_ih, const F* wei
 
     in_parallel(plan.team, [&](const int tid, const int nt, Barrier& barrier) {
         F* pack_b_buf = per_thread.get() + tid * b_size;
-        const int step_threads = plan.share_steps ? nt : 1;
-        const Columns<F> mine(H, tid, nt), steps(H, tid, step_threads);  // steps: empty past step_threads
+        const Share<F> share(plan, H, tid, nt);
+        const Columns<F>& mine = share.mine, &steps = share.steps;
+        const int step_threads = share.step_threads;
         alignas(64) F tile[MR * NR];
 
         pack_b<F>(H, steps.end - steps.begin, View<F>{weight_hh + steps.begin, H, 1},
