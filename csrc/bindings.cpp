@@ -1,14 +1,14 @@
 // pybind11 bindings of the kernel (rnn.h) as pyrnn._cpp.
 //
-// pyrnn's public functions validate and normalise before calling here, but this module is
-// reachable from Python on its own, so it re-checks what the kernel relies on (exact dtype,
-// C order, shapes, lengths in range) and raises instead of crashing. The GIL is released
-// while the kernel runs.
+// This module checks everything the kernel relies on (exact dtype, C order, shapes, lengths in
+// range) and raises instead of crashing: it is reachable from Python on its own, and pyrnn's
+// public functions hand it the caller's arrays as they are, normalising them only when it
+// raises. Nothing is copied. The GIL is released while the kernel runs.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
-#include <pybind11/stl.h>
 
-#include <optional>
+#include <algorithm>
+#include <array>
 #include <string>
 #include <vector>
 
@@ -20,7 +20,13 @@ namespace {
 
 template <typename F>
 using Array = py::array_t<F, py::array::c_style>;
-using Lengths = std::optional<Array<int64_t>>;
+
+// Arguments arrive as Python objects and are matched here rather than by pybind11 overloads:
+// pybind11's message for a mismatch prints every argument (1.6 ms for a (50, 16, 64) array), and
+// pyrnn.forward/backward call this module with the caller's arrays first, falling back on their
+// own normalisation when it raises (pyrnn/_api.py), so a mismatch must be cheap.
+template <typename F>
+constexpr const char* dtype_name = sizeof(F) == 4 ? "float32" : "float64";
 
 std::string shape_str(const std::vector<py::ssize_t>& shape) {
     std::string s = "(";
@@ -28,17 +34,47 @@ std::string shape_str(const std::vector<py::ssize_t>& shape) {
     return s + (shape.size() == 1 ? ",)" : ")");
 }
 
-void check_shape(const py::array& a, const char* name, const std::vector<py::ssize_t>& expected) {
-    const std::vector<py::ssize_t> got(a.shape(), a.shape() + a.ndim());
-    if (got != expected)
-        throw py::value_error(std::string(name) + " has shape " + shape_str(got) +
-                              ", expected " + shape_str(expected));
+void check_shape(const py::array& a, const char* name, std::initializer_list<py::ssize_t> expected) {
+    if (a.ndim() == py::ssize_t(expected.size()) && std::equal(expected.begin(), expected.end(), a.shape()))
+        return;
+    throw py::value_error(std::string(name) + " has shape " +
+                          shape_str({a.shape(), a.shape() + a.ndim()}) + ", expected " +
+                          shape_str(expected));
 }
 
-const int64_t* checked_lengths(const Lengths& lengths, int64_t T, int64_t B) {
-    if (!lengths) return nullptr;
-    check_shape(*lengths, "lengths", {B});
-    const int64_t* p = lengths->data();
+// `object` as a C-contiguous array of F (no copy), or a TypeError naming it.
+template <typename F>
+Array<F> array_arg(py::handle object, const char* name) {
+    if (!Array<F>::check_(object))
+        throw py::type_error(std::string(name) + " must be a C-contiguous " + dtype_name<F> +
+                             " array (the dtype of x)");
+    return py::reinterpret_borrow<Array<F>>(object);
+}
+
+template <typename F>
+Array<F> array_arg(py::handle object, const char* name, std::initializer_list<py::ssize_t> shape) {
+    Array<F> array = array_arg<F>(object, name);
+    check_shape(array, name, shape);
+    return array;
+}
+
+// The same, where None means zeros (no bias, h0 = 0, grad_h_n = 0), as in pyrnn.forward.
+template <typename F>
+Array<F> optional_arg(py::handle object, const char* name, std::initializer_list<py::ssize_t> shape) {
+    if (!object.is_none()) return array_arg<F>(object, name, shape);
+    Array<F> zeros{std::vector<py::ssize_t>(shape)};
+    std::fill_n(zeros.mutable_data(), zeros.size(), F(0));
+    return zeros;
+}
+
+// lengths as a pointer into the caller's array (alive for the call), or null for None.
+const int64_t* checked_lengths(py::handle object, int64_t T, int64_t B) {
+    if (object.is_none()) return nullptr;
+    if (!Array<int64_t>::check_(object))
+        throw py::type_error("lengths must be None or a C-contiguous int64 array");
+    auto lengths = py::reinterpret_borrow<Array<int64_t>>(object);
+    check_shape(lengths, "lengths", {B});
+    const int64_t* p = lengths.data();
     for (int64_t b = 0; b < B; ++b)
         if (p[b] < 0 || p[b] > T)
             throw py::value_error("lengths[" + std::to_string(b) + "] = " + std::to_string(p[b]) +
@@ -46,18 +82,26 @@ const int64_t* checked_lengths(const Lengths& lengths, int64_t T, int64_t B) {
     return p;
 }
 
+// (T, B, I, H) from x (T, B, I) and weight_hh (H, H), after checking their ranks.
 template <typename F>
-py::tuple forward(const Array<F>& x, const Array<F>& weight_ih, const Array<F>& weight_hh,
-                  const Array<F>& bias, const Array<F>& h0, const Lengths& lengths) {
-    if (x.ndim() != 3) throw py::value_error("x must be 3-D (T, B, I)");
-    const int64_t T = x.shape(0), B = x.shape(1), I = x.shape(2);
+std::array<int64_t, 4> dimensions(const Array<F>& x, const Array<F>& weight_hh) {
+    if (x.ndim() != 3)
+        throw py::value_error("x must be 3-D (T, B, I), got shape " +
+                              shape_str({x.shape(), x.shape() + x.ndim()}));
     if (weight_hh.ndim() != 2) throw py::value_error("weight_hh must be 2-D (H, H)");
-    const int64_t H = weight_hh.shape(0);
-    check_shape(weight_hh, "weight_hh", {H, H});
-    check_shape(weight_ih, "weight_ih", {H, I});
-    check_shape(bias, "bias", {H});
-    check_shape(h0, "h0", {B, H});
-    const int64_t* lens = checked_lengths(lengths, T, B);
+    check_shape(weight_hh, "weight_hh", {weight_hh.shape(0), weight_hh.shape(0)});
+    return {x.shape(0), x.shape(1), x.shape(2), weight_hh.shape(0)};
+}
+
+template <typename F>
+py::tuple forward(py::handle x_object, py::handle weight_ih_object, py::handle weight_hh_object,
+                  py::handle bias_object, py::handle h0_object, py::handle lengths_object) {
+    const Array<F> x = array_arg<F>(x_object, "x"), weight_hh = array_arg<F>(weight_hh_object, "weight_hh");
+    const auto [T, B, I, H] = dimensions(x, weight_hh);
+    const Array<F> weight_ih = array_arg<F>(weight_ih_object, "weight_ih", {H, I}),
+                   bias = optional_arg<F>(bias_object, "bias", {H}),
+                   h0 = optional_arg<F>(h0_object, "h0", {B, H});
+    const int64_t* lens = checked_lengths(lengths_object, T, B);
 
     Array<F> output({T, B, H});
     Array<F> h_n({B, H});
@@ -72,20 +116,17 @@ py::tuple forward(const Array<F>& x, const Array<F>& weight_ih, const Array<F>& 
 }
 
 template <typename F>
-py::tuple backward(const Array<F>& grad_output, const Array<F>& x, const Array<F>& weight_ih,
-                   const Array<F>& weight_hh, const Array<F>& output, const Array<F>& h0,
-                   const Array<F>& grad_h_n, const Lengths& lengths) {
-    if (x.ndim() != 3) throw py::value_error("x must be 3-D (T, B, I)");
-    const int64_t T = x.shape(0), B = x.shape(1), I = x.shape(2);
-    if (weight_hh.ndim() != 2) throw py::value_error("weight_hh must be 2-D (H, H)");
-    const int64_t H = weight_hh.shape(0);
-    check_shape(weight_hh, "weight_hh", {H, H});
-    check_shape(weight_ih, "weight_ih", {H, I});
-    check_shape(output, "output", {T, B, H});
-    check_shape(grad_output, "grad_output", {T, B, H});
-    check_shape(h0, "h0", {B, H});
-    check_shape(grad_h_n, "grad_h_n", {B, H});
-    const int64_t* lens = checked_lengths(lengths, T, B);
+py::tuple backward(py::handle grad_output_object, py::handle x_object, py::handle weight_ih_object,
+                   py::handle weight_hh_object, py::handle output_object, py::handle h0_object,
+                   py::handle grad_h_n_object, py::handle lengths_object) {
+    const Array<F> x = array_arg<F>(x_object, "x"), weight_hh = array_arg<F>(weight_hh_object, "weight_hh");
+    const auto [T, B, I, H] = dimensions(x, weight_hh);
+    const Array<F> weight_ih = array_arg<F>(weight_ih_object, "weight_ih", {H, I}),
+                   output = array_arg<F>(output_object, "output", {T, B, H}),
+                   grad_output = array_arg<F>(grad_output_object, "grad_output", {T, B, H}),
+                   h0 = optional_arg<F>(h0_object, "h0", {B, H}),
+                   grad_h_n = optional_arg<F>(grad_h_n_object, "grad_h_n", {B, H});
+    const int64_t* lens = checked_lengths(lengths_object, T, B);
 
     Array<F> grad_x({T, B, I}), grad_h0({B, H}), grad_weight_ih({H, I}), grad_weight_hh({H, H}),
         grad_bias({H});
@@ -115,30 +156,42 @@ Array<F> tanh(const Array<F>& x) {
     return y;
 }
 
-// One overload per dtype. noconvert: a wrong dtype or memory order is a TypeError, never a
-// silent copy, so the caller always knows the kernel saw exactly its arrays.
-template <typename F>
-void bind(py::module_& m) {
-    m.def("forward", &forward<F>, py::arg("x").noconvert(), py::arg("weight_ih").noconvert(),
-          py::arg("weight_hh").noconvert(), py::arg("bias").noconvert(),
-          py::arg("h0").noconvert(), py::arg("lengths").noconvert() = py::none(),
-          "(output, h_n) of the tanh RNN over the whole sequence; see pyrnn.forward.");
-    m.def("backward", &backward<F>, py::arg("grad_output").noconvert(), py::arg("x").noconvert(),
-          py::arg("weight_ih").noconvert(), py::arg("weight_hh").noconvert(),
-          py::arg("output").noconvert(), py::arg("h0").noconvert(),
-          py::arg("grad_h_n").noconvert(), py::arg("lengths").noconvert() = py::none(),
-          "(grad_x, grad_h0, grad_weight_ih, grad_weight_hh, grad_bias) by BPTT; see "
-          "pyrnn.backward.");
-    m.def("tanh", &tanh<F>, py::arg("x").noconvert(),
-          "Elementwise tanh by the kernel's vectorised approximation (exposed for its tests).");
+// The dtype of x picks the kernel; every other array must share it.
+template <typename... Objects>
+py::tuple forward_any(py::handle x, Objects... others) {
+    if (Array<float>::check_(x)) return forward<float>(x, others...);
+    if (Array<double>::check_(x)) return forward<double>(x, others...);
+    throw py::type_error("x must be a C-contiguous float32 or float64 array");
+}
+
+template <typename... Objects>
+py::tuple backward_any(py::handle grad_output, py::handle x, Objects... others) {
+    if (Array<float>::check_(x)) return backward<float>(grad_output, x, others...);
+    if (Array<double>::check_(x)) return backward<double>(grad_output, x, others...);
+    throw py::type_error("x must be a C-contiguous float32 or float64 array");
 }
 
 }  // namespace
 
 PYBIND11_MODULE(_cpp, m) {
     m.doc() = "pyrnn's native kernel (the 'cpp' backend): tanh RNN forward and BPTT.";
-    bind<float>(m);
-    bind<double>(m);
+    using py::arg;
+    const py::handle none = py::none();
+    // No copies: every array must already be C-contiguous with the dtype of x (float32 or
+    // float64), else a TypeError, so the caller always knows the kernel saw exactly its arrays.
+    m.def("forward", &forward_any<py::handle, py::handle, py::handle, py::handle, py::handle>,
+          arg("x"), arg("weight_ih"), arg("weight_hh"), arg("bias") = none, arg("h0") = none,
+          arg("lengths") = none,
+          "(output, h_n) of the tanh RNN over the whole sequence; see pyrnn.forward.");
+    m.def("backward",
+          &backward_any<py::handle, py::handle, py::handle, py::handle, py::handle, py::handle>,
+          arg("grad_output"), arg("x"), arg("weight_ih"), arg("weight_hh"), arg("output"),
+          arg("h0") = none, arg("grad_h_n") = none, arg("lengths") = none,
+          "(grad_x, grad_h0, grad_weight_ih, grad_weight_hh, grad_bias) by BPTT; see "
+          "pyrnn.backward.");
+    m.def("tanh", &tanh<float>, arg("x").noconvert(),
+          "Elementwise tanh by the kernel's vectorised approximation (exposed for its tests).");
+    m.def("tanh", &tanh<double>, arg("x").noconvert());
     pyrnn::isa();  // choose the instruction set now: a bad $PYRNN_ISA fails the import, not a call
     m.def("isa", &pyrnn::isa,
           "Instruction set of the kernel in use: 'avx512', 'avx2' or 'baseline' ($PYRNN_ISA forces a "

@@ -101,6 +101,14 @@ def _lengths(lengths, T, B):
     return array
 
 
+# The native module (csrc/bindings.cpp) accepts exactly the arrays _normalise would pass on
+# unchanged: one float dtype, C-contiguous, time-major, the right shapes, lengths int64 in [0, T],
+# None for bias/h0/grad_h_n meaning zeros. So the public functions hand it the caller's arguments
+# first, and normalise only when it raises one of these (before any computing; cheaply, with no
+# array printed): ~2 us saved of a 10 us tiny forward. The error the caller sees is _normalise's.
+_NATIVE_ERRORS = (TypeError, ValueError)
+
+
 def _quiet(backend):
     """NaN and inf are values that propagate (as they do in the native kernel), not NumPy warnings.
     The native kernel does no NumPy arithmetic, so it skips np.errstate (~1 us a call)."""
@@ -158,6 +166,11 @@ def forward(x, weight_ih, weight_hh, bias=None, h0=None, *, lengths=None, batch_
     after each row's last valid step.
     """
     name, impl = _backends.resolve(backend)
+    if name == "cpp" and batch_first is False:
+        try:  # arrays that are already clean run as they are: see _NATIVE_ERRORS
+            return impl.forward(x, weight_ih, weight_hh, bias, h0, lengths)
+        except _NATIVE_ERRORS:
+            pass
     a, (T, B, I, H) = _normalise(
         {"x": x, "weight_ih": weight_ih, "weight_hh": weight_hh, "bias": bias, "h0": h0},
         batch_first)
@@ -178,6 +191,12 @@ def backward(grad_output, x, weight_ih, weight_hh, output, h0=None, *, grad_h_n=
     (grads.bias is (H,) and grads.h0 is (B, H) even when they were None in forward).
     """
     name, impl = _backends.resolve(backend)
+    if name == "cpp" and batch_first is False:
+        try:  # arrays that are already clean run as they are: see _NATIVE_ERRORS
+            return Grads(*impl.backward(grad_output, x, weight_ih, weight_hh, output, h0,
+                                        grad_h_n, lengths))
+        except _NATIVE_ERRORS:
+            pass
     a, (T, B, I, H) = _normalise(
         {"x": x, "weight_ih": weight_ih, "weight_hh": weight_hh, "h0": h0, "output": output,
          "grad_output": grad_output, "grad_h_n": grad_h_n}, batch_first)

@@ -300,6 +300,16 @@ def busy_wait(seconds):
         pass
 
 
+def warm_call_seconds(call):
+    """Seconds per call, from one call and, if that was short, from a batch lasting about a tenth
+    of a sample: one call straight after another contestant's runs with cold caches and can take
+    several times as long (tiny: ~110 us against 11), which would make every sample too short."""
+    seconds = time_calls(call, 1)
+    if seconds < SAMPLE_SECONDS / 10:
+        seconds = time_calls(call, round(SAMPLE_SECONDS / 10 / max(seconds, 1e-9)))
+    return seconds
+
+
 def measure_block(calls, repeat, budget, progress, label, settle=0.0):
     """Time calls[name]() interleaved until every contestant has `repeat` samples, and on while
     the block has used less than `budget` seconds, pausing `settle` seconds before each sample.
@@ -307,7 +317,7 @@ def measure_block(calls, repeat, budget, progress, label, settle=0.0):
     number, samples = {}, {}
     for name, call in calls.items():  # a warm-up round (the first call was the gate's), sizing samples
         busy_wait(settle)
-        seconds = time_calls(call, 1)
+        seconds = warm_call_seconds(call)
         number[name] = max(1, round(SAMPLE_SECONDS / max(seconds, 1e-9)))
         samples[name] = [seconds] if number[name] == 1 else []  # a warm call long enough to be a sample
     start = time.perf_counter()
