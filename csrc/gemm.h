@@ -4,7 +4,7 @@
 // The Goto/BLIS structure: B is copied ("packed") into NR-column panels, k-major, so that the
 // micro-kernel streams it with aligned-free unit-stride vector loads and keeps an MR×NR tile of C
 // in vector registers for the whole k loop; A is read in place by broadcasts (see micro_kernel).
-// Block sizes keep a KC×NR panel of B in L1 and an MC×KC block of A in L2. A and B are strided
+// Block sizes keep a KC×NR panel of B and an MC×KC block of A in L2 (see KC). A and B are strided
 // views, so transposed operands (weight_ihᵀ, grad_aᵀ) cost nothing but B's packing.
 //
 // Each element of C is summed in one fixed order (k ascending, in KC blocks from k = 0) whatever
@@ -24,9 +24,14 @@ template <typename F> struct Tile {
     static constexpr int MR = PYRNN_VECTOR_BYTES == 64 ? 12 : 6;
 };
 
-// Cache blocking of gemm(): KC×NR of B per micro-kernel call (32 KiB), MC×KC of A (<= 400 KiB).
-constexpr int64_t KC = 256, NC = 1024;
-template <typename F> constexpr int64_t MC = 16 * Tile<F>::MR;
+// Cache blocking of gemm(): a KC×NR panel of B per micro-kernel call (64 KiB with AVX-512) and an
+// MC×KC block of A (<= 400 KiB). The panel would fit L1 at KC = 256, but every KC block is one
+// more pass of reads and writes over C, and the weight gradients' C (H×H, 4-25 MB) lives in L3
+// or memory: measured train at 1 thread, KC = 512 and MC = 8·MR against 256 and 16·MR, float64
+// large 317 against 346 ms, deepbench 695 against 731; float32 large 148 against 157 (KC = 1024
+// was slower again).
+constexpr int64_t KC = 512, NC = 1024;
+template <typename F> constexpr int64_t MC = 8 * Tile<F>::MR;
 
 // Element (i, k) of a strided matrix: p[i·rs + k·cs].
 template <typename F> struct View {
