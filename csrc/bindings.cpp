@@ -157,17 +157,20 @@ Array<F> tanh(const Array<F>& x) {
 }
 
 // The dtype of x picks the kernel; every other array must share it.
-template <typename... Objects>
-py::tuple forward_any(py::handle x, Objects... others) {
-    if (Array<float>::check_(x)) return forward<float>(x, others...);
-    if (Array<double>::check_(x)) return forward<double>(x, others...);
+py::tuple forward_any(py::handle x, py::handle weight_ih, py::handle weight_hh, py::handle bias,
+                      py::handle h0, py::handle lengths) {
+    if (Array<float>::check_(x)) return forward<float>(x, weight_ih, weight_hh, bias, h0, lengths);
+    if (Array<double>::check_(x)) return forward<double>(x, weight_ih, weight_hh, bias, h0, lengths);
     throw py::type_error("x must be a C-contiguous float32 or float64 array");
 }
 
-template <typename... Objects>
-py::tuple backward_any(py::handle grad_output, py::handle x, Objects... others) {
-    if (Array<float>::check_(x)) return backward<float>(grad_output, x, others...);
-    if (Array<double>::check_(x)) return backward<double>(grad_output, x, others...);
+py::tuple backward_any(py::handle grad_output, py::handle x, py::handle weight_ih,
+                       py::handle weight_hh, py::handle output, py::handle h0, py::handle grad_h_n,
+                       py::handle lengths) {
+    if (Array<float>::check_(x))
+        return backward<float>(grad_output, x, weight_ih, weight_hh, output, h0, grad_h_n, lengths);
+    if (Array<double>::check_(x))
+        return backward<double>(grad_output, x, weight_ih, weight_hh, output, h0, grad_h_n, lengths);
     throw py::type_error("x must be a C-contiguous float32 or float64 array");
 }
 
@@ -176,17 +179,14 @@ py::tuple backward_any(py::handle grad_output, py::handle x, Objects... others) 
 PYBIND11_MODULE(_cpp, m) {
     m.doc() = "pyrnn's native kernel (the 'cpp' backend): tanh RNN forward and BPTT.";
     using py::arg;
-    const py::handle none = py::none();
     // No copies: every array must already be C-contiguous with the dtype of x (float32 or
     // float64), else a TypeError, so the caller always knows the kernel saw exactly its arrays.
-    m.def("forward", &forward_any<py::handle, py::handle, py::handle, py::handle, py::handle>,
-          arg("x"), arg("weight_ih"), arg("weight_hh"), arg("bias") = none, arg("h0") = none,
-          arg("lengths") = none,
+    m.def("forward", &forward_any, arg("x"), arg("weight_ih"), arg("weight_hh"),
+          arg("bias") = py::none(), arg("h0") = py::none(), arg("lengths") = py::none(),
           "(output, h_n) of the tanh RNN over the whole sequence; see pyrnn.forward.");
-    m.def("backward",
-          &backward_any<py::handle, py::handle, py::handle, py::handle, py::handle, py::handle>,
-          arg("grad_output"), arg("x"), arg("weight_ih"), arg("weight_hh"), arg("output"),
-          arg("h0") = none, arg("grad_h_n") = none, arg("lengths") = none,
+    m.def("backward", &backward_any, arg("grad_output"), arg("x"), arg("weight_ih"),
+          arg("weight_hh"), arg("output"), arg("h0") = py::none(), arg("grad_h_n") = py::none(),
+          arg("lengths") = py::none(),
           "(grad_x, grad_h0, grad_weight_ih, grad_weight_hh, grad_bias) by BPTT; see "
           "pyrnn.backward.");
     m.def("tanh", &tanh<float>, arg("x").noconvert(),
