@@ -5,6 +5,7 @@ arrays of one float dtype, ``h0``/``bias``/``grad_h_n`` materialised, ``lengths`
 [0, T]. Inputs are never modified: backends only read them. The checks are cheap on purpose:
 for the smallest shapes this file's overhead is a visible part of a call.
 """
+import functools
 from collections import namedtuple
 from contextlib import nullcontext
 from numbers import Integral
@@ -133,11 +134,7 @@ def _normalise(arrays, batch_first):
     _check_ndim("weight_hh", weight_hh, 2, "(H, H)")
     T, B, I = _time_major(x, batch_first).shape
     H = weight_hh.shape[0]
-    sequence = (B, T, H) if batch_first else (T, B, H)
-    expected = {  # shapes as the caller lays them out, and their names for messages
-        "x": (B, T, I) if batch_first else (T, B, I), "weight_ih": (H, I), "weight_hh": (H, H),
-        "bias": (H,), "h0": (B, H), "grad_h_n": (B, H), "output": sequence, "grad_output": sequence,
-    }
+    expected = _expected_shapes(T, B, I, H, batch_first)
     clean = {}
     for name, array in arrays.items():
         shape = expected[name]
@@ -149,8 +146,17 @@ def _normalise(arrays, batch_first):
             array = array.swapaxes(0, 1)
         # Backends only read their inputs (tests/test_agreement.py checks it), so a C-contiguous
         # array is passed as it is, and anything else as a contiguous copy.
-        clean[name] = array if array.flags.c_contiguous else np.ascontiguousarray(array)
+        clean[name] = array if array.flags["C_CONTIGUOUS"] else np.ascontiguousarray(array)
     return clean, (T, B, I, H)
+
+
+@functools.lru_cache(maxsize=64)  # a model calls with the same few shapes again and again
+def _expected_shapes(T, B, I, H, batch_first):
+    """{name: shape} of every array argument, as the caller lays it out."""
+    sequence = (B, T, H) if batch_first else (T, B, H)
+    return {"x": (B, T, I) if batch_first else (T, B, I), "weight_ih": (H, I), "weight_hh": (H, H),
+            "bias": (H,), "h0": (B, H), "grad_h_n": (B, H), "output": sequence,
+            "grad_output": sequence}
 
 
 def forward(x, weight_ih, weight_hh, bias=None, h0=None, *, lengths=None, batch_first=False,
