@@ -18,20 +18,22 @@ from forking import forked_child_agrees  # noqa: E402
 from problems import make_problem, random_lengths  # noqa: E402
 
 import pyrnn  # noqa: E402
+from pyrnn.testing import accumulated_terms, relative_error, tolerance  # noqa: E402
 
 
-# B and H around the 4x4 tile and the 16-column block: full tiles, leftover rows (B % 4, and
-# B < 4 where only the one-row path runs), leftover columns, several column blocks.
+# B and J around the tile (4 rows by 4 vectors of 16 float32 or 8 float64 columns): full tiles,
+# leftover rows (B % 4, and B < 4 where only the one-row tiles run), partial vectors and tiles,
+# several tiles.
 @pytest.mark.parametrize("B", [1, 3, 4, 5, 8, 13])
-@pytest.mark.parametrize("J", [1, 4, 6, 16, 17, 35])
+@pytest.mark.parametrize("J", [1, 3, 6, 16, 17, 35, 63, 65, 129])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_product_matches_numpy(B, J, dtype):
-    rng = np.random.default_rng(B * 100 + J)
+    rng = np.random.default_rng(B * 1000 + J)
     K = 23
     a = rng.standard_normal((B, K)).astype(dtype)
     w = rng.standard_normal((J, K)).astype(dtype)
     out = np.full((B, J), np.nan, dtype)
-    numba_kernel._matmul_wt_columns(a, w, out, 0, J)
+    numba_kernel._matmul_columns(a, numba_kernel._padded(w.T), out, 0, J)
     expected = a.astype(np.float64) @ w.T.astype(np.float64)
     # Sums of K products in another order: a few roundoffs of the terms' size (~sqrt(K)).
     tolerance = 1e-13 if dtype == np.float64 else 8 * np.sqrt(K) * np.finfo(np.float32).eps
@@ -40,11 +42,42 @@ def test_product_matches_numpy(B, J, dtype):
 
 def test_product_writes_only_its_columns():
     rng = np.random.default_rng(0)
-    a, w = rng.standard_normal((6, 9)), rng.standard_normal((40, 9))
+    a, w = rng.standard_normal((6, 9)), rng.standard_normal((9, 40))
     out = np.full((6, 40), 7.0)
-    numba_kernel._matmul_wt_columns(a, w, out, 5, 27)
-    np.testing.assert_allclose(out[:, 5:27], a @ w[5:27].T, rtol=1e-13)
-    assert (out[:, :5] == 7.0).all() and (out[:, 27:] == 7.0).all()
+    numba_kernel._matmul_columns(a, numba_kernel._padded(w), out, 8, 27)
+    np.testing.assert_allclose(out[:, 8:27], a @ w[:, 8:27], rtol=1e-13)
+    assert (out[:, :8] == 7.0).all() and (out[:, 27:] == 7.0).all()
+
+
+def test_padded_copies_any_layout_and_zeros_the_rest():
+    w = np.arange(12.0).reshape(3, 4)
+    for source in (w, w.T, w[:, ::2]):
+        padded = numba_kernel._padded(source)
+        assert padded.flags.c_contiguous and padded.shape[1] % 8 == 0
+        np.testing.assert_array_equal(padded[:, :source.shape[1]], source)
+        assert (padded[:, source.shape[1]:] == 0).all()
+
+
+@pytest.mark.parametrize("H", [1, 3, 17, 63, 65])
+@pytest.mark.parametrize("B", [1, 5])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_time_loops_at_sizes_around_the_tile_match_the_reference(H, B, dtype):
+    """Forward and backward at hidden sizes that leave partial vectors and tiles, one row (the
+    one-row tiles only) and 5 (a full tile and a leftover row), with padding rows."""
+    rng = np.random.default_rng(H * 10 + B)
+    T, I = 6, 5
+    p = make_problem(rng, T, B, I, H, dtype)
+    lengths = random_lengths(rng, T, B)
+    grad_output = rng.standard_normal((T, B, H)).astype(dtype)
+    got = _run_numba(p, grad_output, lengths, 1)
+    as64 = {name: value.astype(np.float64) for name, value in p.items()}
+    output, h_n = pyrnn.forward(**as64, lengths=lengths, backend="numpy")
+    grads = pyrnn.backward(grad_output.astype(np.float64), as64["x"], as64["weight_ih"],
+                           as64["weight_hh"], output, as64["h0"], lengths=lengths,
+                           backend="numpy")
+    forward_terms, backward_terms = accumulated_terms(T, B, I, H)
+    for i, (a, b) in enumerate(zip(got, (output, h_n) + tuple(grads))):
+        assert relative_error(a, b) <= tolerance(dtype, forward_terms if i < 2 else backward_terms)
 
 
 @numba.njit
@@ -134,7 +167,7 @@ def test_threads_split_the_columns_and_agree_with_one_thread(
     limit = 1 << 40 if weight_ih_in_loop else 0
     monkeypatch.setattr(numba_kernel, "_IN_LOOP_MAX_WEIGHT_IH_BYTES", limit)
     rng = np.random.default_rng(threads)
-    T, B, I, H = 7, 5, 37, 53  # 3 and 4 column blocks of 16, the last one partial
+    T, B, I, H = 7, 5, 37, 53  # 3 and 4 vectors of float32, 5 and 7 of float64, the last partial
     p = make_problem(rng, T, B, I, H, dtype)
     lengths = random_lengths(rng, T, B) if with_lengths else None
     grad_output = rng.standard_normal((T, B, H)).astype(dtype)
@@ -146,7 +179,8 @@ def test_threads_split_the_columns_and_agree_with_one_thread(
         bounds = [j0 for _, j0, _, _ in sorted(calls)] + [H]  # each thread's columns j0:j1
         assert [j1 for _, _, j1, _ in sorted(calls)] == bounds[1:], name
         assert bounds[0] == 0
-        assert all(j0 % 16 == 0 and j0 < j1 for j0, j1 in zip(bounds, bounds[1:])), name
+        lanes = 64 // np.dtype(dtype).itemsize  # threads start at whole vectors (cache lines)
+        assert all(j0 % lanes == 0 and j0 < j1 for j0, j1 in zip(bounds, bounds[1:])), name
     tolerance = 1e-13 if dtype == np.float64 else 1e-5
     for i, (a, b) in enumerate(zip(one, several)):
         if i < 2 and weight_ih_in_loop:  # forward: every element summed in the same order
@@ -168,8 +202,8 @@ def test_threads_never_exceed_set_num_threads(split_always):
 
 def test_small_steps_stay_on_one_thread():
     """Below _SPLIT_MIN_WORK multiply-adds per step, a second thread would only wait."""
-    assert numba_kernel._thread_count(128, 16 * 128 * 192) == 1  # small: 0.4M per step
-    medium = numba_kernel._thread_count(256, 64 * 256 * 512)  # 8.4M per step
+    assert numba_kernel._thread_count(128, 16 * 128 * 192, 16) == 1  # small: 0.4M per step
+    medium = numba_kernel._thread_count(256, 64 * 256 * 512, 16)  # 8.4M per step
     assert medium == min(2, pyrnn.get_num_threads())
 
 
@@ -203,7 +237,7 @@ def test_blas_runs_on_one_thread_inside_split_calls_and_is_restored_after(split_
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_arrays_threads_write_start_at_a_cache_line(dtype):
     for shape in [(3, 5, 7), (1,), (2, 64, 256)]:  # (an empty array has nothing to share)
-        array = numba_kernel._empty_aligned(shape, dtype)
+        array = numba_kernel._empty(shape, dtype, 2)
         assert array.shape == shape and array.dtype == dtype and array.flags.c_contiguous
         assert array.ctypes.data % 64 == 0
 
@@ -265,7 +299,7 @@ def _run(code):
 def test_import_compiles_nothing():
     out = _run("import sys, pyrnn; print('numba' in sys.modules); "
                "from pyrnn import numba_kernel as k; "
-               "steps = (k._forward_columns, k._backward_columns, k._matmul_wt_columns); "
+               "steps = (k._forward_columns, k._backward_columns, k._matmul_columns); "
                "print(sum(len(f.signatures) for f in steps))")
     assert out.split() == ["False", "0"]
 
