@@ -83,7 +83,7 @@ def test_time_loops_at_sizes_around_the_tile_match_the_reference(H, B, dtype):
 @numba.njit
 def _tanh_all(x, out):
     for i in range(x.size):
-        out[i] = numba_kernel._tanh(np.float64(x[i]))
+        out[i] = numba_kernel._tanh(x[i])  # in x's own precision
 
 
 def _tanh_grid():
@@ -100,25 +100,32 @@ def test_tanh_float64_within_a_few_ulp_of_numpy():
     assert ulps.max() <= 8, f"max {ulps.max():.1f} ulp at x = {x[np.argmax(ulps)]!r}"
 
 
-def test_tanh_float32_is_rounded_from_float64():
-    """The float32 path computes in float64 and rounds once: within 1 ulp of the true tanh."""
-    x = _tanh_grid().astype(np.float32)
+def test_tanh_float32_within_2_ulp_of_correctly_rounded():
+    """The bound stated in numba_kernel (measured there on every float32 in [0, 12]), checked
+    on every 37th, all binades down to the subnormals; past 9.01 tanh rounds to 1."""
+    x = np.arange(0, np.float32(12).view(np.int32), 37, dtype=np.int32).view(np.float32)
     out = np.empty_like(x)
     _tanh_all(x, out)
-    expected = np.tanh(x.astype(np.float64))
-    ulps = np.abs(out - expected) / np.spacing(np.abs(expected).astype(np.float32))
-    assert ulps.max() <= 1
+    correctly_rounded = np.tanh(x.astype(np.float64)).astype(np.float32)
+    ulps = np.abs(out.view(np.int32).astype(np.int64) - correctly_rounded.view(np.int32))
+    assert ulps.max() <= 2, f"{ulps.max()} ulp at x = {x[np.argmax(ulps)]!r}"
+    negated = np.empty_like(x)
+    _tanh_all(-x, negated)
+    np.testing.assert_array_equal(negated, -out)  # odd, bitwise
 
 
-def test_tanh_special_values():
-    x = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 20.0, -20.0, 1e300, -1e-320])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_tanh_special_values(dtype):
+    tiny = np.finfo(dtype).smallest_subnormal
+    x = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 20.0, -20.0, np.finfo(dtype).max, -tiny],
+                 dtype)
     out = np.empty_like(x)
     _tanh_all(x, out)
     np.testing.assert_array_equal(out[:4], [0.0, -0.0, 1.0, -1.0])
     assert np.signbit(out[1]) and not np.signbit(out[0])
     assert np.isnan(out[4])
     np.testing.assert_array_equal(out[5:8], [1.0, -1.0, 1.0])  # exact saturation
-    assert out[8] == -1e-320  # tanh(x) = x below roundoff, subnormals included
+    assert out[8] == -tiny  # tanh(x) = x below roundoff, subnormals included
 
 
 def _run_numba(problem, grad_output, lengths, threads):
