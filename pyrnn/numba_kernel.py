@@ -50,19 +50,23 @@ from numba.extending import intrinsic, overload
 from . import _threads
 from .reference import valid_steps, weight_gradients
 
-# The per-step products are written as a BLAS micro-kernel is: out[b, j] = Σ_k a[b, k] · w[k, j],
-# w's rows contiguous over j (a weight transposed where the math has weightᵀ). A tile of the
-# result, _TILE_ROWS rows by _TILE_VECTORS vector registers of columns, is summed in registers:
-# for each k, the tile's part of row k of w is loaded once and multiplied with every a[b, k],
-# broadcast. No horizontal sums, and every element is one sum over k in order, whatever the tile
-# it falls in or the thread that owns its column. Numba has no SIMD types, so three intrinsics
-# give these loops what a C kernel gets from its vector types (csrc/simd.h): a tile on the stack
-# (_stack_tile), its width in elements (_lanes) and one fused multiply-add over a vector
-# (_add_scaled). Measured per step, B = 1 and H = 64: 90 ns for the product, against 380 for
-# the previous row-by-row dot products (a horizontal sum per element).
+# The per-step products are written as a BLAS micro-kernel is (csrc/gemm.h): out[b, j] =
+# Σ_k a[b, k] · w[k, j], with w (a weight, transposed where the math has weightᵀ) copied once per
+# call into panels of _PANEL_VECTORS vectors of columns, k-major (_packed), so that the kernel
+# reads it with unit stride. A tile of the result, _TILE_ROWS rows by one panel, is summed in
+# registers: for each k, the panel's row k is loaded once and multiplied with every a[b, k],
+# broadcast. No horizontal sums, and every element of a full tile is one sum over k in order,
+# whatever thread owns its column. A row left over (all of them when B < 8, e.g. B = 1) is a
+# one-row tile that sums k in _ROW_SPLIT interleaved parts, added up at the end: one sum per
+# vector would wait ~4 cycles per k on the previous fused multiply-add. Numba has no SIMD types,
+# so three intrinsics give these loops what a C kernel gets from its vector types (csrc/simd.h):
+# a tile on the stack (_stack_tile), its width in elements (_lanes) and one fused multiply-add
+# over a vector (_add_scaled). Measured per step, B = 1 and H = 64: ... ns for the product,
+# against 380 for the previous row-by-row dot products (a horizontal sum per element).
 _VECTOR_BYTES = 64  # one AVX-512 register, a cache line (LLVM splits it on narrower CPUs)
-_TILE_ROWS = 4
-_TILE_VECTORS = 4  # 4 x 4 registers of sums: half of AVX-512's 32, the rest for w and a[b, k]
+_PANEL_VECTORS = 2  # 32 float32 or 16 float64 columns
+_TILE_ROWS = 8  # 8 x 2 registers of sums: half of AVX-512's 32
+_ROW_SPLIT = 4  # a one-row tile has 4 x 2 sums in flight
 
 
 def _element_type(dtype):  # numba's type for `array.dtype` as an argument of an intrinsic
@@ -105,19 +109,19 @@ def _stack_tile(typingctx, rows, vectors, dtype):
 
 
 @intrinsic
-def _add_scaled(typingctx, tile, r, i, s, w, k, j):
-    """tile[r, i:i+L] += s · w[k, j:j+L] over one vector register of L lanes, as one fused
+def _add_scaled(typingctx, tile, r, i, s, w, p, k):
+    """tile[r, i:i+L] += s · w[p, k, i:i+L] over one vector register of L lanes, as one fused
     multiply-add where the CPU has it (llvm.fmuladd: what the ``contract`` flag allows)."""
     element = tile.dtype
     vector = ir.VectorType(ir.FloatType() if element.bitwidth == 32 else ir.DoubleType(),
                            _VECTOR_BYTES * 8 // element.bitwidth)
 
     def codegen(context, builder, signature, arguments):
-        tile_, r_, i_, s_, w_, k_, j_ = arguments
+        tile_, r_, i_, s_, w_, p_, k_ = arguments
         pointers = [builder.bitcast(_element_pointer(context, builder, signature.args[n], array,
                                                      *indices), vector.as_pointer())
-                    for n, array, indices in ((0, tile_, (r_, i_)), (4, w_, (k_, j_)))]
-        sums, row = (builder.load(p, align=element.bitwidth // 8) for p in pointers)
+                    for n, array, indices in ((0, tile_, (r_, i_)), (4, w_, (p_, k_, i_)))]
+        sums, row = (builder.load(pointer, align=element.bitwidth // 8) for pointer in pointers)
         scalar = context.cast(builder, s_, signature.args[3], element)
         lanes = ir.Constant(ir.VectorType(ir.IntType(32), vector.count), [0] * vector.count)
         broadcast = builder.shuffle_vector(
@@ -129,24 +133,43 @@ def _add_scaled(typingctx, tile, r, i, s, w, k, j):
         builder.store(builder.call(fmuladd, [broadcast, row, sums]), pointers[0],
                       align=element.bitwidth // 8)
         return context.get_dummy_value()
-    return types.void(tile, r, i, s, w, k, j), codegen
+    return types.void(tile, r, i, s, w, p, k), codegen
 
 
 @njit(inline="always")
-def _product_tile(tile, a, b0, w, j0):
-    """tile[r] = a[b0 + r] · w[:, j0:j0 + N] for each row r of the tile (N its columns)."""
+def _product_tile(tile, a, b0, w, p):
+    """tile[r] = a[b0 + r] · panel p of w, for each row r of the tile."""
     lanes = _lanes(tile.dtype)
     tile[:] = 0.0
     for k in range(a.shape[1]):
         for r in range(tile.shape[0]):
             s = a[b0 + r, k]
             for i in range(0, tile.shape[1], lanes):
-                _add_scaled(tile, r, i, s, w, k, j0 + i)
+                _add_scaled(tile, r, i, s, w, p, k)
 
 
 @njit(inline="always")
-def _store_tile(tile, out, b0, j0, j1):
-    for r in range(tile.shape[0]):
+def _product_row(tile, a, b, w, p):
+    """tile[0] = a[b] · panel p of w, k summed in tile.shape[0] interleaved parts."""
+    lanes, parts, K = _lanes(tile.dtype), tile.shape[0], a.shape[1]
+    tile[:] = 0.0
+    for k0 in range(0, K - parts + 1, parts):
+        for part in range(parts):
+            s = a[b, k0 + part]
+            for i in range(0, tile.shape[1], lanes):
+                _add_scaled(tile, part, i, s, w, p, k0 + part)
+    for k in range(K - K % parts, K):
+        for i in range(0, tile.shape[1], lanes):
+            _add_scaled(tile, 0, i, a[b, k], w, p, k)
+    for part in range(1, parts):
+        for j in range(tile.shape[1]):
+            tile[0, j] += tile[part, j]
+
+
+@njit(inline="always")
+def _store_tile(tile, rows, out, b0, j0, j1):
+    """out[b0:b0 + rows, j0:j1] = the tile's first rows."""
+    for r in range(rows):
         row = out[b0 + r, j0:j1]  # a row slice, so that the loop starts at 0: see _step_tile
         for j in range(row.shape[0]):
             row[j] = tile[r, j]
@@ -154,33 +177,44 @@ def _store_tile(tile, out, b0, j0, j1):
 
 @njit(cache=True, nogil=True)
 def _matmul_columns(a, w, out, j0, j1):
-    """out[:, j0:j1] = a · w[:, j0:j1].   a (B, K), w (K, J) _padded, out (B, J); j0 is a
-    multiple of the lanes (_column_bounds)."""
+    """out[:, j0:j1] = a · w[:, j0:j1].   a (B, K), w (K, J) _packed, out (B, J); j0 is one of
+    the _column_bounds."""
     B = a.shape[0]
-    for c0 in range(j0, j1, _TILE_VECTORS * _lanes(a.dtype)):
-        tile = _stack_tile(_TILE_ROWS, _TILE_VECTORS, a.dtype)
-        c1 = min(c0 + tile.shape[1], j1)
+    tile = _stack_tile(_TILE_ROWS, _PANEL_VECTORS, a.dtype)
+    row = _stack_tile(_ROW_SPLIT, _PANEL_VECTORS, a.dtype)
+    for c0 in range(j0, j1, tile.shape[1]):
+        p, c1 = c0 // tile.shape[1], min(c0 + tile.shape[1], j1)
         for b0 in range(0, B - _TILE_ROWS + 1, _TILE_ROWS):
-            _product_tile(tile, a, b0, w, c0)
-            _store_tile(tile, out, b0, c0, c1)
-        row = _stack_tile(1, _TILE_VECTORS, a.dtype)
-        for b in range(B - B % _TILE_ROWS, B):  # the last rows (all of them when B < 4)
-            _product_tile(row, a, b, w, c0)
-            _store_tile(row, out, b, c0, c1)
+            _product_tile(tile, a, b0, w, p)
+            _store_tile(tile, _TILE_ROWS, out, b0, c0, c1)
+        for b in range(B - B % _TILE_ROWS, B):  # the rows left over (all of them when B < 8)
+            _product_row(row, a, b, w, p)
+            _store_tile(row, 1, out, b, c0, c1)
 
 
-@njit(cache=True)
-def _padded(w):
-    """w (K, J), any layout, as a C-contiguous (K, J') copy that _matmul_columns can read: J
-    rounded up to whole vectors, plus the columns that a tile starting at the last vector below
-    J reads past it, all zeros. Compiled: 0.5 us for weight_hhᵀ at tiny, NumPy took 3.7."""
+def _packed(w):
+    """w (K, J), any layout, copied into panels of _PANEL_VECTORS vectors of columns, each
+    k-major: (P, K, panel width), zeros past column J."""
     K, J = w.shape
-    lanes = _lanes(w.dtype)
-    padded = np.zeros((K, -(-J // lanes) * lanes + (_TILE_VECTORS - 1) * lanes), w.dtype)
-    for k in range(K):
-        for j in range(J):
-            padded[k, j] = w[k, j]
-    return padded
+    width = _PANEL_VECTORS * _VECTOR_BYTES // w.itemsize
+    packed = np.empty((-(-J // width), K, width), w.dtype)
+    _pack(w, packed)
+    return packed
+
+
+# Compiled, into an array allocated by NumPy (numba's own allocation and return cost 0.45 us
+# more): ... us for both weights at tiny, where NumPy's copy took 6.4.
+@njit(cache=True)
+def _pack(w, packed):
+    K, J = w.shape
+    width = packed.shape[2]
+    for p in range(packed.shape[0]):
+        columns = min(width, J - p * width)
+        for k in range(K):
+            panel_row = packed[p, k]
+            for j in range(columns):
+                panel_row[j] = w[k, p * width + j]
+            panel_row[columns:] = 0.0
 
 
 def _tanh(x):
@@ -338,14 +372,13 @@ def _barrier(steps_done, thread, step):
 
 
 @njit(error_model="numpy", inline="always")
-def _step_tile(tile, t, b0, j0, j1, output, state, weight_hh_t, bias, lengths):
-    """h_t = tanh(output[t] + h_{t-1} · weight_hhᵀ + bias) for rows b0.. (as many as the tile
-    has) and hidden units j0:j1, where output[t] holds the input term x_t · weight_ihᵀ; padding
+def _step_tile(tile, rows, t, b0, j0, j1, output, state, bias, lengths):
+    """h_t = tanh(output[t] + tile + bias) for rows b0:b0 + rows and hidden units j0:j1, where
+    output[t] holds the input term x_t · weight_ihᵀ and the tile h_{t-1} · weight_hhᵀ; padding
     rows: 0, state carried."""
     h_prev, h_next = state[t % 2], state[(t + 1) % 2]
-    _product_tile(tile, h_prev, b0, weight_hh_t, j0)
     b_j = bias[j0:j1]
-    for r in range(tile.shape[0]):
+    for r in range(rows):
         b = b0 + r
         # Row slices, so that the loops below start at 0: numba then knows no index is negative
         # (no wraparound check) and LLVM vectorises them.
@@ -366,21 +399,24 @@ def _forward_columns(x, weight_ih_t, weight_hh_t, bias, lengths, output, state, 
     """The forward time loop for hidden units j0:j1 (all of them with one thread).
     output (T, B, H) gets h_t (0 on padding); state (2, B, H): h_{t-1} in state[t % 2] (h0 in
     state[0] on entry), h_t goes to state[(t + 1) % 2]. weight_ih_t and weight_hh_t are the
-    weights transposed and _padded. The input term x_t · weight_ihᵀ is computed here, for every
+    weights transposed and _packed. The input term x_t · weight_ihᵀ is computed here, for every
     step before the first, if input_in_loop, else it is in output on entry."""
     T, B, I = x.shape
     H = output.shape[2]
     if input_in_loop:
         _matmul_columns(x.reshape(T * B, I), weight_ih_t, output.reshape(T * B, H), j0, j1)
+    tile = _stack_tile(_TILE_ROWS, _PANEL_VECTORS, x.dtype)
+    row = _stack_tile(_ROW_SPLIT, _PANEL_VECTORS, x.dtype)
     for t in range(T):
-        for c0 in range(j0, j1, _TILE_VECTORS * _lanes(x.dtype)):
-            tile = _stack_tile(_TILE_ROWS, _TILE_VECTORS, x.dtype)
-            c1 = min(c0 + tile.shape[1], j1)
+        h_prev = state[t % 2]
+        for c0 in range(j0, j1, tile.shape[1]):
+            p, c1 = c0 // tile.shape[1], min(c0 + tile.shape[1], j1)
             for b0 in range(0, B - _TILE_ROWS + 1, _TILE_ROWS):
-                _step_tile(tile, t, b0, c0, c1, output, state, weight_hh_t, bias, lengths)
-            row = _stack_tile(1, _TILE_VECTORS, x.dtype)
-            for b in range(B - B % _TILE_ROWS, B):  # the last rows (all of them when B < 4)
-                _step_tile(row, t, b, c0, c1, output, state, weight_hh_t, bias, lengths)
+                _product_tile(tile, h_prev, b0, weight_hh_t, p)
+                _step_tile(tile, _TILE_ROWS, t, b0, c0, c1, output, state, bias, lengths)
+            for b in range(B - B % _TILE_ROWS, B):  # the rows left over (all of them when B < 8)
+                _product_row(row, h_prev, b, weight_hh_t, p)
+                _step_tile(row, 1, t, b, c0, c1, output, state, bias, lengths)
         _barrier(steps_done, thread, t + 1)
 
 
@@ -404,7 +440,7 @@ def _backward_columns(grad_output, weight_hh, weight_ih, output, lengths, g, gra
     """The BPTT chain for hidden units k0:k1 (all of them with one thread), and, if
     grad_x_in_loop, grad_x[t] = grad_a[t] · weight_ih for inputs i0:i1 as soon as grad_a[t] is
     complete. g (B, H): dL/dh_T on entry (grad_h_n), dL/dh0 on exit; grad_a (T, B, H) gets
-    dL/da_t; weight_hh and weight_ih are _padded (weight_ih only if grad_x_in_loop); product (B, H)
+    dL/da_t; weight_hh and weight_ih are _packed (weight_ih only if grad_x_in_loop); product (B, H)
     is scratch."""
     T = output.shape[0]
     if T > 0:
@@ -427,19 +463,19 @@ def _backward_columns(grad_output, weight_hh, weight_ih, output, lengths, g, gra
 _SPLIT_MIN_WORK = 1 << 20
 
 
-def _thread_count(J, work, lanes):
+def _thread_count(J, work, panel):
     """Threads for a time loop over J columns with `work` multiply-adds per step: as many as
-    set_num_threads allows and the work pays for, each with at least one vector of columns."""
-    most = min(work // _SPLIT_MIN_WORK, J // lanes)
+    set_num_threads allows and the work pays for, each with at least one panel of columns."""
+    most = min(work // _SPLIT_MIN_WORK, J // panel)
     # get_num_threads costs 7 us when it has to ask os.cpu_count: only if it can matter
     return 1 if most <= 1 else min(_threads.get_num_threads(), most)
 
 
-def _column_bounds(J, n, lanes):
-    """n + 1 bounds splitting J columns into n slices that start at whole vectors (a cache line
-    in each row of an array that starts at one, _empty)."""
-    vectors = -(-J // lanes)
-    return [min(J, lanes * (vectors * i // n)) for i in range(n)] + [J]
+def _column_bounds(J, n, panel):
+    """n + 1 bounds splitting J columns into n slices of whole panels (_packed), which start at
+    a cache line in each row of an array that starts at one (_empty)."""
+    panels = -(-J // panel)
+    return [min(J, panel * (panels * i // n)) for i in range(n)] + [J]
 
 
 _blas_pools = None  # threadpoolctl's handle on NumPy's BLAS, made on first use
@@ -588,15 +624,16 @@ def _weight_ih_in_loop(weight_ih):
 def forward(x, weight_ih, weight_hh, bias, h0, lengths):
     T, B, I = x.shape
     H = weight_hh.shape[0]
-    lanes = _VECTOR_BYTES // x.itemsize
-    n = _thread_count(H, B * H * (H + I), lanes)
+    panel = _PANEL_VECTORS * _VECTOR_BYTES // x.itemsize
+    n = _thread_count(H, B * H * (H + I), panel)
     output = _empty((T, B, H), x.dtype, n)
     state = _empty((2, B, H), x.dtype, n)  # h_{t-1} and h_t, taking turns
     state[0] = h0
     input_in_loop = _weight_ih_in_loop(weight_ih)
-    arguments = (x, _padded(weight_ih.T) if input_in_loop else weight_ih, _padded(weight_hh.T),
-                 bias, _full_lengths(lengths, T, B), output, state, input_in_loop)
-    bounds, steps_done = _column_bounds(H, n, lanes), np.zeros(n, np.int64)
+    arguments = (x, _packed(weight_ih.T) if input_in_loop else weight_ih[None],
+                 _packed(weight_hh.T), bias, _full_lengths(lengths, T, B), output, state,
+                 input_in_loop)
+    bounds, steps_done = _column_bounds(H, n, panel), np.zeros(n, np.int64)
 
     def columns(i):
         j0, j1 = bounds[i], bounds[i + 1]
@@ -613,17 +650,18 @@ def forward(x, weight_ih, weight_hh, bias, h0, lengths):
 def backward(grad_output, x, weight_ih, weight_hh, output, h0, grad_h_n, lengths):
     T, B, I = x.shape
     H = weight_hh.shape[0]
-    lanes = _VECTOR_BYTES // x.itemsize
-    n = _thread_count(H, B * H * (H + I), lanes)
+    panel = _PANEL_VECTORS * _VECTOR_BYTES // x.itemsize
+    n = _thread_count(H, B * H * (H + I), panel)
     grad_a, grad_x = _empty(output.shape, x.dtype, n), _empty(x.shape, x.dtype, n)
     g = _empty((B, H), x.dtype, n)
     g[:] = grad_h_n
     grad_x_in_loop = _weight_ih_in_loop(weight_ih)
-    arguments = (grad_output, _padded(weight_hh), _padded(weight_ih) if grad_x_in_loop else weight_ih,
+    hidden, inputs = _column_bounds(H, n, panel), _column_bounds(I, n, panel)
+    arguments = (grad_output, _packed(weight_hh),
+                 _packed(weight_ih) if grad_x_in_loop else weight_ih[None],
                  output, _full_lengths(lengths, T, B), g, grad_a, grad_x,
                  _empty((B, H), x.dtype, n), grad_x_in_loop)
     valid = valid_steps(lengths, T, B)[:, :, None]
-    hidden, inputs = _column_bounds(H, n, lanes), _column_bounds(I, n, lanes)
     steps_done = np.zeros(n, np.int64)
 
     def chain_then_products(i):

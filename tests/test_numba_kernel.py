@@ -21,19 +21,19 @@ import pyrnn  # noqa: E402
 from pyrnn.testing import accumulated_terms, relative_error, tolerance  # noqa: E402
 
 
-# B and J around the tile (4 rows by 4 vectors of 16 float32 or 8 float64 columns): full tiles,
-# leftover rows (B % 4, and B < 4 where only the one-row tiles run), partial vectors and tiles,
-# several tiles.
-@pytest.mark.parametrize("B", [1, 3, 4, 5, 8, 13])
+# B and J around the tile (8 rows by a panel of 32 float32 or 16 float64 columns): full tiles,
+# leftover rows (B % 8, and B < 8 where only the one-row tiles run), partial vectors and panels,
+# several panels; K around the one-row tile's 4 interleaved parts.
+@pytest.mark.parametrize("B", [1, 3, 8, 9, 13, 16])
 @pytest.mark.parametrize("J", [1, 3, 6, 16, 17, 35, 63, 65, 129])
+@pytest.mark.parametrize("K", [1, 6, 23])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_product_matches_numpy(B, J, dtype):
-    rng = np.random.default_rng(B * 1000 + J)
-    K = 23
+def test_product_matches_numpy(B, J, K, dtype):
+    rng = np.random.default_rng(B * 1000 + J * 10 + K)
     a = rng.standard_normal((B, K)).astype(dtype)
     w = rng.standard_normal((J, K)).astype(dtype)
     out = np.full((B, J), np.nan, dtype)
-    numba_kernel._matmul_columns(a, numba_kernel._padded(w.T), out, 0, J)
+    numba_kernel._matmul_columns(a, numba_kernel._packed(w.T), out, 0, J)
     expected = a.astype(np.float64) @ w.T.astype(np.float64)
     # Sums of K products in another order: a few roundoffs of the terms' size (~sqrt(K)).
     tolerance = 1e-13 if dtype == np.float64 else 8 * np.sqrt(K) * np.finfo(np.float32).eps
@@ -42,28 +42,30 @@ def test_product_matches_numpy(B, J, dtype):
 
 def test_product_writes_only_its_columns():
     rng = np.random.default_rng(0)
-    a, w = rng.standard_normal((6, 9)), rng.standard_normal((9, 40))
-    out = np.full((6, 40), 7.0)
-    numba_kernel._matmul_columns(a, numba_kernel._padded(w), out, 8, 27)
-    np.testing.assert_allclose(out[:, 8:27], a @ w[:, 8:27], rtol=1e-13)
-    assert (out[:, :8] == 7.0).all() and (out[:, 27:] == 7.0).all()
+    a, w = rng.standard_normal((9, 7)), rng.standard_normal((7, 70))
+    out = np.full((9, 70), 7.0)
+    numba_kernel._matmul_columns(a, numba_kernel._packed(w), out, 16, 48)  # panels 1 and 2
+    np.testing.assert_allclose(out[:, 16:48], a @ w[:, 16:48], rtol=1e-13)
+    assert (out[:, :16] == 7.0).all() and (out[:, 48:] == 7.0).all()
 
 
-def test_padded_copies_any_layout_and_zeros_the_rest():
-    w = np.arange(12.0).reshape(3, 4)
-    for source in (w, w.T, w[:, ::2]):
-        padded = numba_kernel._padded(source)
-        assert padded.flags.c_contiguous and padded.shape[1] % 8 == 0
-        np.testing.assert_array_equal(padded[:, :source.shape[1]], source)
-        assert (padded[:, source.shape[1]:] == 0).all()
+def test_packed_copies_any_layout_into_zero_padded_panels():
+    w = np.arange(60.0).reshape(3, 20)
+    for source in (w, w.T, w[:, ::3]):
+        packed = numba_kernel._packed(source)
+        K, J = source.shape
+        assert packed.flags.c_contiguous and packed.shape == (-(-J // 16), K, 16)  # float64
+        columns = np.concatenate(list(packed), axis=1)  # the panels side by side: (K, 16·P)
+        np.testing.assert_array_equal(columns[:, :J], source)
+        assert (columns[:, J:] == 0).all()
 
 
 @pytest.mark.parametrize("H", [1, 3, 17, 63, 65])
-@pytest.mark.parametrize("B", [1, 5])
+@pytest.mark.parametrize("B", [1, 9])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_time_loops_at_sizes_around_the_tile_match_the_reference(H, B, dtype):
-    """Forward and backward at hidden sizes that leave partial vectors and tiles, one row (the
-    one-row tiles only) and 5 (a full tile and a leftover row), with padding rows."""
+    """Forward and backward at hidden sizes that leave partial vectors and panels, one row (the
+    one-row tiles only) and 9 (a full tile and a row left over), with padding rows."""
     rng = np.random.default_rng(H * 10 + B)
     T, I = 6, 5
     p = make_problem(rng, T, B, I, H, dtype)
@@ -174,7 +176,7 @@ def test_threads_split_the_columns_and_agree_with_one_thread(
     limit = 1 << 40 if weight_ih_in_loop else 0
     monkeypatch.setattr(numba_kernel, "_IN_LOOP_MAX_WEIGHT_IH_BYTES", limit)
     rng = np.random.default_rng(threads)
-    T, B, I, H = 7, 5, 37, 53  # 3 and 4 vectors of float32, 5 and 7 of float64, the last partial
+    T, B, I, H = 7, 5, 37, 100  # 2 and 4 panels of float32, 3 and 7 of float64, the last partial
     p = make_problem(rng, T, B, I, H, dtype)
     lengths = random_lengths(rng, T, B) if with_lengths else None
     grad_output = rng.standard_normal((T, B, H)).astype(dtype)
@@ -186,8 +188,8 @@ def test_threads_split_the_columns_and_agree_with_one_thread(
         bounds = [j0 for _, j0, _, _ in sorted(calls)] + [H]  # each thread's columns j0:j1
         assert [j1 for _, _, j1, _ in sorted(calls)] == bounds[1:], name
         assert bounds[0] == 0
-        lanes = 64 // np.dtype(dtype).itemsize  # threads start at whole vectors (cache lines)
-        assert all(j0 % lanes == 0 and j0 < j1 for j0, j1 in zip(bounds, bounds[1:])), name
+        panel = 128 // np.dtype(dtype).itemsize  # threads start at whole panels
+        assert all(j0 % panel == 0 and j0 < j1 for j0, j1 in zip(bounds, bounds[1:])), name
     tolerance = 1e-13 if dtype == np.float64 else 1e-5
     for i, (a, b) in enumerate(zip(one, several)):
         if i < 2 and weight_ih_in_loop:  # forward: every element summed in the same order
@@ -209,8 +211,8 @@ def test_threads_never_exceed_set_num_threads(split_always):
 
 def test_small_steps_stay_on_one_thread():
     """Below _SPLIT_MIN_WORK multiply-adds per step, a second thread would only wait."""
-    assert numba_kernel._thread_count(128, 16 * 128 * 192, 16) == 1  # small: 0.4M per step
-    medium = numba_kernel._thread_count(256, 64 * 256 * 512, 16)  # 8.4M per step
+    assert numba_kernel._thread_count(128, 16 * 128 * 192, 32) == 1  # small: 0.4M per step
+    medium = numba_kernel._thread_count(256, 64 * 256 * 512, 32)  # 8.4M per step
     assert medium == min(2, pyrnn.get_num_threads())
 
 
