@@ -21,10 +21,10 @@ import pyrnn  # noqa: E402
 from pyrnn.testing import accumulated_terms, relative_error, tolerance  # noqa: E402
 
 
-# B and J around the tile (8 rows by a panel of 32 float32 or 16 float64 columns): full tiles,
-# leftover rows (B % 8, and B < 8 where only the one-row tiles run), partial vectors and panels,
-# several panels; K around the one-row tile's 4 interleaved parts.
-@pytest.mark.parametrize("B", [1, 3, 8, 9, 13, 16])
+# B and J around the tile (4 rows by a panel of 64 float32 or 32 float64 columns): full tiles,
+# leftover rows (B % 4, and B < 4 where only the one-row tiles run), partial vectors and panels,
+# several panels.
+@pytest.mark.parametrize("B", [1, 3, 4, 5, 8, 13])
 @pytest.mark.parametrize("J", [1, 3, 6, 16, 17, 35, 63, 65, 129])
 @pytest.mark.parametrize("K", [1, 6, 23])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -42,20 +42,20 @@ def test_product_matches_numpy(B, J, K, dtype):
 
 def test_product_writes_only_its_columns():
     rng = np.random.default_rng(0)
-    a, w = rng.standard_normal((9, 7)), rng.standard_normal((7, 70))
-    out = np.full((9, 70), 7.0)
-    numba_kernel._matmul_columns(a, numba_kernel._packed(w), out, 16, 48)  # panels 1 and 2
-    np.testing.assert_allclose(out[:, 16:48], a @ w[:, 16:48], rtol=1e-13)
-    assert (out[:, :16] == 7.0).all() and (out[:, 48:] == 7.0).all()
+    a, w = rng.standard_normal((9, 7)), rng.standard_normal((7, 100))
+    out = np.full((9, 100), 7.0)
+    numba_kernel._matmul_columns(a, numba_kernel._packed(w), out, 32, 80)  # panels 1 and 2
+    np.testing.assert_allclose(out[:, 32:80], a @ w[:, 32:80], rtol=1e-13)
+    assert (out[:, :32] == 7.0).all() and (out[:, 80:] == 7.0).all()
 
 
 def test_packed_copies_any_layout_into_zero_padded_panels():
-    w = np.arange(60.0).reshape(3, 20)
+    w = np.arange(120.0).reshape(3, 40)
     for source in (w, w.T, w[:, ::3]):
         packed = numba_kernel._packed(source)
         K, J = source.shape
-        assert packed.flags.c_contiguous and packed.shape == (-(-J // 16), K, 16)  # float64
-        columns = np.concatenate(list(packed), axis=1)  # the panels side by side: (K, 16·P)
+        assert packed.flags.c_contiguous and packed.shape == (-(-J // 32), K, 32)  # float64
+        columns = np.concatenate(list(packed), axis=1)  # the panels side by side: (K, 32·P)
         np.testing.assert_array_equal(columns[:, :J], source)
         assert (columns[:, J:] == 0).all()
 
@@ -65,7 +65,7 @@ def test_packed_copies_any_layout_into_zero_padded_panels():
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_time_loops_at_sizes_around_the_tile_match_the_reference(H, B, dtype):
     """Forward and backward at hidden sizes that leave partial vectors and panels, one row (the
-    one-row tiles only) and 9 (a full tile and a row left over), with padding rows."""
+    one-row tiles only) and 9 (full tiles and a row left over), with padding rows."""
     rng = np.random.default_rng(H * 10 + B)
     T, I = 6, 5
     p = make_problem(rng, T, B, I, H, dtype)
@@ -176,7 +176,7 @@ def test_threads_split_the_columns_and_agree_with_one_thread(
     limit = 1 << 40 if weight_ih_in_loop else 0
     monkeypatch.setattr(numba_kernel, "_IN_LOOP_MAX_WEIGHT_IH_BYTES", limit)
     rng = np.random.default_rng(threads)
-    T, B, I, H = 7, 5, 37, 100  # 2 and 4 panels of float32, 3 and 7 of float64, the last partial
+    T, B, I, H = 7, 5, 37, 200  # 1 and 4 panels of float32, 2 and 7 of float64, the last partial
     p = make_problem(rng, T, B, I, H, dtype)
     lengths = random_lengths(rng, T, B) if with_lengths else None
     grad_output = rng.standard_normal((T, B, H)).astype(dtype)
@@ -188,7 +188,7 @@ def test_threads_split_the_columns_and_agree_with_one_thread(
         bounds = [j0 for _, j0, _, _ in sorted(calls)] + [H]  # each thread's columns j0:j1
         assert [j1 for _, _, j1, _ in sorted(calls)] == bounds[1:], name
         assert bounds[0] == 0
-        panel = 128 // np.dtype(dtype).itemsize  # threads start at whole panels
+        panel = 256 // np.dtype(dtype).itemsize  # threads start at whole panels
         assert all(j0 % panel == 0 and j0 < j1 for j0, j1 in zip(bounds, bounds[1:])), name
     tolerance = 1e-13 if dtype == np.float64 else 1e-5
     for i, (a, b) in enumerate(zip(one, several)):
@@ -211,8 +211,8 @@ def test_threads_never_exceed_set_num_threads(split_always):
 
 def test_small_steps_stay_on_one_thread():
     """Below _SPLIT_MIN_WORK multiply-adds per step, a second thread would only wait."""
-    assert numba_kernel._thread_count(128, 16 * 128 * 192, 32) == 1  # small: 0.4M per step
-    medium = numba_kernel._thread_count(256, 64 * 256 * 512, 32)  # 8.4M per step
+    assert numba_kernel._thread_count(128, 16 * 128 * 192, 64) == 1  # small: 0.4M per step
+    medium = numba_kernel._thread_count(256, 64 * 256 * 512, 64)  # 8.4M per step
     assert medium == min(2, pyrnn.get_num_threads())
 
 
@@ -236,8 +236,8 @@ def test_blas_runs_on_one_thread_inside_split_calls_and_is_restored_after(split_
             assert set(_blas_threads()) == {1}
         assert set(_blas_threads()) == {2}
         rng = np.random.default_rng(4)
-        p = make_problem(rng, 3, 5, 2, 40)
-        _run_numba(p, rng.standard_normal((3, 5, 40)), None, 2)
+        p = make_problem(rng, 3, 5, 2, 64)  # 2 panels of float64 columns: one per thread
+        _run_numba(p, rng.standard_normal((3, 5, 64)), None, 2)
         assert set(_blas_threads()) == {2}
     finally:
         pyrnn.set_num_threads(before)
@@ -268,7 +268,7 @@ def test_a_thread_failing_before_its_time_loop_does_not_leave_the_others_waiting
     threads already in the time loop must not wait for that thread at the barrier forever."""
     monkeypatch.setattr(numba_kernel, "_IN_LOOP_MAX_WEIGHT_IH_BYTES", 0)  # the input term by BLAS
     rng = np.random.default_rng(5)
-    p = make_problem(rng, 6, 5, 4, 40)
+    p = make_problem(rng, 6, 5, 4, 64)  # 2 panels of float64 columns: one per thread
     matmul = np.matmul
 
     def failing_on_a_worker(*arguments, **keywords):
@@ -283,7 +283,7 @@ def test_a_thread_failing_before_its_time_loop_does_not_leave_the_others_waiting
         with pytest.raises(MemoryError, match="input term"):
             pyrnn.forward(**p, backend="numba")
         monkeypatch.setattr(np, "matmul", matmul)
-        _run_numba(p, rng.standard_normal((6, 5, 40)), None, 2)  # the workers are fine after it
+        _run_numba(p, rng.standard_normal((6, 5, 64)), None, 2)  # the workers are fine after it
     finally:
         pyrnn.set_num_threads(before)
 
@@ -295,8 +295,8 @@ from pyrnn import numba_kernel
 numba_kernel._SPLIT_MIN_WORK = 1
 pyrnn.set_num_threads(2)
 rng = np.random.default_rng(0)
-arguments = (rng.standard_normal((4, 5, 3)), rng.standard_normal((40, 3)),
-             0.2 * rng.standard_normal((40, 40)))"""
+arguments = (rng.standard_normal((4, 5, 3)), rng.standard_normal((64, 3)),
+             0.2 * rng.standard_normal((64, 64)))"""
     assert forked_child_agrees(setup, 'pyrnn.forward(*arguments, backend="numba")[0]', tmp_path)
 
 
