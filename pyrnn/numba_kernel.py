@@ -52,7 +52,7 @@ from .reference import valid_steps, weight_gradients
 
 # The per-step products are written as a BLAS micro-kernel is (csrc/gemm.h): out[b, j] =
 # Σ_k a[b, k] · w[k, j], with w (a weight, transposed where the math has weightᵀ) copied once per
-# call into panels of _PANEL_VECTORS vectors of columns, k-major (_packed), so that the kernel
+# call into panels of _PANEL_VECTORS vectors of columns, k-major (_pack), so that the kernel
 # reads it with unit stride (large forward: 50 ms, against 94 reading the rows of a
 # row-major copy). A tile of the result, _TILE_ROWS rows by one panel, is summed in registers:
 # for each k, the panel's row k is loaded once and multiplied with every a[b, k], broadcast.
@@ -167,13 +167,13 @@ def _store_tile(tile, out, b0, j0, j1):
 
 @njit(cache=True, nogil=True)
 def _matmul_columns(a, w, out, j0, j1):
-    """out[:, j0:j1] = a · w[:, j0:j1].   a (B, K), w (K, J) _packed, out (B, J); j0 is one of
-    the _column_bounds."""
-    B = a.shape[0]
+    """out[:, j0:j1] = a · w[:, j0:j1].   a (B, K), out (B, J), w the panels of a (K, J) weight
+    (_pack); j0 is one of the _column_bounds."""
+    B, width = a.shape[0], _panel_width(a.dtype)
     tile = _stack_tile(_TILE_ROWS, _PANEL_VECTORS, a.dtype)
     row = _stack_tile(1, _PANEL_VECTORS, a.dtype)
-    for c0 in range(j0, j1, tile.shape[1]):
-        p, c1 = c0 // tile.shape[1], min(c0 + tile.shape[1], j1)
+    for p in range(j0 // width, -(-j1 // width)):
+        c0, c1 = p * width, min(p * width + width, j1)
         for b0 in range(0, B - _TILE_ROWS + 1, _TILE_ROWS):
             _product_tile(tile, a, b0, w, p)
             _store_tile(tile, out, b0, c0, c1)
@@ -182,23 +182,27 @@ def _matmul_columns(a, w, out, j0, j1):
             _store_tile(row, out, b, c0, c1)
 
 
-def _packed(w):
-    """w (K, J), any layout, copied into panels of _PANEL_VECTORS vectors of columns, each
-    k-major: (panels, K, panel width), zeros past column J."""
-    K, J = w.shape
-    width = _PANEL_VECTORS * _VECTOR_BYTES // w.itemsize
-    packed = np.empty((-(-J // width), K, width), w.dtype)
-    _pack(w, packed)
-    return packed
+@njit(inline="always")
+def _panel_width(dtype):  # a constant in the compiled code (packed.shape[2] is not)
+    return _PANEL_VECTORS * _lanes(dtype)
 
 
-# Compiled, into an array allocated by NumPy (numba's own allocation and return cost 0.45 us
-# more): ... us for both weights at tiny, where NumPy's copy took 6.4.
-@njit(cache=True)
-def _pack(w, packed):
+def _empty_packed(K, J, dtype):
+    """Room for a (K, J) weight in panels of _PANEL_VECTORS vectors of columns, each k-major:
+    (panels, K, panel width), filled by _pack."""
+    width = _PANEL_VECTORS * _VECTOR_BYTES // dtype.itemsize
+    return np.empty((-(-J // width), K, width), dtype)
+
+
+# Each thread packs the panels of its own columns (a tile never reads past its panel), in the
+# compiled time loop's call: tiny's two weights in 0.5 us, where two calls to pack them from
+# Python took 3.7.
+@njit(cache=True, nogil=True)
+def _pack(w, packed, j0, j1):
+    """The panels of packed that hold columns j0:j1 of w (K, J), any layout; zeros past J."""
     K, J = w.shape
-    width = packed.shape[2]
-    for p in range(packed.shape[0]):
+    width = _panel_width(packed.dtype)
+    for p in range(j0 // width, -(-j1 // width)):
         columns = min(width, J - p * width)
         for k in range(K):
             for j in range(columns):
@@ -362,12 +366,12 @@ def _barrier(steps_done, thread, step):
 
 
 @njit(error_model="numpy", inline="always")
-def _step_tile(tile, t, b0, j0, j1, output, state, weight_hh_t, bias, lengths):
+def _step_tile(tile, t, b0, p, j0, j1, output, state, packed_hh, bias, lengths):
     """h_t = tanh(output[t] + h_{t-1} · weight_hhᵀ + bias) for rows b0.. (as many as the tile
-    has) and hidden units j0:j1 (in panel j0 // panel width), where output[t] holds the input
-    term x_t · weight_ihᵀ; padding rows: 0, state carried."""
+    has) and hidden units j0:j1 (panel p), where output[t] holds the input term x_t · weight_ihᵀ;
+    padding rows: 0, state carried."""
     h_prev, h_next = state[t % 2], state[(t + 1) % 2]
-    _product_tile(tile, h_prev, b0, weight_hh_t, j0 // tile.shape[1])
+    _product_tile(tile, h_prev, b0, packed_hh, p)
     b_j = bias[j0:j1]
     for r in range(tile.shape[0]):
         b = b0 + r
@@ -385,26 +389,30 @@ def _step_tile(tile, t, b0, j0, j1, output, state, weight_hh_t, bias, lengths):
 
 
 @njit(error_model="numpy", cache=True, nogil=True)
-def _forward_columns(x, weight_ih_t, weight_hh_t, bias, lengths, output, state, input_in_loop,
-                     steps_done, thread, j0, j1):
+def _forward_columns(x, weight_ih, weight_hh, bias, lengths, output, state, input_in_loop,
+                     packed_ih, packed_hh, steps_done, thread, j0, j1):
     """The forward time loop for hidden units j0:j1 (all of them with one thread).
     output (T, B, H) gets h_t (0 on padding); state (2, B, H): h_{t-1} in state[t % 2] (h0 in
-    state[0] on entry), h_t goes to state[(t + 1) % 2]. weight_ih_t and weight_hh_t are the
-    weights transposed and _packed. The input term x_t · weight_ihᵀ is computed here, for every
-    step before the first, if input_in_loop, else it is in output on entry."""
+    state[0] on entry), h_t goes to state[(t + 1) % 2]. packed_ih and packed_hh get the panels
+    of weight_ihᵀ and weight_hhᵀ (_empty_packed) for columns j0:j1. The input term
+    x_t · weight_ihᵀ is computed here, for every step before the first, if input_in_loop, else
+    it is in output on entry."""
     T, B, I = x.shape
     H = output.shape[2]
+    _pack(weight_hh.T, packed_hh, j0, j1)
     if input_in_loop:
-        _matmul_columns(x.reshape(T * B, I), weight_ih_t, output.reshape(T * B, H), j0, j1)
+        _pack(weight_ih.T, packed_ih, j0, j1)
+        _matmul_columns(x.reshape(T * B, I), packed_ih, output.reshape(T * B, H), j0, j1)
     tile = _stack_tile(_TILE_ROWS, _PANEL_VECTORS, x.dtype)
     row = _stack_tile(1, _PANEL_VECTORS, x.dtype)
+    width = _panel_width(x.dtype)
     for t in range(T):
-        for c0 in range(j0, j1, tile.shape[1]):
-            c1 = min(c0 + tile.shape[1], j1)
+        for p in range(j0 // width, -(-j1 // width)):
+            c0, c1 = p * width, min(p * width + width, j1)
             for b0 in range(0, B - _TILE_ROWS + 1, _TILE_ROWS):
-                _step_tile(tile, t, b0, c0, c1, output, state, weight_hh_t, bias, lengths)
+                _step_tile(tile, t, b0, p, c0, c1, output, state, packed_hh, bias, lengths)
             for b in range(B - B % _TILE_ROWS, B):  # the rows left over (all of them when B < 4)
-                _step_tile(row, t, b, c0, c1, output, state, weight_hh_t, bias, lengths)
+                _step_tile(row, t, b, p, c0, c1, output, state, packed_hh, bias, lengths)
         _barrier(steps_done, thread, t + 1)
 
 
@@ -424,20 +432,24 @@ def _grad_a_columns(t, grad_output, output, g, lengths, grad_a, k0, k1):
 
 @njit(error_model="numpy", cache=True, nogil=True)
 def _backward_columns(grad_output, weight_hh, weight_ih, output, lengths, g, grad_a, grad_x,
-                      product, grad_x_in_loop, steps_done, thread, k0, k1, i0, i1):
+                      product, grad_x_in_loop, packed_hh, packed_ih, steps_done, thread, k0, k1,
+                      i0, i1):
     """The BPTT chain for hidden units k0:k1 (all of them with one thread), and, if
     grad_x_in_loop, grad_x[t] = grad_a[t] · weight_ih for inputs i0:i1 as soon as grad_a[t] is
     complete. g (B, H): dL/dh_T on entry (grad_h_n), dL/dh0 on exit; grad_a (T, B, H) gets
-    dL/da_t; weight_hh and weight_ih are _packed (weight_ih only if grad_x_in_loop); product (B, H)
-    is scratch."""
+    dL/da_t; packed_hh and packed_ih get the panels of weight_hh (columns k0:k1) and weight_ih
+    (i0:i1, if grad_x_in_loop) (_empty_packed); product (B, H) is scratch."""
+    _pack(weight_hh, packed_hh, k0, k1)
+    if grad_x_in_loop:
+        _pack(weight_ih, packed_ih, i0, i1)
     T = output.shape[0]
     if T > 0:
         _grad_a_columns(T - 1, grad_output, output, g, lengths, grad_a, k0, k1)
         _barrier(steps_done, thread, 1)
     for t in range(T - 1, -1, -1):  # here grad_a[t] is complete
-        _matmul_columns(grad_a[t], weight_hh, product, k0, k1)
+        _matmul_columns(grad_a[t], packed_hh, product, k0, k1)
         if grad_x_in_loop:
-            _matmul_columns(grad_a[t], weight_ih, grad_x[t], i0, i1)
+            _matmul_columns(grad_a[t], packed_ih, grad_x[t], i0, i1)
         for b in range(output.shape[1]):
             if t < lengths[b]:  # padding rows pass g through
                 g[b, k0:k1] = product[b, k0:k1]
@@ -460,7 +472,7 @@ def _thread_count(J, work, panel):
 
 
 def _column_bounds(J, n, panel):
-    """n + 1 bounds splitting J columns into n slices of whole panels (_packed), which start at
+    """n + 1 bounds splitting J columns into n slices of whole panels (_pack), which start at
     a cache line in each row of an array that starts at one (_empty)."""
     panels = -(-J // panel)
     return [min(J, panel * (panels * i // n)) for i in range(n)] + [J]
@@ -618,9 +630,9 @@ def forward(x, weight_ih, weight_hh, bias, h0, lengths):
     state = _empty((2, B, H), x.dtype, n)  # h_{t-1} and h_t, taking turns
     state[0] = h0
     input_in_loop = _weight_ih_in_loop(weight_ih)
-    arguments = (x, _packed(weight_ih.T) if input_in_loop else weight_ih[None],
-                 _packed(weight_hh.T), bias, _full_lengths(lengths, T, B), output, state,
-                 input_in_loop)
+    arguments = (x, weight_ih, weight_hh, bias, _full_lengths(lengths, T, B), output, state,
+                 input_in_loop, _empty_packed(I if input_in_loop else 0, H, x.dtype),
+                 _empty_packed(H, H, x.dtype))
     bounds, steps_done = _column_bounds(H, n, panel), np.zeros(n, np.int64)
 
     def columns(i):
@@ -645,10 +657,10 @@ def backward(grad_output, x, weight_ih, weight_hh, output, h0, grad_h_n, lengths
     g[:] = grad_h_n
     grad_x_in_loop = _weight_ih_in_loop(weight_ih)
     hidden, inputs = _column_bounds(H, n, panel), _column_bounds(I, n, panel)
-    arguments = (grad_output, _packed(weight_hh),
-                 _packed(weight_ih) if grad_x_in_loop else weight_ih[None],
-                 output, _full_lengths(lengths, T, B), g, grad_a, grad_x,
-                 _empty((B, H), x.dtype, n), grad_x_in_loop)
+    arguments = (grad_output, weight_hh, weight_ih, output, _full_lengths(lengths, T, B), g,
+                 grad_a, grad_x, _empty((B, H), x.dtype, n), grad_x_in_loop,
+                 _empty_packed(H, H, x.dtype),
+                 _empty_packed(H if grad_x_in_loop else 0, I, x.dtype))
     valid = valid_steps(lengths, T, B)[:, :, None]
     steps_done = np.zeros(n, np.int64)
 

@@ -21,6 +21,18 @@ import pyrnn  # noqa: E402
 from pyrnn.testing import accumulated_terms, relative_error, tolerance  # noqa: E402
 
 
+def _packed(w):
+    """w (K, J) in the panels _matmul_columns reads."""
+    packed = numba_kernel._empty_packed(*w.shape, w.dtype)
+    _pack_all(w, packed)
+    return packed
+
+
+@numba.njit
+def _pack_all(w, packed):
+    numba_kernel._pack(w, packed, 0, w.shape[1])
+
+
 # B and J around the tile (4 rows by a panel of 64 float32 or 32 float64 columns): full tiles,
 # leftover rows (B % 4, and B < 4 where only the one-row tiles run), partial vectors and panels,
 # several panels.
@@ -33,7 +45,7 @@ def test_product_matches_numpy(B, J, K, dtype):
     a = rng.standard_normal((B, K)).astype(dtype)
     w = rng.standard_normal((J, K)).astype(dtype)
     out = np.full((B, J), np.nan, dtype)
-    numba_kernel._matmul_columns(a, numba_kernel._packed(w.T), out, 0, J)
+    numba_kernel._matmul_columns(a, _packed(w.T), out, 0, J)
     expected = a.astype(np.float64) @ w.T.astype(np.float64)
     # Sums of K products in another order: a few roundoffs of the terms' size (~sqrt(K)).
     tolerance = 1e-13 if dtype == np.float64 else 8 * np.sqrt(K) * np.finfo(np.float32).eps
@@ -44,7 +56,7 @@ def test_product_writes_only_its_columns():
     rng = np.random.default_rng(0)
     a, w = rng.standard_normal((9, 7)), rng.standard_normal((7, 100))
     out = np.full((9, 100), 7.0)
-    numba_kernel._matmul_columns(a, numba_kernel._packed(w), out, 32, 80)  # panels 1 and 2
+    numba_kernel._matmul_columns(a, _packed(w), out, 32, 80)  # panels 1 and 2
     np.testing.assert_allclose(out[:, 32:80], a @ w[:, 32:80], rtol=1e-13)
     assert (out[:, :32] == 7.0).all() and (out[:, 80:] == 7.0).all()
 
@@ -52,7 +64,7 @@ def test_product_writes_only_its_columns():
 def test_packed_copies_any_layout_into_zero_padded_panels():
     w = np.arange(120.0).reshape(3, 40)
     for source in (w, w.T, w[:, ::3]):
-        packed = numba_kernel._packed(source)
+        packed = _packed(source)
         K, J = source.shape
         assert packed.flags.c_contiguous and packed.shape == (-(-J // 32), K, 32)  # float64
         columns = np.concatenate(list(packed), axis=1)  # the panels side by side: (K, 32·P)
