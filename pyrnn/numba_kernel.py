@@ -7,9 +7,10 @@ products, i.e. BLAS (design.md §3).
 
 Why the compiled step is fast (measured against NumPy's BLAS on the same per-step products):
 - ``_matmul_columns``, the per-step product, is a BLAS micro-kernel: a tile of 4 rows by 64
-  float32 (32 float64) columns of the result is summed in 16 vector registers, with each
-  weight row loaded once per tile and each left-hand number broadcast once, so every load
-  feeds 4 fused multiply-adds, and no sum ever needs a horizontal add. Every element is one
+  float32 (32 float64) columns of the result is summed in 16 vector registers, over a copy of
+  the weight packed in panels of 64 columns that it reads with unit stride; each weight row is
+  loaded once per tile and each left-hand number broadcast once, so every load feeds 4 fused
+  multiply-adds, and no sum ever needs a horizontal add. Every element is one
   sum over k in order (llvm.fmuladd, i.e. ``contract``: the multiply and the add may be one
   fused operation; no other fastmath flag). It beats NumPy's BLAS here, so while weight_ih
   stays in cache the products with it (the input term x_t · weight_ihᵀ for all steps before
@@ -19,9 +20,9 @@ Why the compiled step is fast (measured against NumPy's BLAS on the same per-ste
 - ``error_model="numpy"``: a float division is not checked for zero, so loops with one vectorise.
 
 Threads (as the native kernel, design.md §3.4): from _SPLIT_MIN_WORK multiply-adds per step,
-set_num_threads(n) threads share each time loop, each owning a slice of the hidden units that
-starts at a whole vector (a cache line) and all of them meeting at one barrier per step (``_barrier``: a counter per thread,
-written with release and read with acquire ordering). The caller's thread is one of them, the
+set_num_threads(n) threads share each time loop, each owning whole panels of the hidden units
+(_column_bounds) and all of them meeting at one barrier per step (``_barrier``: a counter per
+thread, written with release and read with acquire ordering). The caller's thread is one of them, the
 others are kept worker threads (``_on_threads``); compiled code releases the GIL (``nogil``).
 NumPy's BLAS runs single-threaded meanwhile, each thread calling it on its own share, so no idle
 BLAS worker spins on the cores the barrier waits for. Results do not depend on the thread count
@@ -60,10 +61,11 @@ from .reference import valid_steps, weight_gradients
 # or thread owns its column. Numba has no SIMD types, so three intrinsics give these loops what
 # a C kernel gets from its vector types (csrc/simd.h): a tile on the stack (_stack_tile), its
 # width in elements (_lanes) and one fused multiply-add over a vector (_add_scaled). Measured
-# per forward at 1 thread (min of 7), against the previous row-by-row dot products with a
-# horizontal sum per element: tiny ... us instead of ..., small 0.56 ms instead of 0.99,
-# medium 9.2 instead of 12.9, large 50 instead of 71. (Tried: 8-row tiles of 2 vectors, with
-# one-row tiles summing k in 2 or 4 interleaved parts: large as fast, tiny 30% slower.)
+# per forward at 1 thread (min of 7), with _tanh32, against the previous row-by-row dot
+# products with a horizontal sum per element: tiny 15 us instead of 33, small 0.56 ms instead
+# of 0.99, medium 9.2 instead of 12.9, large 50 instead of 71. (Tried: 8-row tiles of 2
+# vectors, with one-row tiles summing k in 2 or 4 interleaved parts: large as fast, tiny 30%
+# slower.)
 _VECTOR_BYTES = 64  # one AVX-512 register, a cache line (LLVM splits it on narrower CPUs)
 _PANEL_VECTORS = 4  # 64 float32 or 32 float64 columns
 _TILE_ROWS = 4  # 4 x 4 registers of sums: half of AVX-512's 32, the rest for w and a[b, k]
