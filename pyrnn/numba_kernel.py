@@ -613,10 +613,11 @@ def _full_lengths(lengths, T, B):
 # The products with weight_ih (forward the input term x_t · weight_ihᵀ, backward grad_x_t =
 # grad_a_t · weight_ih) are computed by _matmul_columns in the compiled time loop (forward: over
 # all steps before the first), which is faster than NumPy's BLAS on the same product over all
-# T·B rows at once as long as weight_ih stays in cache. Measured per forward at 1 thread (min of
-# 7), compiled against BLAS: tiny 21 against 27 us, small 0.71 / 0.96 ms, medium 16.2 / 17.0,
-# large (weight_ih 2 MB) 62 / 82; deepbench (12 MB) 169 / 166.
-_IN_LOOP_MAX_WEIGHT_IH_BYTES = 4 << 20
+# T·B rows at once while a panel of weight_ih stays in cache. Measured at 1 thread (min of 7),
+# compiled against BLAS, forward: tiny 14 / 17 us, small 0.54 / 0.64 ms, medium 8.8 / 12.7,
+# large 48 / 63, deepbench (weight_ih 12 MB) 96 / 134; backward: large 148 / 161, deepbench
+# 298 / 309. Larger weights (longer panels) were not measured: BLAS, which blocks its sums.
+_IN_LOOP_MAX_WEIGHT_IH_BYTES = 16 << 20
 
 
 def _weight_ih_in_loop(weight_ih):
