@@ -22,8 +22,9 @@ Why the compiled step is fast (measured against NumPy's BLAS on the same per-ste
 Threads (as the native kernel, design.md §3.4): from _SPLIT_MIN_WORK multiply-adds per step,
 set_num_threads(n) threads share each time loop, each owning whole panels of the hidden units
 (_column_bounds) and all of them meeting at one barrier per step (``_barrier``: a counter per
-thread, written with release and read with acquire ordering). The caller's thread is one of them, the
-others are kept worker threads (``_on_threads``); compiled code releases the GIL (``nogil``).
+thread, written with release and read with acquire ordering). The caller's thread is one of
+them, the others are kept worker threads (``_on_threads``); compiled code releases the GIL
+(``nogil``).
 NumPy's BLAS runs single-threaded meanwhile, each thread calling it on its own share, so no idle
 BLAS worker spins on the cores the barrier waits for. Results do not depend on the thread count
 beyond roundoff (float32: ~1e-6 relative): the time loops compute every element on one thread in
@@ -52,8 +53,8 @@ from . import _threads
 from .reference import valid_steps, weight_gradients
 
 # The per-step products are written as a BLAS micro-kernel is (csrc/gemm.h): out[b, j] =
-# Σ_k a[b, k] · w[k, j], with w (a weight, transposed where the math has weightᵀ) copied once per
-# call into panels of _PANEL_VECTORS vectors of columns, k-major (_pack), so that the kernel
+# Σ_k a[b, k] · w[k, j], with w (a weight, transposed where the math has weightᵀ) copied once
+# per call into panels of _PANEL_VECTORS vectors of columns, k-major (_pack), so that the kernel
 # reads it with unit stride (large forward: 50 ms, against 94 reading the rows of a
 # row-major copy). A tile of the result, _TILE_ROWS rows by one panel, is summed in registers:
 # for each k, the panel's row k is loaded once and multiplied with every a[b, k], broadcast.
@@ -196,9 +197,9 @@ def _empty_packed(K, J, dtype):
     return np.empty((-(-J // width), K, width), dtype)
 
 
-# Each thread packs the panels of its own columns (a tile never reads past its panel), in the
-# compiled time loop's call: tiny's two weights in 0.5 us, where two calls to pack them from
-# Python took 3.7.
+# Each thread packs the panels of its own columns (a tile never reads past its panel) from its
+# compiled time loop: tiny's two weights in 1.8 us, where packing them from Python took 3.7 (a
+# call and a returned array each). Not inlined: inlined into the time loop it took 3.1.
 @njit(cache=True, nogil=True)
 def _pack(w, packed, j0, j1):
     """The panels of packed that hold columns j0:j1 of w (K, J), any layout; zeros past J."""
