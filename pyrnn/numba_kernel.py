@@ -478,7 +478,7 @@ def _column_bounds(J, n, panel):
     """n + 1 bounds splitting J columns into n slices of whole panels (_pack), which start at
     a cache line in each row of an array that starts at one (_empty)."""
     panels = -(-J // panel)
-    return [min(J, panel * (panels * i // n)) for i in range(n)] + [J]
+    return [min(J, panel * (panels * i // n)) for i in range(n + 1)]
 
 
 _blas_pools = None  # threadpoolctl's handle on NumPy's BLAS, made on first use
