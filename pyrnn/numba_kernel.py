@@ -589,6 +589,13 @@ def _never_waited_for_if_failing(steps_done, thread):
         raise
 
 
+def _no_float_warnings():
+    """NaN and inf are values that propagate, not warnings, in the NumPy products here too
+    (reference.without_float_warnings). np.errstate holds for the thread that enters it only, so
+    each thread enters its own: the compiled loops need none (tiny forward: 0.7 us saved)."""
+    return np.errstate(all="ignore")
+
+
 def _empty(shape, dtype, threads):
     """np.empty(shape, dtype), starting at a 64-byte boundary, a cache line, if several threads
     write it. They write neighbouring column slices, which start at multiples of 64 bytes within
@@ -642,7 +649,7 @@ def forward(x, weight_ih, weight_hh, bias, h0, lengths):
     def columns(i):
         j0, j1 = bounds[i], bounds[i + 1]
         if not input_in_loop:
-            with _never_waited_for_if_failing(steps_done, i):
+            with _never_waited_for_if_failing(steps_done, i), _no_float_warnings():
                 input_term = output.reshape(T * B, H)[:, j0:j1]
                 np.matmul(x.reshape(T * B, I), weight_ih[j0:j1].T, out=input_term)
         _forward_columns(*arguments, steps_done, i, j0, j1)
@@ -676,13 +683,17 @@ def backward(grad_output, x, weight_ih, weight_hh, output, h0, grad_h_n, lengths
         _backward_columns(*arguments, steps_done, i, hidden[i], hidden[i + 1], inputs[i],
                           inputs[i + 1])
         t0, t1 = T * i // n, T * (i + 1) // n
-        if not grad_x_in_loop:
-            np.matmul(grad_a[t0:t1].reshape(-1, H), weight_ih, out=grad_x[t0:t1].reshape(-1, I))
-        h_before = h0 if t0 == 0 else output[t0 - 1]  # h_{t0-1}; masked where it is padding
-        return weight_gradients(grad_a[t0:t1], x[t0:t1], output[t0:t1], h_before, valid[t0:t1])
+        with _no_float_warnings():
+            if not grad_x_in_loop:
+                np.matmul(grad_a[t0:t1].reshape(-1, H), weight_ih,
+                          out=grad_x[t0:t1].reshape(-1, I))
+            h_before = h0 if t0 == 0 else output[t0 - 1]  # h_{t0-1}; masked where it is padding
+            return weight_gradients(grad_a[t0:t1], x[t0:t1], output[t0:t1], h_before,
+                                    valid[t0:t1])
 
     weight_grads, *other_parts = _on_threads(n, chain_then_products)
-    for part in other_parts:
-        for total, term in zip(weight_grads, part):
-            total += term
+    with _no_float_warnings():
+        for part in other_parts:
+            for total, term in zip(weight_grads, part):
+                total += term
     return (grad_x, g) + weight_grads

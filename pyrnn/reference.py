@@ -8,7 +8,19 @@ time-major, one float dtype, ``h0``/``bias``/``grad_h_n`` present, ``lengths`` i
 
     x (T, B, I)   h0 (B, H)   weight_ih (H, I)   weight_hh (H, H)   bias (H,)   lengths (B,)
 """
+import functools
+
 import numpy as np
+
+
+def without_float_warnings(function):
+    """NaN and inf in the inputs are values that propagate to the results, as in the compiled
+    backends, not NumPy warnings (overflow, invalid) raised on the way."""
+    @functools.wraps(function)
+    def quietly(*arrays):
+        with np.errstate(all="ignore"):
+            return function(*arrays)
+    return quietly
 
 
 def valid_steps(lengths, T, B):
@@ -18,6 +30,7 @@ def valid_steps(lengths, T, B):
     return np.arange(T)[:, None] < lengths[None, :]
 
 
+@without_float_warnings
 def forward(x, weight_ih, weight_hh, bias, h0, lengths):
     """h_t = tanh(x_t · weight_ihᵀ + h_{t-1} · weight_hhᵀ + bias) -> (output (T, B, H), h_n (B, H))."""
     T, B, _ = x.shape
@@ -32,6 +45,7 @@ def forward(x, weight_ih, weight_hh, bias, h0, lengths):
     return output, h
 
 
+@without_float_warnings
 def backward(grad_output, x, weight_ih, weight_hh, output, h0, grad_h_n, lengths):
     """BPTT: -> (grad_x, grad_h0, grad_weight_ih, grad_weight_hh, grad_bias)."""
     T, B, _ = x.shape

@@ -210,6 +210,29 @@ def test_threads_split_the_columns_and_agree_with_one_thread(
             np.testing.assert_allclose(a, b, rtol=0, atol=tolerance * max(1, np.abs(a).max()))
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_nan_and_inf_raise_no_warning_on_any_thread(split_always, monkeypatch, threads):
+    """The NumPy products (input term, grad_x, weight gradients) run on every thread, and
+    np.errstate holds only for the thread that entered it: a worker thread's warning would be
+    an error here (filterwarnings = error) re-raised on the caller."""
+    monkeypatch.setattr(numba_kernel, "_IN_LOOP_MAX_WEIGHT_IH_BYTES", 0)  # products by BLAS
+    rng = np.random.default_rng(6)
+    p = make_problem(rng, 5, 4, 6, 64)
+    p["x"][1, 2, :2] = np.inf, -np.inf  # inf - inf in the input term: an "invalid" warning
+    p["weight_ih"][7, 1] = np.nan
+    grad_output = rng.standard_normal((5, 4, 64))
+    grad_output[3, 1, 5:7] = np.inf, -np.inf
+    results = _run_numba(p, grad_output, None, threads)
+    assert len({ident for *_, ident in split_always["_forward_columns"]}) == threads
+    output, h_n = pyrnn.forward(**p, backend="numpy")
+    expected = (output, h_n) + tuple(pyrnn.backward(grad_output, p["x"], p["weight_ih"],
+                                                    p["weight_hh"], output, p["h0"],
+                                                    backend="numpy"))
+    assert np.isnan(results[0]).any() and np.isnan(results[-1]).any()  # it did propagate
+    for got, want in zip(results, expected):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12, equal_nan=True)
+
+
 def test_threads_never_exceed_set_num_threads(split_always):
     rng = np.random.default_rng(3)
     p = make_problem(rng, 4, 6, 3, 100)
