@@ -469,9 +469,7 @@ _SPLIT_MIN_WORK = 1 << 20
 def _thread_count(J, work, panel):
     """Threads for a time loop over J columns with `work` multiply-adds per step: as many as
     set_num_threads allows and the work pays for, each with at least one panel of columns."""
-    most = min(work // _SPLIT_MIN_WORK, J // panel)
-    # get_num_threads costs 7 us when it has to ask os.cpu_count: only if it can matter
-    return 1 if most <= 1 else min(_threads.get_num_threads(), most)
+    return max(1, min(_threads.get_num_threads(), work // _SPLIT_MIN_WORK, J // panel))
 
 
 def _column_bounds(J, n, panel):
