@@ -475,6 +475,8 @@ def _thread_count(J, work, panel):
 def _column_bounds(J, n, panel):
     """n + 1 bounds splitting J columns into n slices of whole panels (_pack), which start at
     a cache line in each row of an array that starts at one (_empty)."""
+    if n == 1:
+        return 0, J  # without building the list: 0.9 us of a 18 us tiny forward
     panels = -(-J // panel)
     return [min(J, panel * (panels * i // n)) for i in range(n + 1)]
 
@@ -653,7 +655,7 @@ def forward(x, weight_ih, weight_hh, bias, h0, lengths):
         _forward_columns(*arguments, steps_done, i, j0, j1)
 
     _on_threads(n, columns)
-    return output, state[T % 2].copy()
+    return output, state[T % 2]  # h_n: a view that keeps the (2, B, H) buffer, not a copy
 
 
 def backward(grad_output, x, weight_ih, weight_hh, output, h0, grad_h_n, lengths):
