@@ -487,9 +487,6 @@ def _column_bounds(J, n, panel):
 
 
 _blas_pools = None  # threadpoolctl's handle on NumPy's BLAS, made on first use
-_blas_lock = threading.Lock()
-_blas_users = 0  # calls inside _one_blas_thread: the first limits the pool, the last restores it
-_blas_limit = None
 
 
 @contextlib.contextmanager
@@ -497,23 +494,18 @@ def _one_blas_thread():
     """A context in which NumPy's BLAS computes on the calling thread only. Its own pool would
     wake worker threads that keep spinning ~0.1 s after the call, on the cores where our time
     loop's threads wait for each other at every step (measured: a 2-thread forward on medium
-    takes 18 ms, median, instead of 9.6 right after a 2-thread NumPy product)."""
-    global _blas_pools, _blas_users, _blas_limit
-    with _blas_lock:
-        if _blas_users == 0:
-            if _blas_pools is None:
-                from threadpoolctl import ThreadpoolController
+    takes 18 ms, median, instead of 9.6 right after a 2-thread NumPy product). Entered only
+    under _workers_lock, by one split call at a time."""
+    global _blas_pools
+    if _blas_pools is None:
+        from threadpoolctl import ThreadpoolController
 
-                _blas_pools = ThreadpoolController().select(user_api="blas")
-            _blas_limit = _blas_pools.limit(limits=1)
-        _blas_users += 1
+        _blas_pools = ThreadpoolController().select(user_api="blas")
+    limit = _blas_pools.limit(limits=1)
     try:
         yield
     finally:
-        with _blas_lock:
-            _blas_users -= 1
-            if _blas_users == 0:
-                _blas_limit.restore_original_limits()
+        limit.restore_original_limits()
 
 
 # Worker threads, started when first needed and kept: a thread started per call shares its

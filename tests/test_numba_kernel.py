@@ -258,17 +258,20 @@ def _blas_threads():
 
 
 def test_blas_runs_on_one_thread_inside_split_calls_and_is_restored_after(split_always):
-    """Inside a split call NumPy's BLAS is limited to the calling thread; nested and concurrent
-    calls keep the limit until the last one leaves, which restores set_num_threads' count."""
+    """Inside a split call NumPy's BLAS is limited to the calling thread; leaving it restores
+    set_num_threads' count, also when the call raised."""
     before = pyrnn.get_num_threads()
     pyrnn.set_num_threads(2)
     try:
         seen = numba_kernel._on_threads(2, lambda i: _blas_threads())
         assert all(counts and set(counts) == {1} for counts in seen)
-        with numba_kernel._one_blas_thread():
-            with numba_kernel._one_blas_thread():
-                assert set(_blas_threads()) == {1}
-            assert set(_blas_threads()) == {1}
+        assert set(_blas_threads()) == {2}
+
+        def failing(i):
+            raise RuntimeError("task failed")
+
+        with pytest.raises(RuntimeError, match="task failed"):
+            numba_kernel._on_threads(2, failing)
         assert set(_blas_threads()) == {2}
         rng = np.random.default_rng(4)
         p = make_problem(rng, 3, 5, 2, 64)  # 2 panels of float64 columns: one per thread
