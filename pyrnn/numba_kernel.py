@@ -218,8 +218,10 @@ def _pack(w, packed, j0, j1):
 
 
 def _tanh(x):
-    """tanh of a float32 or float64 in its own precision (_tanh32, _tanh64), vectorisable."""
-    raise NotImplementedError("compiled code only")
+    """tanh of a float32 or float64 in its own precision (_tanh32, _tanh64), vectorisable. For
+    compiled code only: there numba compiles what _tanh_of_type picks for the argument's type,
+    and this Python body never runs."""
+    raise NotImplementedError("pyrnn.numba_kernel._tanh is for compiled code; use np.tanh")
 
 
 @overload(_tanh)
@@ -543,9 +545,10 @@ if hasattr(os, "register_at_fork"):  # POSIX; Windows has no fork
     os.register_at_fork(after_in_child=_forget_workers)
 
 
-def _on_threads(n, task):
+def _on_threads(n, task, steps_done):
     """[task(0), ..., task(n - 1)]: task(0) on this thread, the others on worker threads, where
-    NumPy's BLAS then runs single-threaded, so that n threads compute in all."""
+    NumPy's BLAS then runs single-threaded, so that n threads compute in all. steps_done: the
+    tasks' barrier counters (_barrier)."""
     if n == 1:
         return [task(0)]
     results, errors, finished = [None] * n, [], threading.Semaphore(0)
@@ -554,6 +557,9 @@ def _on_threads(n, task):
         try:
             results[i] = task(i)
         except BaseException as error:  # re-raised below, on the calling thread
+            # Marked past every step, so that the tasks waiting for it at a barrier finish
+            # instead of waiting forever (it may fail anywhere: BLAS, an allocation, compiled code).
+            steps_done[i] = np.iinfo(steps_done.dtype).max
             errors.append(error)
         if i:
             finished.release()
@@ -572,18 +578,6 @@ def _on_threads(n, task):
     if errors:
         raise errors[0]
     return results
-
-
-@contextlib.contextmanager
-def _never_waited_for_if_failing(steps_done, thread):
-    """If the block raises, `thread` is marked as past every step before the error propagates,
-    so that the threads waiting for it at a barrier finish (the call then raises) instead of
-    waiting forever."""
-    try:
-        yield
-    except BaseException:
-        steps_done[thread] = np.iinfo(steps_done.dtype).max
-        raise
 
 
 def _no_float_warnings():
@@ -645,12 +639,12 @@ def forward(x, weight_ih, weight_hh, bias, h0, lengths):
     def columns(i):
         j0, j1 = bounds[i], bounds[i + 1]
         if not input_in_loop:
-            with _never_waited_for_if_failing(steps_done, i), _no_float_warnings():
+            with _no_float_warnings():
                 input_term = output.reshape(T * B, H)[:, j0:j1]
                 np.matmul(x.reshape(T * B, I), weight_ih[j0:j1].T, out=input_term)
         _forward_columns(*arguments, steps_done, i, j0, j1)
 
-    _on_threads(n, columns)
+    _on_threads(n, columns, steps_done)
     return output, state[T % 2]  # h_n: a view that keeps the (2, B, H) buffer, not a copy
 
 
@@ -685,7 +679,7 @@ def backward(grad_output, x, weight_ih, weight_hh, output, h0, grad_h_n, lengths
             return weight_gradients(grad_a[t0:t1], x[t0:t1], output[t0:t1], h_before,
                                     valid[t0:t1])
 
-    weight_grads, *other_parts = _on_threads(n, chain_then_products)
+    weight_grads, *other_parts = _on_threads(n, chain_then_products, steps_done)
     with _no_float_warnings():
         for part in other_parts:
             for total, term in zip(weight_grads, part):

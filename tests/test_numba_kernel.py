@@ -263,7 +263,7 @@ def test_blas_runs_on_one_thread_inside_split_calls_and_is_restored_after(split_
     before = pyrnn.get_num_threads()
     pyrnn.set_num_threads(2)
     try:
-        seen = numba_kernel._on_threads(2, lambda i: _blas_threads())
+        seen = numba_kernel._on_threads(2, lambda i: _blas_threads(), np.zeros(2, np.int64))
         assert all(counts and set(counts) == {1} for counts in seen)
         assert set(_blas_threads()) == {2}
 
@@ -271,7 +271,7 @@ def test_blas_runs_on_one_thread_inside_split_calls_and_is_restored_after(split_
             raise RuntimeError("task failed")
 
         with pytest.raises(RuntimeError, match="task failed"):
-            numba_kernel._on_threads(2, failing)
+            numba_kernel._on_threads(2, failing, np.zeros(2, np.int64))
         assert set(_blas_threads()) == {2}
         rng = np.random.default_rng(4)
         p = make_problem(rng, 3, 5, 2, 64)  # 2 panels of float64 columns: one per thread
@@ -296,8 +296,8 @@ def test_an_error_on_a_worker_thread_is_raised_on_the_caller():
         return i
 
     with pytest.raises(RuntimeError, match="worker failed"):
-        numba_kernel._on_threads(2, task)
-    assert numba_kernel._on_threads(3, lambda i: i * i) == [0, 1, 4]
+        numba_kernel._on_threads(2, task, np.zeros(2, np.int64))
+    assert numba_kernel._on_threads(3, lambda i: i * i, np.zeros(3, np.int64)) == [0, 1, 4]
 
 
 def test_a_thread_failing_before_its_time_loop_does_not_leave_the_others_waiting(
@@ -322,6 +322,29 @@ def test_a_thread_failing_before_its_time_loop_does_not_leave_the_others_waiting
             pyrnn.forward(**p, backend="numba")
         monkeypatch.setattr(np, "matmul", matmul)
         _run_numba(p, rng.standard_normal((6, 5, 64)), None, 2)  # the workers are fine after it
+    finally:
+        pyrnn.set_num_threads(before)
+
+
+def test_a_thread_failing_in_its_time_loop_does_not_leave_the_others_waiting(
+        split_always, monkeypatch):
+    """Each thread's compiled time loop allocates its packed weights; if that fails on one
+    thread, the others, already at the barrier, must finish and the call raise."""
+    rng = np.random.default_rng(7)
+    p = make_problem(rng, 6, 5, 4, 64)
+    loop = numba_kernel._forward_columns
+
+    def failing_on_a_worker(*arguments):
+        if threading.current_thread() is not threading.main_thread():
+            raise MemoryError("no memory for the packed weights")
+        return loop(*arguments)
+
+    before = pyrnn.get_num_threads()
+    pyrnn.set_num_threads(2)
+    try:
+        monkeypatch.setattr(numba_kernel, "_forward_columns", failing_on_a_worker)
+        with pytest.raises(MemoryError, match="packed weights"):
+            pyrnn.forward(**p, backend="numba")
     finally:
         pyrnn.set_num_threads(before)
 
