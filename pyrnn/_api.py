@@ -105,7 +105,8 @@ def _lengths(lengths, T, B):
 # unchanged: one float dtype, C-contiguous, time-major, the right shapes, lengths int64 in [0, T],
 # None for bias/h0/grad_h_n meaning zeros. So the public functions hand it the caller's arguments
 # first, and normalise only when it raises one of these (before any computing; cheaply, with no
-# array printed): ~2 us saved of a 10 us tiny forward. The error the caller sees is _normalise's.
+# array printed): tiny forward 6.7 us instead of 8.2 through _normalise. The error the caller
+# sees is _normalise's.
 _NATIVE_ERRORS = (TypeError, ValueError)
 
 
