@@ -31,10 +31,12 @@ import os
 import platform
 import statistics
 import sys
+import textwrap
 import time
 from collections import namedtuple
 
 import numpy as np
+from tqdm import tqdm
 
 import pyrnn
 
@@ -68,6 +70,7 @@ PEAK_FLOP = 2 * PEAK_N**3
 GEMM = "numpy gemm"  # the GEMM peer's name among the timed calls
 LIMIT = "cpu limit {}"  # the CPU's limit of a precision, among the timed calls
 LIMIT_ITERATIONS = 100_000  # of the peak loop per call: ~0.1-1 ms
+TITLE_POINTS = 12  # the plot's title font size
 
 
 def flops(shape, mode):
@@ -293,36 +296,6 @@ def best_gflops(flop, samples):
     return flop / min(samples) / 1e9
 
 
-class Progress:
-    """A progress bar on stderr; when stderr is not a terminal (a log), one line per new label."""
-
-    def __init__(self, total, stream=sys.stderr):
-        self.total, self.done, self.stream = total, 0, stream
-        self.start = time.perf_counter()
-        self.tty = stream.isatty()
-        self.last_label = None
-
-    def show(self, label, detail=""):
-        elapsed = time.perf_counter() - self.start
-        if self.tty:
-            width = 30
-            filled = int(width * self.done / max(self.total, 1))
-            self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total}"
-                              f" {elapsed:4.0f}s  {label + ' ' + detail:<50.50s}")
-        elif label != self.last_label:
-            self.stream.write(f"[{self.done}/{self.total} {elapsed:.0f}s] {label}\n")
-        self.last_label = label
-        self.stream.flush()
-
-    def step(self):
-        self.done += 1
-
-    def close(self):
-        if self.tty:
-            self.stream.write("\r" + " " * 100 + "\r")
-            self.stream.flush()
-
-
 def busy_wait(seconds):
     """Wait on this core without sleeping: an idle pause would let the CPU clock down, and the
     next sample would start slow (measured here: single-threaded tiny and small calls 30-50%
@@ -342,9 +315,10 @@ def warm_call_seconds(call):
     return seconds
 
 
-def measure_block(calls, repeat, budget, progress, label, settle=0.0):
+def measure_block(calls, repeat, budget, progress, settle=0.0):
     """Time calls[name]() interleaved until every contestant has `repeat` samples, and on while
-    the block has used less than `budget` seconds, pausing `settle` seconds before each sample.
+    the block has used less than `budget` seconds, pausing `settle` seconds before each sample;
+    `progress` (a tqdm bar) shows the rounds.
     -> {name: (samples in s per call, calls per sample)}."""
     number, samples = {}, {}
     for name, call in calls.items():  # a warm-up round (the first call was the gate's), sizing samples
@@ -364,7 +338,8 @@ def measure_block(calls, repeat, budget, progress, label, settle=0.0):
                 call()  # wakes the contestant's own parked threads, as a loop's earlier calls would
             samples[name].append(time_calls(call, number[name]))
         rounds += 1
-        progress.show(label, f"round {rounds}")
+        progress.set_postfix_str(f"round {rounds}", refresh=False)
+        progress.update(0)  # redraws at most every mininterval
     return {name: (samples[name], number[name]) for name in calls}
 
 
@@ -400,7 +375,8 @@ def run(shapes, threads, modes, names, dtype, repeat, budget, stream=sys.stderr)
               "peak": {}, "gemm": {}, "thread_pools": {}, "results": []}
     gemm = gemm_call(dtype)
     precisions = [precision_of(dtype)]
-    progress = Progress(len(threads) * len(shapes) * (1 + len(modes)), stream)
+    progress = tqdm(total=len(threads) * len(shapes) * (1 + len(modes)), file=stream, unit="block",
+                    leave=False, dynamic_ncols=True)
     problems, expected = {}, {}
     for n in threads:
         set_threads(n)
@@ -410,30 +386,30 @@ def run(shapes, threads, modes, names, dtype, repeat, budget, stream=sys.stderr)
         for shape_name in shapes:
             shape = SHAPES[shape_name]
             if shape_name not in problems:
-                progress.show(f"{shape_name}: float64 reference")
+                progress.set_description_str(f"{shape_name}: float64 reference")
                 problems[shape_name] = make_problem(shape, dtype)
                 expected[shape_name] = reference_results(problems[shape_name])
             problem = problems[shape_name]
             label = f"{shape_name} {n} thread(s)"
             runners, checks = {}, {}
             for name in names:
-                progress.show(f"{label}: checking {name}")
+                progress.set_description_str(f"{label}: checking {name}")
                 runner = make_runner(name, problem)
                 checks[name] = gate(runner, expected[shape_name], problem, modes)
                 if checks[name]["status"] == "ok":
                     runners[name] = runner
-            progress.step()
+            progress.update()
             for mode in modes:
                 calls = {name: getattr(runner, mode) for name, runner in runners.items()}
                 calls.update({GEMM: gemm}, **{name: limit[0] for name, limit in limits.items()})
-                timed = measure_block(calls, repeat, budget, progress,
-                                      f"{label} {mode}", SETTLE_SECONDS if n > 1 else 0.0)
+                progress.set_description_str(f"{label} {mode}")
+                timed = measure_block(calls, repeat, budget, progress, SETTLE_SECONDS if n > 1 else 0.0)
                 for name in extra_samples:
                     extra_samples[name] += timed.pop(name)[0]
                 for name in names:
                     report["results"].append(result_row(shape_name, shape, mode, n, name, checks[name],
                                                         timed.get(name), precisions[0]))
-                progress.step()
+                progress.update()
         report["gemm"][n] = {"gflops": best_gflops(PEAK_FLOP, extra_samples[GEMM]),
                              "samples_s": extra_samples[GEMM], "n": PEAK_N}
         report["peak"][n] = {precision: {"gflops": best_gflops(flop, extra_samples[name]),
@@ -586,14 +562,17 @@ def format_report(report):
 
 
 def plot(report, path):
+    """Save speedup_figure(report) as a PNG at `path`."""
+    speedup_figure(report).savefig(path, dpi=120)
+
+
+def speedup_figure(report):
     """A bar chart of speed-up over torch (over numpy without torch) per shape: one panel per mode
-    (rows) and thread count (columns), one bar per contestant."""
+    (rows) and thread count (columns), one bar per contestant. -> a matplotlib Figure."""
     try:
-        import matplotlib
+        from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
     except ImportError as error:
         raise SystemExit("--plot needs matplotlib: pip install 'pyrnn[plot]'") from error
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     rows = [r for r in report["results"] if "median_s" in r]
     base = PEER if any(r["backend"] == PEER for r in rows) else "numpy"
@@ -602,8 +581,9 @@ def plot(report, path):
     modes, threads = report["settings"]["modes"], report["settings"]["threads"]
     shapes = list(report["shapes"])
     names = [n for n in report["settings"]["backends"] if n != base]
-    fig, axes = plt.subplots(len(modes), len(threads), figsize=(1 + 1.2 * len(shapes) * len(threads),
-                             3.5 * len(modes)), squeeze=False, sharey=True)
+    width_in = max(6.0, 1 + 1.2 * len(shapes) * len(threads))
+    fig = Figure(figsize=(width_in, 3.5 * len(modes)), layout="constrained")
+    axes = fig.subplots(len(modes), len(threads), squeeze=False, sharey=True)
     width = 0.8 / max(len(names), 1)
     for ax_row, mode in zip(axes, modes):
         for ax, n in zip(ax_row, threads):
@@ -616,10 +596,11 @@ def plot(report, path):
             ax.set_title(f"{mode}, {n} thread(s)")
         ax_row[0].set_ylabel(f"speed-up over {base}")
     axes[0][-1].legend()
-    fig.suptitle(f"pyrnn vs {base} ({report['dtype']}; higher is faster), {report['machine']['cpu']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    # Wrapped to the figure's width (~0.6 em a character): a narrow figure must not clip its title;
+    # constrained layout then makes room for every line.
+    title = f"pyrnn vs {base} ({report['dtype']}; higher is faster), {report['machine']['cpu']}"
+    fig.suptitle(textwrap.fill(title, int(width_in * 72 / (0.6 * TITLE_POINTS))), fontsize=TITLE_POINTS)
+    return fig
 
 
 def main(args):

@@ -117,6 +117,17 @@ def test_bench_plot(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_bench_plot_title_fits_a_narrow_figure():
+    pytest.importorskip("matplotlib")
+    report = bench.run(["tiny"], [1], ["forward"], ["numpy", "numba"], "float64", repeat=1, budget=0)
+    report["machine"]["cpu"] = "A Processor Whose Marketing Name Is Much Longer Than One Panel (R) @ 3.0GHz"
+    figure = bench.speedup_figure(report)
+    figure.canvas.draw()
+    title = figure.get_suptitle()
+    extent = next(t for t in figure.texts if t.get_text() == title).get_window_extent()
+    assert "\n" in title and extent.x0 >= 0 and extent.x1 <= figure.bbox.x1 and extent.y1 <= figure.bbox.y1
+
+
 def test_bench_rejects_unknown_choices():
     with pytest.raises(SystemExit, match="huge"):
         main(["bench", "--shapes", "huge"])
