@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 import pyrnn
-from pyrnn.nn import Linear, RNN, reverse_within_lengths, select_last, select_last_backward
+from pyrnn.nn import Linear, RNN, select_last, select_last_backward
+from pyrnn.reference import reverse_within_lengths
 from pyrnn.testing import accumulated_terms, relative_error, tolerance
 
 # (num_layers, bidirectional, bias, batch_first, with lengths)
