@@ -264,3 +264,79 @@ def test_defaults_and_one_layer(backend):
     grads = pyrnn.stack_backward(np.ones_like(output), stack["x"], stack["layers"], layer_outputs,
                                  backend=backend)
     assert grads.h0.shape == (1, 3, 5) and grads.layers[0].bias.shape == (5,)
+
+
+def _malformed(stack, case):
+    """stack_forward's keyword arguments with one thing wrong (x (4, 3, 2), L = 2, D = 2, H = 5)."""
+    layers = list(stack["layers"])
+    weight_ih, weight_hh, bias = layers[2]
+    changes = {
+        "three entries for two directions": dict(layers=layers[:3]),
+        "no layers": dict(layers=[]),
+        "layers not a list": dict(layers=np.zeros((4, 5, 5))),
+        "layer not a triple": dict(layers=[layers[0][:2]] + layers[1:]),
+        "layer 1 reading one direction": dict(layers=layers[:2] + [(weight_ih[:, :5], weight_hh, bias)] + layers[3:]),
+        "layer 0 reading the wrong width": dict(layers=[(layers[0][0][:, :1],) + layers[0][1:]] + layers[1:]),
+        "weight_hh of another H": dict(layers=layers[:3] + [(layers[3][0], np.zeros((4, 4)), layers[3][2])]),
+        "bias of another H": dict(layers=layers[:1] + [layers[1][:2] + (np.zeros(6),)] + layers[2:]),
+        "layers of another dtype": dict(layers=layers[:3] + [tuple(a.astype(np.float32) for a in layers[3])]),
+        "h0 of one layer": dict(h0=stack["h0"][:2]),
+        "masks for every layer": dict(dropout_masks=np.ones((2, 4, 3, 10))),
+        "masks of one direction": dict(dropout_masks=np.ones((1, 4, 3, 5))),
+        "masks batch-first": dict(dropout_masks=np.ones((1, 3, 4, 10))),
+        "bidirectional not a bool": dict(bidirectional="yes"),
+        "batch_first not a bool": dict(batch_first=1),
+        "unknown nonlinearity": dict(nonlinearity="sigmoid"),
+        "x 2-D": dict(x=np.zeros((4, 2))),
+        "lengths past T": dict(lengths=[5, 1, 1]),
+    }
+    return dict(stack, **changes[case])
+
+
+MALFORMED = {
+    "three entries for two directions": (ValueError, r"layers has 3 entries, expected a positive multiple of 2"),
+    "no layers": (ValueError, "layers has 0 entries"),
+    "layers not a list": (TypeError, "layers must be a list of .weight_ih, weight_hh, bias. tuples"),
+    "layer not a triple": (TypeError, r"layers\[0\] must be a \(weight_ih, weight_hh, bias\) tuple"),
+    "layer 1 reading one direction": (ValueError, r"layers\[2\].weight_ih has shape \(5, 5\), expected "
+                                                  r"\(5, 10\) = \(H, D·H\): layer 1 reads layer 0's 2·H outputs"),
+    "layer 0 reading the wrong width": (ValueError, r"layers\[0\].weight_ih has shape \(5, 1\), expected \(5, 2\) = \(H, I\)"),
+    "weight_hh of another H": (ValueError, r"layers\[3\].weight_hh has shape \(4, 4\), expected \(5, 5\)"),
+    "bias of another H": (ValueError, r"layers\[1\].bias has shape \(6,\), expected \(5,\) = \(H\)"),
+    "layers of another dtype": (TypeError, r"layers\[3\].weight_ih has dtype float32 but x has float64"),
+    "h0 of one layer": (ValueError, r"h0 has shape \(2, 3, 5\), expected \(4, 3, 5\) = \(L·D, B, H\)"),
+    "masks for every layer": (ValueError, r"dropout_masks has shape \(2, 4, 3, 10\), expected \(1, 4, 3, 10\) = \(L - 1, T, B, D·H\)"),
+    "masks of one direction": (ValueError, r"dropout_masks has shape \(1, 4, 3, 5\)"),
+    "masks batch-first": (ValueError, r"dropout_masks has shape \(1, 3, 4, 10\)"),
+    "bidirectional not a bool": (TypeError, "bidirectional must be a bool"),
+    "batch_first not a bool": (TypeError, "batch_first must be a bool"),
+    "unknown nonlinearity": (ValueError, "nonlinearity must be one of .*'sigmoid'"),
+    "x 2-D": (ValueError, r"x must be 3-D \(T, B, I\)"),
+    "lengths past T": (ValueError, r"lengths\[0\] = 5 is outside \[0, T\] = \[0, 4\]"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_malformed_stacks_raise_naming_the_argument(backend, case):
+    stack = make_stack(np.random.default_rng(6), 4, 3, 2, 5, 2, 2, masks=True)
+    error, message = MALFORMED[case]
+    with pytest.raises(error, match=message):
+        pyrnn.stack_forward(**_malformed(stack, case), backend=backend)
+
+
+def test_malformed_backward_arguments_raise_naming_them(backend):
+    stack = make_stack(np.random.default_rng(6), 4, 3, 2, 5, 2, 2)
+    result = pyrnn.stack_forward(**stack, backend=backend)
+    arguments = dict(grad_output=np.ones((4, 3, 10)), x=stack["x"], layers=stack["layers"],
+                     layer_outputs=result.layer_outputs, h0=stack["h0"], bidirectional=True,
+                     backend=backend)
+    cases = {"grad_output": (np.ones((4, 3, 5)), r"grad_output has shape \(4, 3, 5\), expected \(4, 3, 10\) = \(T, B, D·H\)"),
+             "layer_outputs": (result.layer_outputs[:1], r"layer_outputs has shape \(1, 4, 3, 10\), expected \(2, 4, 3, 10\) = \(L, T, B, D·H\)"),
+             "grad_h_n": (np.ones((4, 3, 4)), r"grad_h_n has shape \(4, 3, 4\), expected \(4, 3, 5\) = \(L·D, B, H\)")}
+    for name, (value, message) in cases.items():
+        with pytest.raises(ValueError, match=message):
+            pyrnn.stack_backward(**dict(arguments, **{name: value}))
+    for name in ("grad_output", "layer_outputs"):
+        with pytest.raises(TypeError, match=f"{name} must be an array, got None"):
+            pyrnn.stack_backward(**dict(arguments, **{name: None}))
+    pyrnn.stack_backward(**arguments)  # the well-formed call runs
