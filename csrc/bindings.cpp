@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "peak.h"
 #include "rnn.h"
 
 namespace py = pybind11;
@@ -199,4 +200,18 @@ PYBIND11_MODULE(_cpp, m) {
     m.def("set_num_threads", &pyrnn::set_num_threads, py::arg("n"),
           "Use at most n threads (pyrnn.set_num_threads calls this).");
     m.def("get_num_threads", &pyrnn::get_num_threads, "The kernel's thread budget.");
+
+    // ---- The CPU's arithmetic limit (peak.h): what `pyrnn bench` reports %peak against. ----
+    m.def(
+        "peak_loop",
+        [](const std::string& precision, int threads, int64_t iterations) {
+            py::gil_scoped_release release;
+            return pyrnn::peak_loop(precision, threads, iterations);
+        },
+        arg("precision"), arg("threads"), arg("iterations"),
+        "Run `iterations` of the peak loop of precision 'fp32' (FMAs) or 'bf16' (vdpbf16ps where the "
+        "CPU has it, else FMAs) on each of up to `threads` pool threads; -> FLOP done (time it).");
+    m.def("peak_instruction", &pyrnn::peak_instruction, arg("precision"),
+          "The instruction peak_loop(precision, ...) runs on this CPU, e.g. 'vdpbf16ps zmm'.");
+    // ---- end of the CPU's arithmetic limit ----
 }
