@@ -115,21 +115,19 @@ class RNN:
         self.dtype = _float_dtype(dtype)
         self.backend = backend
         self.training = True
-        self._suffixes = ("", "_reverse")[: self.num_directions]
+        # parameter names per layer and direction (the stack's order, torch's): ``weight_ih_l0``,
+        # ``weight_hh_l0``, ``bias_ih_l0``, ``bias_hh_l0``, then ``..._l0_reverse`` and so on
+        self._keys = [tuple(f"{kind}_l{layer}{suffix}" for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+                      for layer in range(self.num_layers) for suffix in ("", "_reverse")[: self.num_directions]]
 
         H = self.hidden_size
         bound = 1 / np.sqrt(H)
         self.generator = np.random.default_rng(seed)  # the parameters, then the dropout masks
         self.params = {}
-        for layer in range(self.num_layers):  # torch's order: per layer, per direction
-            layer_inputs = self.input_size if layer == 0 else self.num_directions * H
-            for suffix in self._suffixes:
-                shapes = {f"weight_ih_l{layer}{suffix}": (H, layer_inputs),
-                          f"weight_hh_l{layer}{suffix}": (H, H)}
-                if self.bias:
-                    shapes.update({f"bias_ih_l{layer}{suffix}": (H,), f"bias_hh_l{layer}{suffix}": (H,)})
-                for name, shape in shapes.items():
-                    self.params[name] = self.generator.uniform(-bound, bound, shape).astype(self.dtype)
+        for k, names in enumerate(self._keys):  # torch's order: per layer, per direction
+            shapes = (H, self.input_size if k < self.num_directions else self.num_directions * H), (H, H), (H,), (H,)
+            for name, shape in list(zip(names, shapes))[: 4 if self.bias else 2]:
+                self.params[name] = self.generator.uniform(-bound, bound, shape).astype(self.dtype)
         self.grads = {name: np.zeros_like(value) for name, value in self.params.items()}
         self.grad_h0 = None  # (num_layers·D, B, H) after backward
         self._cache = None
@@ -165,14 +163,11 @@ class RNN:
 
     def _layers(self):
         """[(weight_ih, weight_hh, bias or None)] per layer and direction, the stack's order."""
-        layers = []
-        for layer in range(self.num_layers):
-            for suffix in self._suffixes:
-                suffix = f"_l{layer}{suffix}"
-                bias = (self.params["bias_ih" + suffix] + self.params["bias_hh" + suffix]
-                        if self.bias else None)
-                layers.append((self.params["weight_ih" + suffix], self.params["weight_hh" + suffix], bias))
-        return layers
+        p = self.params
+        if not self.bias:
+            return [(p[weight_ih], p[weight_hh], None) for weight_ih, weight_hh, _, _ in self._keys]
+        return [(p[weight_ih], p[weight_hh], p[bias_ih] + p[bias_hh])
+                for weight_ih, weight_hh, bias_ih, bias_hh in self._keys]
 
     def _dropout_masks(self, T, B):
         """(L - 1, T, B, D·H) masks of {0, 1/(1 - p)} ((L - 1, B, T, D·H) with batch_first), or None
@@ -227,13 +222,12 @@ class RNN:
             grad, x, layers, layer_outputs, h0, grad_h_n=grad_h_n, lengths=lengths,
             batch_first=self.batch_first, bidirectional=self.bidirectional, dropout_masks=masks,
             nonlinearity=self.nonlinearity, backend=self.backend)
-        for k, layer_grads in enumerate(grads.layers):
-            suffix = f"_l{k // self.num_directions}{self._suffixes[k % self.num_directions]}"
-            self.grads["weight_ih" + suffix][...] = layer_grads.weight_ih
-            self.grads["weight_hh" + suffix][...] = layer_grads.weight_hh
+        for (weight_ih, weight_hh, bias_ih, bias_hh), layer_grads in zip(self._keys, grads.layers):
+            self.grads[weight_ih][...] = layer_grads.weight_ih
+            self.grads[weight_hh][...] = layer_grads.weight_hh
             if self.bias:  # bias_ih and bias_hh enter as one sum: the same gradient
-                self.grads["bias_ih" + suffix][...] = layer_grads.bias
-                self.grads["bias_hh" + suffix][...] = layer_grads.bias
+                self.grads[bias_ih][...] = layer_grads.bias
+                self.grads[bias_hh][...] = layer_grads.bias
         self.grad_h0 = grads.h0
         return grads.x
 
