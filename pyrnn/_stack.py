@@ -1,6 +1,7 @@
 """pyrnn.stack_forward and pyrnn.stack_backward: L layers × D directions (torch.nn.RNN's
 ``num_layers`` and ``bidirectional``) in one call, validated and normalised once, then handed to
-the backend's stack functions (design.md §1 gives the semantics; pyrnn.reference composes them).
+the backend's stack functions (docs/design.md §1 gives the semantics, pyrnn.reference the
+composition that specifies them).
 
     x (T, B, I)   h0, h_n (L·D, B, H)   output (T, B, D·H)   layer_outputs (L, T, B, D·H)
     layers[l·D + d] = (weight_ih (H, I) for l = 0 else (H, D·H), weight_hh (H, H), bias (H,) or None)
@@ -23,19 +24,10 @@ StackGrads.__doc__ = ("Gradients from pyrnn.stack_backward: x, h0 (L·D, B, H) a
 LayerGrads = namedtuple("LayerGrads", ["weight_ih", "weight_hh", "bias"])
 LayerGrads.__doc__ = "Gradients of one layer and direction's parameters (bias: (H,) even if it was None)."
 
-_NONLINEARITIES = ("tanh", "relu")
-
-
 def _bool(name, value):
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     return bool(value)
-
-
-def _nonlinearity(value):
-    if value not in _NONLINEARITIES:
-        raise ValueError(f"nonlinearity must be one of {_NONLINEARITIES}, got {value!r}")
-    return value
 
 
 def _layer_arrays(layers, D):
@@ -168,7 +160,8 @@ def _stack_functions(impl):
     """The backend's (stack_forward, stack_backward)."""
     if hasattr(impl, "stack_forward"):
         return impl.stack_forward, impl.stack_backward
-    # pyrnn._cpp until its native stack lands: the reference composition of its layer calls
+    # pyrnn._cpp until its native stack lands (issue 12): the reference composition of its
+    # single-layer calls
     return (functools.partial(reference.stack_forward, layer_forward=impl.forward),
             functools.partial(reference.stack_backward, layer_backward=impl.backward))
 
@@ -190,7 +183,7 @@ def stack_forward(x, layers, h0=None, *, lengths=None, batch_first=False, bidire
     stack_backward.
     """
     _, impl = _backends.resolve(backend)
-    nonlinearity = _nonlinearity(nonlinearity)
+    _api._check_nonlinearity(nonlinearity)
     a, clean_layers, (T, B, I, H, L, D) = _normalise(
         {"x": x, "h0": h0, "dropout_masks": dropout_masks}, layers, batch_first, bidirectional)
     forward_stack, _ = _stack_functions(impl)
@@ -212,7 +205,7 @@ def stack_backward(grad_output, x, layers, layer_outputs, h0=None, *, grad_h_n=N
     with one LayerGrads(weight_ih, weight_hh, bias) per entry of layers.
     """
     _, impl = _backends.resolve(backend)
-    nonlinearity = _nonlinearity(nonlinearity)
+    _api._check_nonlinearity(nonlinearity)
     for required, value in (("grad_output", grad_output), ("layer_outputs", layer_outputs)):
         if value is None:
             raise TypeError(f"{required} must be an array, got None")

@@ -101,7 +101,8 @@ class RNN:
         self.input_size = _positive_int("input_size", input_size)
         self.hidden_size = _positive_int("hidden_size", hidden_size)
         self.num_layers = _positive_int("num_layers", num_layers)
-        self.nonlinearity = _stack._nonlinearity(nonlinearity)
+        _api._check_nonlinearity(nonlinearity)
+        self.nonlinearity = nonlinearity
         self.bias = bool(bias)
         self.batch_first = bool(batch_first)
         if isinstance(dropout, bool) or not isinstance(dropout, Real) or not 0 <= dropout <= 1:
