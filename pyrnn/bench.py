@@ -282,9 +282,10 @@ class PyrnnStackRunner:
                 **{"grad_" + name: grad.copy() for name, grad in grads.items()}}
 
 
-class TorchStackRunner:
+class TorchStackRunner(TorchRunner):
     """torch.nn.RNN (tanh, CPU) with the problem's num_layers, bidirectional and parameters;
-    "train" as TorchRunner's, autograd computing every gradient pyrnn.RNN's backward gives."""
+    forward and train are TorchRunner's, autograd computing every gradient pyrnn.RNN's
+    backward gives."""
 
     def __init__(self, problem):
         torch = self.torch = torch_or_none()
@@ -293,26 +294,16 @@ class TorchStackRunner:
         tensor = {name: torch.from_numpy(array.copy()) for name, array in problem.items()}
         self.rnn = torch.nn.RNN(I, problem["h0"].shape[2], L, nonlinearity="tanh",
                                 bidirectional=D == 2, dtype=tensor["x"].dtype)
-        self.rnn.load_state_dict({name: tensor[name] for name, _ in self.rnn.named_parameters()})
+        self.names = [name for name, _ in self.rnn.named_parameters()]
+        self.rnn.load_state_dict({name: tensor[name] for name in self.names})
         self.x, self.h0 = tensor["x"].requires_grad_(), tensor["h0"].requires_grad_()
         self.grad_output, self.grad_h_n = tensor["grad_output"], tensor["grad_h_n"]
-        self.names = [name for name, _ in self.rnn.named_parameters()]
         self.wrt = (self.x, self.h0, *self.rnn.parameters())
 
-    def forward(self):
-        with self.torch.inference_mode():
-            return self.rnn(self.x, self.h0)
-
-    def train(self):
-        output, h_n = self.rnn(self.x, self.h0)
-        grads = self.torch.autograd.grad((output, h_n), self.wrt, (self.grad_output, self.grad_h_n))
-        return output, h_n, grads, self.names
-
-    @staticmethod
-    def results(trained):
-        output, h_n, (grad_x, grad_h0, *grads), names = trained
+    def results(self, trained):
+        output, h_n, (grad_x, grad_h0, *grads) = trained
         results = {"output": output, "h_n": h_n, "grad_x": grad_x, "grad_h0": grad_h0,
-                   **{"grad_" + name: grad for name, grad in zip(names, grads)}}
+                   **{"grad_" + name: grad for name, grad in zip(self.names, grads)}}
         return {name: value.detach().numpy() for name, value in results.items()}
 
 
