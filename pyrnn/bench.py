@@ -1,6 +1,6 @@
 """`pyrnn bench`: every backend against torch.nn.RNN, side by side, in one process.
 
-What it measures and how (design.md §4):
+What it measures and how (docs/design.md §4):
 - The problems are the shape grid below, with torch.nn.RNN's initialisation, no lengths.
 - "forward" times pyrnn.forward; "train" times forward followed by backward (all gradients,
   including those of x and h0, as torch's autograd gives for inputs that require grad).
@@ -44,7 +44,7 @@ from . import _backends, reference, testing
 
 Shape = namedtuple("Shape", ["T", "B", "I", "H"])
 
-# design.md §4; deepbench is a vanilla-RNN training shape of Baidu's DeepBench.
+# docs/design.md §4; deepbench is a vanilla-RNN training shape of Baidu's DeepBench.
 SHAPES = {
     "tiny": Shape(50, 1, 32, 64),
     "small": Shape(100, 16, 64, 128),
