@@ -611,7 +611,7 @@ def main(args):
     try:
         threads = [int(n) for n in args.threads.split(",")] if args.threads else [pyrnn.get_num_threads()]
     except ValueError:
-        raise SystemExit(f"--threads must be comma-separated positive integers, got {args.threads!r}")
+        raise SystemExit(f"--threads must be comma-separated positive integers, got {args.threads!r}") from None
     if any(n < 1 for n in threads):
         raise SystemExit(f"--threads must be positive, got {args.threads!r}")
     if args.repeat < 1 or args.budget < 0:

@@ -144,7 +144,8 @@ def test_nan_in_padding_does_not_leak():
     p["x"][:, 2] = np.inf
     p["grad_output"][2:, 1] = np.nan
     got = run(_cpp, p)
-    assert all(np.isfinite(got[name]).all() for name in ("h_n", "grad_h0", "grad_weight_ih", "grad_weight_hh", "grad_bias"))
+    assert all(np.isfinite(got[name]).all()
+               for name in ("h_n", "grad_h0", "grad_weight_ih", "grad_weight_hh", "grad_bias"))
     assert np.isfinite(got["output"][:, :2][np.arange(5)[:, None] < [5, 2]]).all()
 
 
