@@ -55,7 +55,7 @@ SHAPES = {
 DEFAULT_SHAPES = ("tiny", "small", "medium")  # the default run must finish in 2 minutes on 2 cores
 MODES = ("forward", "train")
 PEER = "torch"
-RESULT_NAMES = ("output", "h_n", "grad_x", "grad_h0", "grad_weight_ih", "grad_weight_hh", "grad_bias")
+RESULT_NAMES = testing.RESULT_NAMES
 SAMPLE_SECONDS = 0.01  # a sample repeats a call until it lasts about this long
 # With more than one thread, a pause before each sample lets the previous contestant's idle
 # workers park: OpenBLAS's spin for ~2^28 cycles (~0.1 s) after a call, OpenMP runtimes spin too,

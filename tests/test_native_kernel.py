@@ -16,12 +16,10 @@ import pytest
 
 import pyrnn
 from pyrnn import reference
-from pyrnn.testing import accumulated_terms, relative_error, tolerance
+from pyrnn.testing import RESULT_NAMES, accumulated_terms, relative_error, tolerance
 
 # Skipped only where pyrnn was installed without it on purpose: test_backends.py fails otherwise.
 _cpp = pytest.importorskip("pyrnn._cpp", reason=str(pyrnn.unavailable_backends().get("cpp")))
-
-RESULT_NAMES = ("output", "h_n", "grad_x", "grad_h0", "grad_weight_ih", "grad_weight_hh", "grad_bias")
 
 
 def make_problem(T, B, I, H, dtype, seed=0, lengths=None, nonlinearity="tanh"):
