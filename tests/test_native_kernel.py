@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import pyrnn
-from pyrnn import reference
+from pyrnn import _threads, reference
 from pyrnn.testing import RESULT_NAMES, accumulated_terms, relative_error, tolerance
 
 # Skipped only where pyrnn was installed without it on purpose: test_backends.py fails otherwise.
@@ -202,10 +202,8 @@ def test_thread_budget(restore_threads):
     _cpp.set_num_threads(3)
     assert _cpp.get_num_threads() == 3
     assert "cpp" in pyrnn.available_backends()  # loaded, so pyrnn.set_num_threads reaches it
-    before = pyrnn.get_num_threads()
-    pyrnn.set_num_threads(1)
-    assert _cpp.get_num_threads() == 1
-    pyrnn.set_num_threads(before)
+    with _threads.limited_to(1):
+        assert _cpp.get_num_threads() == 1
     with pytest.raises(ValueError):
         _cpp.set_num_threads(0)
 

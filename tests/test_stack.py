@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pyrnn
+from pyrnn import _threads
 from pyrnn.testing import accumulated_terms, relative_error, tolerance
 
 from problems import random_lengths
@@ -200,12 +201,8 @@ def test_benchmark_like_stacks_match_reference_composition(backend, threads, non
     rng = np.random.default_rng(sum(shape))
     stack = make_stack(rng, T, B, I, H, L, D, np.float32, masks=True)
     lengths = rng.integers(0, T + 1, size=B)
-    before = pyrnn.get_num_threads()
-    pyrnn.set_num_threads(threads)
-    try:
+    with _threads.limited_to(threads):
         assert_matches_reference(backend, stack, lengths, nonlinearity, False, 0)
-    finally:
-        pyrnn.set_num_threads(before)
 
 
 def test_results_do_not_depend_on_the_thread_count():
@@ -217,13 +214,10 @@ def test_results_do_not_depend_on_the_thread_count():
     stack = make_stack(rng, 5, 16, 256, 256, 2, 2, np.float32, masks=True)
     lengths = np.array([5, 0, 3] + [5] * 13)
     grad_output, grad_h_n = rng.standard_normal((5, 16, 512)).astype(np.float32), None
-    before, runs = pyrnn.get_num_threads(), []
-    try:
-        for threads in (1, 2):
-            pyrnn.set_num_threads(threads)
+    runs = []
+    for threads in (1, 2):
+        with _threads.limited_to(threads):
             runs.append(flat_results(*forward_and_backward(stack, lengths, "tanh", "cpp", grad_output, grad_h_n)))
-    finally:
-        pyrnn.set_num_threads(before)
     for name, one_thread in runs[0].items():
         np.testing.assert_array_equal(runs[1][name], one_thread, err_msg=name)
 
