@@ -71,3 +71,20 @@ def weight_gradients(grad_a, x, output, h0, valid):
     rows_x = np.where(valid, x, 0).reshape(-1, I)
     rows_h = np.where(valid, h_prev, 0).reshape(-1, H)
     return rows_a.T @ rows_x, rows_a.T @ rows_h, rows_a.sum(axis=0)
+
+
+def round_to_bf16(a):
+    """float32 `a` rounded to the nearest bfloat16, ties to even, as float32 (design.md §1).
+
+    A bfloat16 is the upper half of a float32: sign, the same 8-bit exponent, 7 of the 23
+    mantissa bits. Rounding adds half a unit of the kept bits (minus one when the lowest kept bit
+    is 0: ties go to even) to the bit pattern and clears the lower half; a carry out of the
+    mantissa steps the exponent, which is the right rounding up to and including overflow to inf.
+    NaN stays NaN: its lower half is cleared with the quiet bit set, so that a NaN whose payload
+    sat only in the cleared bits does not become inf.
+    """
+    bits = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+    lowest_kept = (bits >> 16) & 1
+    rounded = (bits + np.uint32(0x7FFF) + lowest_kept) & np.uint32(0xFFFF0000)
+    quiet_nan = (bits & np.uint32(0xFFFF0000)) | np.uint32(0x00400000)
+    return np.where(np.isnan(bits.view(np.float32)), quiet_nan, rounded).view(np.float32)
