@@ -35,3 +35,9 @@ def set_num_threads(n: int) -> None:
 
 def get_num_threads() -> int:
     """The kernel's thread budget."""
+
+def peak_loop(precision: Literal["fp32", "bf16"], threads: int, iterations: int) -> int:
+    """Run `iterations` of the peak loop on each of up to `threads` pool threads; -> FLOP done."""
+
+def peak_instruction(precision: Literal["fp32", "bf16"]) -> str:
+    """The instruction peak_loop(precision, ...) runs on this CPU, e.g. 'vdpbf16ps zmm'."""
