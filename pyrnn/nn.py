@@ -105,10 +105,11 @@ class RNN:
     The two biases only ever enter as their sum, so the kernel gets ``bias_ih + bias_hh`` and both
     receive the same gradient. Layer k > 0 reads the concatenated outputs of both directions of
     layer k - 1. The reverse direction reads each row reversed within its own length.
+    ``precision="bf16"`` (float32 only) runs every product in bfloat16 (pyrnn.forward's precision).
     """
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
-                 bidirectional=False, dtype=np.float32, backend=None, seed=None):
+                 bidirectional=False, dtype=np.float32, backend=None, seed=None, precision="fp32"):
         self.input_size = _positive_int("input_size", input_size)
         self.hidden_size = _positive_int("hidden_size", hidden_size)
         self.num_layers = _positive_int("num_layers", num_layers)
@@ -118,6 +119,9 @@ class RNN:
         self.num_directions = 2 if bidirectional else 1
         self.dtype = _float_dtype(dtype)
         self.backend = backend
+        _api._check_precision(precision)
+        _api._check_precision_dtype(precision, self.dtype)
+        self.precision = precision
         self._suffixes = ("", "_reverse")[: self.num_directions]
 
         H = self.hidden_size
@@ -191,7 +195,8 @@ class RNN:
                 k = layer * self.num_directions + direction
                 sequence = layer_input if direction == 0 else reverse_within_lengths(layer_input, lengths)
                 output, h_n[k] = _api.forward(sequence, *self._direction(layer, direction), h0[k],
-                                              lengths=lengths, backend=self.backend)
+                                              lengths=lengths, backend=self.backend,
+                                              precision=self.precision)
                 steps.append((sequence, output))
                 outputs.append(output if direction == 0 else reverse_within_lengths(output, lengths))
             layer_input = np.concatenate(outputs, axis=2) if len(outputs) > 1 else outputs[0]
@@ -228,7 +233,8 @@ class RNN:
                     grad_direction = reverse_within_lengths(grad_direction, lengths)
                 weight_ih, weight_hh, _ = self._direction(layer, direction)
                 grads = _api.backward(grad_direction, sequence, weight_ih, weight_hh, output, h0[k],
-                                      grad_h_n=grad_h_n[k], lengths=lengths, backend=self.backend)
+                                      grad_h_n=grad_h_n[k], lengths=lengths, backend=self.backend,
+                                      precision=self.precision)
                 grad_input = grad_input + (grads.x if direction == 0
                                            else reverse_within_lengths(grads.x, lengths))
                 grad_h0[k] = grads.h0
@@ -245,7 +251,8 @@ class RNN:
     def __repr__(self):
         return (f"RNN({self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "
                 f"bias={self.bias}, batch_first={self.batch_first}, "
-                f"bidirectional={self.bidirectional}, dtype={self.dtype.name})")
+                f"bidirectional={self.bidirectional}, dtype={self.dtype.name}"
+                + (f", precision={self.precision!r})" if self.precision != "fp32" else ")"))
 
 
 class Linear:

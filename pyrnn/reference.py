@@ -8,7 +8,8 @@ time-major, one float dtype, ``h0``/``bias``/``grad_h_n`` present, ``lengths`` i
 
     x (T, B, I)   h0 (B, H)   weight_ih (H, I)   weight_hh (H, H)   bias (H,)   lengths (B,)
 
-``nonlinearity`` names φ in h_t = φ(a_t): a key of ACTIVATIONS.
+``nonlinearity`` names φ in h_t = φ(a_t): a key of ACTIVATIONS. ``precision`` names the
+arithmetic of the products: a key of PRODUCTS ("bf16" for float32 arrays only).
 """
 import functools
 
@@ -20,6 +21,36 @@ ACTIVATIONS = {
     "tanh": (np.tanh, lambda h: 1 - h**2),  # tanh' = 1 - h²
     "relu": (lambda a: np.maximum(a, 0), lambda h: h > 0),  # relu' = [h > 0]: 0 at the kink
 }
+
+
+def round_to_bf16(a):
+    """float32 `a` rounded to the nearest bfloat16, ties to even, as float32 (design.md §1).
+
+    A bfloat16 is the upper half of a float32: sign, the same 8-bit exponent, 7 of the 23
+    mantissa bits. Rounding adds half a unit of the kept bits (minus one when the lowest kept bit
+    is 0: ties go to even) to the bit pattern and clears the lower half; a carry out of the
+    mantissa steps the exponent, which is the right rounding up to and including overflow to inf.
+    NaN stays NaN: its lower half is cleared with the quiet bit set, so that a NaN whose payload
+    sat only in the cleared bits does not become inf.
+    """
+    bits = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+    lowest_kept = (bits >> 16) & 1
+    rounded = (bits + np.uint32(0x7FFF) + lowest_kept) & np.uint32(0xFFFF0000)
+    quiet_nan = (bits & np.uint32(0xFFFF0000)) | np.uint32(0x00400000)
+    return np.where(np.isnan(bits.view(np.float32)), quiet_nan, rounded).view(np.float32)
+
+
+def bf16_product(a, b):
+    """a @ b in precision "bf16" (float32 arrays): both operands rounded to bfloat16, their
+    products (exact: 8-bit by 8-bit significands) summed in float64, the sum rounded to float32
+    once. This is the exact accumulation the fast backends approximate in float32."""
+    return (round_to_bf16(a).astype(np.float64) @ round_to_bf16(b).astype(np.float64)).astype(np.float32)
+
+
+# The matrix product of each precision. Every product of the RNN goes through one of these;
+# everything else (bias, φ, φ', the saved outputs, the gradients returned) stays in the arrays'
+# own dtype.
+PRODUCTS = {"fp32": np.matmul, "bf16": bf16_product}
 
 
 def without_float_warnings(function):
@@ -40,16 +71,17 @@ def valid_steps(lengths, T, B):
 
 
 @without_float_warnings
-def forward(x, weight_ih, weight_hh, bias, h0, lengths, nonlinearity="tanh"):
+def forward(x, weight_ih, weight_hh, bias, h0, lengths, nonlinearity="tanh", precision="fp32"):
     """h_t = φ(x_t · weight_ihᵀ + h_{t-1} · weight_hhᵀ + bias) -> (output (T, B, H), h_n (B, H))."""
     phi, _ = ACTIVATIONS[nonlinearity]
+    product = PRODUCTS[precision]
     T, B, _ = x.shape
     valid = valid_steps(lengths, T, B)[:, :, None]
-    input_term = x @ weight_ih.T + bias  # does not depend on h: all steps in one product
+    input_term = product(x, weight_ih.T) + bias  # does not depend on h: all steps in one product
     output = np.zeros(input_term.shape, dtype=x.dtype)
     h = h0.copy()
     for t in range(T):
-        h_new = phi(input_term[t] + h @ weight_hh.T)
+        h_new = phi(input_term[t] + product(h, weight_hh.T))
         output[t] = np.where(valid[t], h_new, 0)  # padding outputs are 0 ...
         h = np.where(valid[t], h_new, h)  # ... and padding rows carry their state
     return output, h
@@ -57,9 +89,10 @@ def forward(x, weight_ih, weight_hh, bias, h0, lengths, nonlinearity="tanh"):
 
 @without_float_warnings
 def backward(grad_output, x, weight_ih, weight_hh, output, h0, grad_h_n, lengths,
-             nonlinearity="tanh"):
+             nonlinearity="tanh", precision="fp32"):
     """BPTT: -> (grad_x, grad_h0, grad_weight_ih, grad_weight_hh, grad_bias)."""
     _, phi_prime = ACTIVATIONS[nonlinearity]
+    product = PRODUCTS[precision]
     T, B, _ = x.shape
     valid = valid_steps(lengths, T, B)[:, :, None]
     grad_a = np.zeros_like(output)  # dL/da_t, 0 on padding
@@ -67,11 +100,11 @@ def backward(grad_output, x, weight_ih, weight_hh, output, h0, grad_h_n, lengths
     for t in reversed(range(T)):
         da = (g + grad_output[t]) * phi_prime(output[t])  # φ'(a_t) from h_t
         grad_a[t] = np.where(valid[t], da, 0)
-        g = np.where(valid[t], da @ weight_hh, g)  # padding rows pass g through
-    return (grad_a @ weight_ih, g) + weight_gradients(grad_a, x, output, h0, valid)
+        g = np.where(valid[t], product(da, weight_hh), g)  # padding rows pass g through
+    return (product(grad_a, weight_ih), g) + weight_gradients(grad_a, x, output, h0, valid, product)
 
 
-def weight_gradients(grad_a, x, output, h0, valid):
+def weight_gradients(grad_a, x, output, h0, valid, product=np.matmul):
     """(grad_weight_ih, grad_weight_hh, grad_bias) from dL/da_t of every step.
 
     Nothing here is sequential: each is one sum over all T·B rows. Padding rows are masked
@@ -82,21 +115,5 @@ def weight_gradients(grad_a, x, output, h0, valid):
     rows_a = grad_a.reshape(-1, H)
     rows_x = np.where(valid, x, 0).reshape(-1, I)
     rows_h = np.where(valid, h_prev, 0).reshape(-1, H)
-    return rows_a.T @ rows_x, rows_a.T @ rows_h, rows_a.sum(axis=0)
+    return product(rows_a.T, rows_x), product(rows_a.T, rows_h), rows_a.sum(axis=0)
 
-
-def round_to_bf16(a):
-    """float32 `a` rounded to the nearest bfloat16, ties to even, as float32 (design.md §1).
-
-    A bfloat16 is the upper half of a float32: sign, the same 8-bit exponent, 7 of the 23
-    mantissa bits. Rounding adds half a unit of the kept bits (minus one when the lowest kept bit
-    is 0: ties go to even) to the bit pattern and clears the lower half; a carry out of the
-    mantissa steps the exponent, which is the right rounding up to and including overflow to inf.
-    NaN stays NaN: its lower half is cleared with the quiet bit set, so that a NaN whose payload
-    sat only in the cleared bits does not become inf.
-    """
-    bits = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
-    lowest_kept = (bits >> 16) & 1
-    rounded = (bits + np.uint32(0x7FFF) + lowest_kept) & np.uint32(0xFFFF0000)
-    quiet_nan = (bits & np.uint32(0xFFFF0000)) | np.uint32(0x00400000)
-    return np.where(np.isnan(bits.view(np.float32)), quiet_nan, rounded).view(np.float32)
