@@ -4,9 +4,11 @@ thread's, within the thread budget, BLAS kept single-threaded meanwhile, errors 
 handled), lazy compilation and the on-disk cache. Agreement of the whole backend with the
 reference is tested for every backend in test_agreement.py.
 """
+import re
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ numba = pytest.importorskip("numba", reason="numba is not installed")
 from pyrnn.numba import activations, kernel, products, threads  # noqa: E402
 
 from forking import forked_child_agrees  # noqa: E402
+from tanh_accuracy import assert_within_stated_bound, float32_sweep  # noqa: E402
 from problems import make_problem, random_lengths  # noqa: E402
 
 import pyrnn  # noqa: E402
@@ -100,32 +103,54 @@ def _tanh_all(x, out):
         out[i] = activations.tanh(x[i])  # in x's own precision
 
 
-def _tanh_grid():
-    tiny = np.geomspace(1e-300, 30, 20_000)
-    return np.concatenate([np.linspace(-30, 30, 200_001), tiny, -tiny])
-
-
-def test_tanh_float64_within_a_few_ulp_of_numpy():
-    x = _tanh_grid()
+def _tanh(x):
     out = np.empty_like(x)
     _tanh_all(x, out)
-    expected = np.tanh(x)
-    ulps = np.abs(out - expected) / np.spacing(np.abs(expected))
-    assert ulps.max() <= 8, f"max {ulps.max():.1f} ulp at x = {x[np.argmax(ulps)]!r}"
+    return out
 
 
-def test_tanh_float32_within_2_ulp_of_correctly_rounded():
-    """The bound stated in numba_kernel (measured there on every float32 in [0, 12]), checked
-    on every 37th, all binades down to the subnormals; past 9.01 tanh rounds to 1."""
-    x = np.arange(0, np.float32(12).view(np.int32), 37, dtype=np.int32).view(np.float32)
-    out = np.empty_like(x)
-    _tanh_all(x, out)
-    correctly_rounded = np.tanh(x.astype(np.float64)).astype(np.float32)
-    ulps = np.abs(out.view(np.int32).astype(np.int64) - correctly_rounded.view(np.int32))
-    assert ulps.max() <= 2, f"{ulps.max()} ulp at x = {x[np.argmax(ulps)]!r}"
-    negated = np.empty_like(x)
-    _tanh_all(-x, negated)
-    np.testing.assert_array_equal(negated, -out)  # odd, bitwise
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_tanh_within_the_stated_bound(dtype):
+    assert_within_stated_bound(_tanh, dtype)
+
+
+def test_tanh_float32_is_odd_bitwise():
+    x = float32_sweep(stride=1009)
+    np.testing.assert_array_equal(_tanh(-x).view(np.int32), (-_tanh(x)).view(np.int32))
+
+
+def _native_float32_tanh_constants():
+    """{name: value} of TanhConstants<float> and the constants of tanh() in csrc/tanh.h."""
+    source = (Path(__file__).parents[1] / "csrc" / "tanh.h").read_text()
+    block = re.search(r"struct TanhConstants<float> \{(.*?)\n\};", source, re.S).group(1)
+    body = source[source.index("static inline Vec<F> tanh("):]
+
+    def number(pattern, text):
+        return float(re.search(pattern, text).group(1).rstrip("f"))
+
+    series = re.search(r"series\[\d+\] = \{(.*?)\}", block, re.S).group(1)
+    return {
+        "series": [float(c.strip().rstrip("f")) for c in series.split(",")],
+        "ln2_hi": number(r"ln2_hi = ([-\d.e]+f)", block),
+        "ln2_lo": number(r"ln2_lo = ([-\d.e]+f)", block),
+        "round_shift": number(r"round_shift = ([\d.e]+f)", block),
+        "exp_degree": int(number(r"exp_degree = (\d+)", block)),
+        "log2_e": number(r"y \* F\(([\d.]+)\)", body),
+        "series_below": number(r"ax < F\(([\d.]+)\)", body),
+        "exp_above": number(r"y < F\((-[\d.]+)\)", body),
+    }
+
+
+def test_float32_tanh_has_the_native_kernels_constants():
+    """numba's tanh32 is csrc/tanh.h's algorithm by hand: the same numbers, read from the header
+    (each compared as the float32 both compute with)."""
+    native = _native_float32_tanh_constants()
+    ours = {"series": activations.TANH_SERIES_32, "ln2_hi": activations.LN2_HI_32,
+            "ln2_lo": activations.LN2_LO_32, "round_shift": activations.ROUNDING_32,
+            "exp_degree": activations.EXP_DEGREE_32, "log2_e": activations.LOG2_E_32,
+            "series_below": activations.SERIES_BELOW_32, "exp_above": activations.EXP_ABOVE_32}
+    for name, value in native.items():
+        np.testing.assert_array_equal(np.float32(ours[name]), np.float32(value), err_msg=name)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

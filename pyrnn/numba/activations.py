@@ -12,8 +12,7 @@ cannot be cached on disk).
 tanh is plain arithmetic that LLVM vectorises, in the argument's own precision (tanh32,
 tanh64); numba's ``np.tanh`` is one libm call per element (16 ns each here), which would cost
 more than the products themselves at small H. Its accuracy is stated once, in
-pyrnn/testing.py (TANH_MAX_ULP), and asserted there by tests/test_tanh.py for this tanh and
-the native one.
+pyrnn/testing.py (TANH_MAX_ULP), for this tanh and the native one.
 """
 import math
 
@@ -68,7 +67,7 @@ def tanh64(x):
 
 
 # float32, in float32 arithmetic, with the native kernel's algorithm and constants (csrc/tanh.h;
-# tests/test_tanh.py checks they are the same numbers): 16 lanes a vector instead of 8, and
+# tests/test_numba_kernel.py checks they are the same numbers): 16 lanes a vector instead of 8, and
 # half the operations of tanh64 (the forward time loop, min of 7: tiny 8.8 us instead of 14.3
 # with tanh64, small 0.54 ms instead of 0.69).
 #   |x| <  0.35: x + x³·P(x²), the Taylor series to x¹³ (remainder < 6e-10 relative);
