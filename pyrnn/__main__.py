@@ -60,6 +60,9 @@ def _add_bench_parser(commands):
     bench.add_argument("--backends", help="comma-separated contestants (default: every available backend "
                        "and torch)")
     bench.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    bench.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                       help="bf16: every contestant also in bf16 products, side by side with its float32 "
+                       "run (torch: under torch.autocast); %%peak against each precision's CPU limit")
     bench.add_argument("--repeat", type=int, default=5, help="at least this many samples per contestant "
                        "(default: %(default)s)")
     bench.add_argument("--budget", type=float, default=2.0, help="keep sampling while a (shape, mode, "

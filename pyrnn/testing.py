@@ -55,6 +55,21 @@ BF16_OUTPUT_ACCURACY = 2e-2  # absolute, output and h_n
 BF16_GRADIENT_ACCURACY = 5e-2  # relative to the gradient's largest magnitude
 
 
+def bf16_accuracy(name, actual, expected):
+    """(error, bound) of a bf16 result `name` against exact float64 math on the same inputs:
+    the largest absolute difference for "output" and "h_n", relative to the gradient's largest
+    magnitude for the gradients (NaN where they disagree on NaN is infinitely wrong)."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    if not np.array_equal(np.isnan(actual), np.isnan(expected)):
+        return float("inf"), BF16_OUTPUT_ACCURACY
+    finite = ~np.isnan(expected)
+    error = float(np.abs(actual[finite] - expected[finite]).max(initial=0.0))
+    if name in ("output", "h_n"):
+        return error, BF16_OUTPUT_ACCURACY
+    largest = float(np.abs(expected[finite]).max(initial=0.0))
+    return (error / largest if largest > 0 else error), BF16_GRADIENT_ACCURACY
+
+
 def relative_error(actual, expected):
     """max|actual - expected| / max(1, max|expected|); NaN where they disagree on NaN."""
     actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)

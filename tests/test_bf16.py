@@ -12,7 +12,8 @@ import pyrnn
 from problems import make_problem, random_lengths
 from pyrnn import reference
 from pyrnn.reference import round_to_bf16
-from pyrnn.testing import BF16_AGREEMENT, BF16_GRADIENT_ACCURACY, BF16_OUTPUT_ACCURACY, relative_error
+from pyrnn.testing import (BF16_AGREEMENT, BF16_GRADIENT_ACCURACY, BF16_OUTPUT_ACCURACY, bf16_accuracy,
+                           relative_error)
 
 try:
     from pyrnn import _cpp
@@ -166,11 +167,10 @@ def test_bf16_accuracy_against_float64():
     got = run(p, "numpy")
     exact = run({name: a.astype(np.float64) for name, a in p.items()}, "numpy", precision="fp32")
     for name in RESULTS:
-        error = np.abs(got[name] - exact[name]).max()
-        if name in ("output", "h_n"):
-            assert error <= BF16_OUTPUT_ACCURACY, (name, error)
-        else:
-            assert error <= BF16_GRADIENT_ACCURACY * np.abs(exact[name]).max(), (name, error)
+        error, bound = bf16_accuracy(name, got[name], exact[name])
+        assert error <= bound, (name, error)
+    assert bf16_accuracy("output", got["output"], exact["output"])[1] == BF16_OUTPUT_ACCURACY == 2e-2
+    assert bf16_accuracy("grad_x", got["grad_x"], exact["grad_x"])[1] == BF16_GRADIENT_ACCURACY == 5e-2
 
 
 def test_bf16_needs_float32(backend):
