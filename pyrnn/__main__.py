@@ -63,6 +63,10 @@ def _add_bench_parser(commands):
     bench.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                        help="bf16: every contestant also in bf16 products, side by side with its float32 "
                        "run (torch: under torch.autocast); %%peak against each precision's CPU limit")
+    bench.add_argument("--layers", type=int, default=1, help="time a stack of this many layers: "
+                       "pyrnn.RNN against torch.nn.RNN(num_layers=...) (default: %(default)s, the kernel alone)")
+    bench.add_argument("--bidirectional", action="store_true", help="both directions in every layer "
+                       "(pyrnn.RNN against torch.nn.RNN(bidirectional=True))")
     bench.add_argument("--repeat", type=int, default=5, help="at least this many samples per contestant "
                        "(default: %(default)s)")
     bench.add_argument("--budget", type=float, default=2.0, help="keep sampling while a (shape, mode, "
