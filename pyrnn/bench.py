@@ -339,7 +339,6 @@ class TorchStackRunner(TorchRunner):
 
 
 def make_runner(name, problem):
-def make_runner(name, problem):
     backend, precision = split_name(name, problem["x"].dtype)
     if stack_of(problem) != ONE_LAYER:
         if backend == PEER:
