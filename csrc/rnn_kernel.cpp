@@ -529,11 +529,13 @@ Status stack_backward_pass(const StackBackward<F>& s) {
                 stopped = true;
             grad_done[size_t(unit)].publish(T);
         }
+        if (D == 2 && !stopped) {  // dL/dx: the forward direction's part plus the reverse one's (my rows)
+            for (int64_t d = 0; d < D; ++d) grad_done[size_t(d)].wait_for(T, s.options.stop);
+            if (Barrier::stop_requested(s.options.stop)) return;
+            for (int64_t r = TB * I * tid / nt; r < TB * I * (tid + 1) / nt; ++r) s.grad_x[r] += grad_x_reverse.get()[r];
+        }
     });
-    if (stopped) return Status::stopped;
-    if (D == 2)  // dL/dx: the forward direction's part, then the reverse one's, as the reference adds them
-        for (int64_t r = 0; r < TB * I; ++r) s.grad_x[r] += grad_x_reverse.get()[r];
-    return Status::finished;
+    return stopped || Barrier::stop_requested(s.options.stop) ? Status::stopped : Status::finished;
 }
 
 }  // namespace
