@@ -1,6 +1,6 @@
-"""pyrnn: the Elman (tanh) RNN over whole sequences, forward and BPTT, on the CPU.
+"""pyrnn: the Elman RNN (tanh or relu) over whole sequences, forward and BPTT, on the CPU.
 
-    output, h_n = pyrnn.forward(x, weight_ih, weight_hh, bias, h0, lengths=..., batch_first=...)
+    output, h_n = pyrnn.forward(x, weight_ih, weight_hh, bias, h0, lengths=..., nonlinearity=...)
     grads = pyrnn.backward(grad_output, x, weight_ih, weight_hh, output, h0, grad_h_n=...)
 
 Three backends compute the same thing: "cpp" (native), "numba" (JIT) and "numpy" (the reference,

@@ -1,4 +1,4 @@
-"""The NumPy reference: the executable specification of pyrnn (design.md §1).
+"""The NumPy reference: the executable specification of pyrnn (docs/design.md §1).
 
 Written to be read, not tuned: each line is a line of the math, and the other backends
 (``cpp``, ``numba``) compute exactly this and are tested against it.
@@ -7,19 +7,28 @@ Every function takes clean arrays, as pyrnn.forward/backward hand them over: C-c
 time-major, one float dtype, ``h0``/``bias``/``grad_h_n`` present, ``lengths`` int64 or None.
 
     x (T, B, I)   h0 (B, H)   weight_ih (H, I)   weight_hh (H, H)   bias (H,)   lengths (B,)
+
+``nonlinearity`` names φ in h_t = φ(a_t): a key of ACTIVATIONS.
 """
 import functools
 
 import numpy as np
+
+# φ and its derivative written with the output h = φ(a), so that backward needs only the saved
+# outputs, never the pre-activations.
+ACTIVATIONS = {
+    "tanh": (np.tanh, lambda h: 1 - h**2),  # tanh' = 1 - h²
+    "relu": (lambda a: np.maximum(a, 0), lambda h: h > 0),  # relu' = [h > 0]: 0 at the kink
+}
 
 
 def without_float_warnings(function):
     """NaN and inf in the inputs are values that propagate to the results, as in the compiled
     backends, not NumPy warnings (overflow, invalid) raised on the way."""
     @functools.wraps(function)
-    def quietly(*arrays):
+    def quietly(*arguments):
         with np.errstate(all="ignore"):
-            return function(*arrays)
+            return function(*arguments)
     return quietly
 
 
@@ -31,29 +40,32 @@ def valid_steps(lengths, T, B):
 
 
 @without_float_warnings
-def forward(x, weight_ih, weight_hh, bias, h0, lengths):
-    """h_t = tanh(x_t · weight_ihᵀ + h_{t-1} · weight_hhᵀ + bias) -> (output (T, B, H), h_n (B, H))."""
+def forward(x, weight_ih, weight_hh, bias, h0, lengths, nonlinearity="tanh"):
+    """h_t = φ(x_t · weight_ihᵀ + h_{t-1} · weight_hhᵀ + bias) -> (output (T, B, H), h_n (B, H))."""
+    phi, _ = ACTIVATIONS[nonlinearity]
     T, B, _ = x.shape
     valid = valid_steps(lengths, T, B)[:, :, None]
     input_term = x @ weight_ih.T + bias  # does not depend on h: all steps in one product
     output = np.zeros(input_term.shape, dtype=x.dtype)
     h = h0.copy()
     for t in range(T):
-        h_new = np.tanh(input_term[t] + h @ weight_hh.T)
+        h_new = phi(input_term[t] + h @ weight_hh.T)
         output[t] = np.where(valid[t], h_new, 0)  # padding outputs are 0 ...
         h = np.where(valid[t], h_new, h)  # ... and padding rows carry their state
     return output, h
 
 
 @without_float_warnings
-def backward(grad_output, x, weight_ih, weight_hh, output, h0, grad_h_n, lengths):
+def backward(grad_output, x, weight_ih, weight_hh, output, h0, grad_h_n, lengths,
+             nonlinearity="tanh"):
     """BPTT: -> (grad_x, grad_h0, grad_weight_ih, grad_weight_hh, grad_bias)."""
+    _, phi_prime = ACTIVATIONS[nonlinearity]
     T, B, _ = x.shape
     valid = valid_steps(lengths, T, B)[:, :, None]
     grad_a = np.zeros_like(output)  # dL/da_t, 0 on padding
     g = grad_h_n.copy()  # dL/dh flowing back from the future
     for t in reversed(range(T)):
-        da = (g + grad_output[t]) * (1 - output[t] ** 2)  # tanh' = 1 - h_t²
+        da = (g + grad_output[t]) * phi_prime(output[t])  # φ'(a_t) from h_t
         grad_a[t] = np.where(valid[t], da, 0)
         g = np.where(valid[t], da @ weight_hh, g)  # padding rows pass g through
     return (grad_a @ weight_ih, g) + weight_gradients(grad_a, x, output, h0, valid)
