@@ -44,12 +44,11 @@ def make_problem(T, B, I, H, dtype, seed=0, lengths=None, nonlinearity="tanh"):
 
 def run(module, p, output=None):
     """{name: result} of one backend's forward and backward (the latter fed `output`, else its own)."""
-    options = () if p["nonlinearity"] == "tanh" else (p["nonlinearity"],)
     out, h_n = module.forward(p["x"], p["weight_ih"], p["weight_hh"], p["bias"], p["h0"], p["lengths"],
-                              *options)
+                              p["nonlinearity"])
     grads = module.backward(p["grad_output"], p["x"], p["weight_ih"], p["weight_hh"],
                             out if output is None else output, p["h0"], p["grad_h_n"], p["lengths"],
-                            *options)
+                            p["nonlinearity"])
     return dict(zip(RESULT_NAMES, (out, h_n) + tuple(grads)))
 
 
@@ -100,9 +99,17 @@ BLOCK_SHAPES = [
 ]
 
 
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
 @pytest.mark.parametrize("shape", BLOCK_SHAPES, ids=lambda s: "T{}B{}I{}H{}".format(*s))
-def test_matches_reference_across_cache_blocks(shape):
-    assert_close_to_reference(make_problem(*shape, np.float64))
+def test_matches_reference_across_cache_blocks(shape, nonlinearity):
+    assert_close_to_reference(make_problem(*shape, np.float64, nonlinearity=nonlinearity))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("shape", [(4, 17, 65, 65), (3, 2, 7, 130)], ids=lambda s: "T{}B{}I{}H{}".format(*s))
+def test_relu_matches_reference(shape, dtype):
+    p = make_problem(*shape, dtype, lengths=[shape[0], 0] + [1] * (shape[1] - 2), nonlinearity="relu")
+    assert_close_to_reference(p)
 
 
 def test_relu_keeps_nan_and_passes_no_gradient_where_it_is_zero():
