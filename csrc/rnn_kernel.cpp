@@ -25,12 +25,15 @@ namespace pyrnn {
 namespace PYRNN_ISA {
 namespace {
 
-// Scratch memory for one call (scratch.h: kept for the next call), 64-byte aligned.
+// Scratch memory for one call (scratch.h: kept for the next call), 64-byte aligned; none (null)
+// for n = 0, which costs nothing (a block costs two locks of the kept blocks' list).
 template <typename F>
 class Scratch {
   public:
-    explicit Scratch(int64_t n) : block_(acquire_scratch(size_t(n > 0 ? n : 1) * sizeof(F))) {}
-    ~Scratch() { release_scratch(block_); }
+    explicit Scratch(int64_t n) : block_(n > 0 ? acquire_scratch(size_t(n) * sizeof(F)) : ScratchBlock{nullptr, 0}) {}
+    ~Scratch() {
+        if (block_.data) release_scratch(block_);
+    }
     Scratch(const Scratch&) = delete;
     Scratch& operator=(const Scratch&) = delete;
     F* get() const { return static_cast<F*>(block_.data); }
@@ -302,7 +305,7 @@ Status backward_pass(const Backward<F>& c, const LayerBackward<F>& w = {}) {
         const Share<F> share(plan, H, tid, nt);
         const Columns<F>& mine = share.mine, &steps = share.steps;
         const int step_threads = share.step_threads;
-        alignas(64) F tile[MR * NR];
+        alignas(64) F tile[MR * NR], dy[NR];
         const auto time = [&](int64_t s, int64_t b) { return step_time(w.reverse, c.lengths, T, s, b); };
         // grad_x rows of steps [s0, s1) <- grad_a·weight_ih, on columns `cols` of I
         const auto grad_x_product = [&](int64_t s0, int64_t s1, const Columns<F>& cols) {
@@ -373,16 +376,20 @@ Status backward_pass(const Backward<F>& c, const LayerBackward<F>& w = {}) {
                                 continue;
                             }
                             const int64_t row = time(s, b) * B + b;
-                            const F* go = c.grad_output.row(row) + j;
+                            const F* go = c.grad_output.row(row) + j;  // repointed at dy if combined
                             const F* go_2 = w.grad_output_2.data ? w.grad_output_2.row(row) + j : nullptr;
                             const F* mask = w.output_mask.data ? w.output_mask.row(row) + j : nullptr;
                             const F* h = c.output.row(row) + j;
-                            for (int64_t k = 0; k < cols; ++k) {
-                                F dy = go[k];
-                                if (go_2) dy += go_2[k];
-                                if (mask) dy *= mask[k];
-                                da[k] = (g[k] + (last ? g_end[k] : F(0)) + dy) * Act::derivative(h[k]);
+                            if (go_2 || mask) {  // dL/dh_s from above: the two directions' sum, masked
+                                for (int64_t k = 0; k < cols; ++k) dy[k] = go[k];
+                                if (go_2)
+                                    for (int64_t k = 0; k < cols; ++k) dy[k] += go_2[k];
+                                if (mask)
+                                    for (int64_t k = 0; k < cols; ++k) dy[k] *= mask[k];
+                                go = dy;
                             }
+                            for (int64_t k = 0; k < cols; ++k)
+                                da[k] = (g[k] + (last ? g_end[k] : F(0)) + go[k]) * Act::derivative(h[k]);
                         }
                     }
                 }
