@@ -26,6 +26,13 @@ What it deliberately does not do: compile the big products over all T·B rows (B
 better), or compile anything at import (each function compiles on its first call per dtype and
 activation and is cached on disk, ``cache=True``).
 """
+import functools
+
+from .. import reference
 from .kernel import backward, forward
 
-__all__ = ["forward", "backward"]
+# A stack is the reference composition (pyrnn.reference.stack_forward) of this backend's layers.
+stack_forward = functools.partial(reference.stack_forward, layer_forward=forward)
+stack_backward = functools.partial(reference.stack_backward, layer_backward=backward)
+
+__all__ = ["forward", "backward", "stack_forward", "stack_backward"]
