@@ -71,7 +71,7 @@ struct Backward {
     Options options;
 };
 
-// A stack (torch.nn.RNN's num_layers × bidirectional; design.md §1) in one call: L layers of D
+// A stack (torch.nn.RNN's num_layers × bidirectional; docs/design.md §1) in one call: L layers of D
 // directions (1 or 2), unit u = l·D + d. Layer 0 reads x (T, B, I); layer l > 0 reads
 // layer_outputs[l - 1] (T, B, D·H, the forward direction's features first) times
 // dropout_masks[l - 1] if given. The reverse direction reads each row reversed within its own

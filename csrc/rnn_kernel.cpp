@@ -159,7 +159,7 @@ struct LayerBackward {
 };
 
 // The time of row b's step s: s, or in the reverse direction the row's own steps backwards
-// (design.md §1: step 0 reads time lengths[b] - 1); padding steps stay where they are.
+// (docs/design.md §1: step 0 reads time lengths[b] - 1); padding steps stay where they are.
 inline int64_t step_time(bool reverse, const int64_t* lengths, int64_t T, int64_t s, int64_t b) {
     if (!reverse) return s;
     const int64_t n = length(lengths, T, b);

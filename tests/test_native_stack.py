@@ -15,7 +15,7 @@ from pyrnn.testing import accumulated_terms, relative_error, tolerance
 
 _cpp = pytest.importorskip("pyrnn._cpp", reason=str(pyrnn.unavailable_backends().get("cpp")))
 
-RESULT_NAMES = ("layer_outputs", "h_n", "grad_x", "grad_h0")
+STACK_RESULT_NAMES = ("layer_outputs", "h_n", "grad_x", "grad_h0")
 
 
 def make_stack(L, D, T, B, I, H, dtype=np.float64, seed=0, lengths=None, masks=False):
@@ -47,7 +47,7 @@ def run(module, p, layer_outputs=None):
     grad_x, grad_h0, grads = module.stack_backward(
         p["grad_output"], p["x"], p["layers"], outputs if layer_outputs is None else layer_outputs,
         p["h0"], p["grad_h_n"], p["lengths"], p["dropout_masks"], p["bidirectional"], p["nonlinearity"])
-    results = dict(zip(RESULT_NAMES, (outputs, h_n, grad_x, grad_h0)))
+    results = dict(zip(STACK_RESULT_NAMES, (outputs, h_n, grad_x, grad_h0)))
     for u, unit in enumerate(grads):
         for name, g in zip(("weight_ih", "weight_hh", "bias"), unit):
             results[f"grad_{name}[{u}]"] = g
@@ -183,7 +183,8 @@ def bad_stack(change):
 @pytest.mark.parametrize("change, error, message", [
     (lambda p: p.update(layers=p["layers"][:3]), ValueError, r"layers has 3 entries, expected num_layers × 2"),
     (lambda p: p.update(layers=[]), ValueError, "layers has 0 entries"),
-    (lambda p: p.update(layers=[p["layers"][0][0]] * 4), TypeError, r"layers\[0\] must be a \(weight_ih, weight_hh, bias\)"),
+    (lambda p: p.update(layers=[p["layers"][0][0]] * 4), TypeError,
+     r"layers\[0\] must be a \(weight_ih, weight_hh, bias\)"),
     (lambda p: p.update(layers=None), TypeError, "layers must be a list"),
     (lambda p: p["layers"].__setitem__(2, (np.zeros((5, 5)),) + p["layers"][2][1:]), ValueError,
      r"layers\[2\].weight_ih has shape \(5, 5\), expected \(5, 10\)"),
