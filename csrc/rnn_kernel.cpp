@@ -13,9 +13,15 @@
 // same order whatever the thread count, so results are bitwise identical across thread counts.
 // Shared steps are separated by one barrier each. Nothing is allocated inside the loops.
 // φ is a policy (activation.h) the passes are templated on; the call's struct (rnn.h) picks it.
+// So is the arithmetic of the products (P: gemm.h's Plain, or bf16.h's Bf16 for precision bf16,
+// where the operands of every product are rounded to bf16 once: weights as they are packed, x once
+// per call, h_{t-1} and dL/da in the epilogue of the step that makes them).
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "activation.h"
+#include "bf16.h"
 #include "gemm.h"
 #include "kernels.h"
 #include "scratch.h"
@@ -121,6 +127,37 @@ inline void add_activate_store(const F* acc, F* out, F* state, int64_t n) {
     for (int64_t j = 0; j < n; ++j) out[j] = state[j] = pre[j];
 }
 
+// What the products of P read of a float matrix whose rows the kernel writes itself (h_{t-1},
+// dL/da): the rows themselves when P multiplies F, else a copy in P::Stored, rounded row by row
+// as they are made. Its rows have a stride of their own, an even one, with a zero past column H
+// when H is odd, and one zero row more at the end: P's k-pairs may read one element past a row
+// (or past the last row) against a zero in the packed operand, and 0·(an unset NaN) is NaN.
+template <typename F, typename P>
+struct Operand {
+    using S = typename P::Stored;
+    static constexpr bool rounded = !std::is_same_v<S, F>;
+    Scratch<S> copy;
+    const int64_t ld;
+    const S* rows;  // what the products read
+
+    Operand(const F* own_rows, int64_t own_ld, int64_t n_rows, int64_t n_cols)
+        : copy(rounded ? (n_rows + 1) * row_stride<S>(n_cols) : 0),
+          ld(rounded ? row_stride<S>(n_cols) : own_ld) {
+        if constexpr (rounded) {
+            rows = copy.get();
+            std::memset(copy.get() + n_rows * ld, 0, ld * sizeof(S));
+            if (n_cols % 2)
+                for (int64_t r = 0; r < n_rows; ++r) copy.get()[r * ld + n_cols] = S(0);
+        } else {
+            rows = own_rows;
+        }
+    }
+    // Row r, columns [j, j + n), has just been written to `from`: round it into the copy.
+    void update(int64_t r, int64_t j, const F* from, int64_t n) {
+        if constexpr (rounded) round_row(from, copy.get() + r * ld + j, n);
+    }
+};
+
 }  // namespace
 
 template <typename F>
@@ -171,27 +208,32 @@ inline int64_t step_time(bool reverse, const int64_t* lengths, int64_t T, int64_
 // efficient; the lag between successive layers is one chunk.
 inline int64_t chunk_steps(int64_t B) { return ceil_div(96, max64(B, 1)); }
 
-template <typename F, typename Act>
+template <typename F, typename Act, typename P>
 Status forward_pass(const Forward<F>& c, const LayerForward<F>& w = {}) {
+    using S = typename P::Stored;
     constexpr int MR = Tile<F>::MR, NR = Tile<F>::NR;
     const int64_t T = c.T, B = c.B, I = c.I, H = c.H;
     const std::atomic<bool>* stop = c.options.stop;
     const Plan plan = plan_threads<F>(c.options.max_threads, T, B, I, H);
     const int64_t panels = ceil_div(H, NR);
-    Scratch<F> packed_whh(panels * Plain<F>::panel_size(H));  // weight_hhᵀ in NR-column panels
+    Scratch<S> packed_whh(panels * P::panel_size(H));  // weight_hhᵀ in NR-column panels
     // h_{t-1} and h_t (B×H, row-major). Not output itself: a padding row's state is carried
     // while its output is 0.
     const int64_t ld = row_stride<F>(H);
     Scratch<F> states(2 * B * ld);
     // The input product covers every step at once, or a chunk at a time behind the layer below.
+    // It reads x, or x ⊙ mask, and that rounded when P rounds: its rows are prepared first.
     const int64_t chunk = w.input_ready ? chunk_steps(B) : max64(T, 1);
-    Scratch<F> masked_x(w.input_mask.data ? min64(chunk, T) * B * I : 0);  // x ⊙ mask, rows of I
-    const int64_t b_size = pack_b_size<Plain<F>>(I, H);
-    Scratch<F> per_thread(plan.team * b_size);
+    Scratch<F> masked_x(w.input_mask.data ? T * B * I : 0);
+    const Rows<const F> input = w.input_mask.data ? Rows<const F>{masked_x.get(), I} : c.x;
+    const bool prepare = w.input_mask.data || Operand<F, P>::rounded;
+    Operand<F, P> x_operand(input.data, input.stride, T * B, I), state_operand(states.get(), ld, 2 * B, H);
+    const int64_t b_size = pack_b_size<P>(I, H);
+    Scratch<S> per_thread(plan.team * b_size);
     Status status = Status::finished;  // written by thread 0
 
     in_parallel(plan.team, [&](const int tid, const int nt, Barrier& barrier) {
-        F* pack_b_buf = per_thread.get() + tid * b_size;
+        S* pack_b_buf = per_thread.get() + tid * b_size;
         const Share<F> share(plan, H, tid, nt);
         const Columns<F>& mine = share.mine, &steps = share.steps;
         const int step_threads = share.step_threads;
@@ -199,29 +241,35 @@ Status forward_pass(const Forward<F>& c, const LayerForward<F>& w = {}) {
         const auto stopped = [&] {
             if (tid == 0) status = Status::stopped;
         };
-        // masked_x <- rows [t0·B + r0, t0·B + r1) of x ⊙ input_mask
-        const auto mask_input = [&](int64_t t0, int64_t r0, int64_t r1) {
+        // Rows [r0, r1) of the input product's operand: x ⊙ input_mask, rounded when P rounds.
+        const auto prepare_input = [&](int64_t r0, int64_t r1) {
             for (int64_t r = r0; r < r1; ++r) {
-                const F *xr = c.x.row(t0 * B + r), *m = w.input_mask.row(t0 * B + r);
-                for (int64_t i = 0; i < I; ++i) masked_x.get()[r * I + i] = xr[i] * m[i];
+                if (w.input_mask.data) {
+                    const F *xr = c.x.row(r), *m = w.input_mask.row(r);
+                    for (int64_t i = 0; i < I; ++i) masked_x.get()[r * I + i] = xr[i] * m[i];
+                }
+                x_operand.update(r, 0, input.row(r), I);
             }
         };
         // output rows of steps [t0, t1) <- x·weight_ihᵀ + bias, on columns `cols`
         const auto input_product = [&](int64_t t0, int64_t t1, const Columns<F>& cols) {
-            const View<F> a = w.input_mask.data ? View<F>{masked_x.get(), I, 1} : View<F>{c.x.row(t0 * B), c.x.stride, 1};
-            gemm<Plain<F>>((t1 - t0) * B, cols.begin, cols.end, I, a, View<F>{c.weight_ih, 1, I}, c.bias,
-                           c.output.row(t0 * B), c.output.stride, pack_b_buf);
+            gemm<P>((t1 - t0) * B, cols.begin, cols.end, I,
+                    View<S>{x_operand.rows + t0 * B * x_operand.ld, x_operand.ld, 1}, View<F>{c.weight_ih, 1, I},
+                    c.bias, c.output.row(t0 * B), c.output.stride, pack_b_buf);
         };
 
-        Plain<F>::pack(H, steps.end - steps.begin, View<F>{c.weight_hh + steps.begin * H, 1, H},
-                       packed_whh.get() + steps.begin / NR * Plain<F>::panel_size(H));
-        for (int64_t b = 0; b < B; ++b)
+        P::pack(H, steps.end - steps.begin, View<F>{c.weight_hh + steps.begin * H, 1, H},
+                packed_whh.get() + steps.begin / NR * P::panel_size(H));
+        for (int64_t b = 0; b < B; ++b) {
             for (int64_t j = steps.begin; j < steps.end; ++j) states.get()[b * ld + j] = c.h0.row(b)[j];
-        // 1. output <- x·weight_ihᵀ + bias on my columns, every step at once.
+            state_operand.update(b, steps.begin, states.get() + b * ld + steps.begin, steps.end - steps.begin);
+        }
+        // 1. output <- x·weight_ihᵀ + bias on my columns, every step at once (its operand
+        //    prepared first, each thread a share of the rows).
         if (!w.input_ready) {
-            if (w.input_mask.data) {
-                mask_input(0, T * B * tid / nt, T * B * (tid + 1) / nt);
-                barrier.wait();
+            if (prepare) {
+                prepare_input(T * B * tid / nt, T * B * (tid + 1) / nt);
+                if (barrier.wait(stop)) return stopped();
             }
             input_product(0, T, mine);
         }
@@ -236,8 +284,8 @@ Status forward_pass(const Forward<F>& c, const LayerForward<F>& w = {}) {
                 const int64_t t1 = min64(T, t + chunk);
                 w.input_ready->wait_for(t1, stop);
                 if (step_threads > 1 ? barrier.wait(stop) : Barrier::stop_requested(stop)) return stopped();
-                if (w.input_mask.data) {
-                    mask_input(t, (t1 - t) * B * tid / step_threads, (t1 - t) * B * (tid + 1) / step_threads);
+                if (prepare) {
+                    prepare_input(t * B + (t1 - t) * B * tid / step_threads, t * B + (t1 - t) * B * (tid + 1) / step_threads);
                     if (step_threads > 1) barrier.wait();
                 }
                 input_product(t, t1, steps);
@@ -246,12 +294,14 @@ Status forward_pass(const Forward<F>& c, const LayerForward<F>& w = {}) {
             }
             const F* h_prev = states.get() + (t % 2) * B * ld;
             F* h_next = states.get() + ((t + 1) % 2) * B * ld;
+            const int64_t prev = (t % 2) * B, next = ((t + 1) % 2) * B;  // their rows in state_operand
             for (int64_t j = steps.begin; j < steps.end; j += NR) {
                 const int64_t cols = min64(NR, H - j);
-                const F* panel = packed_whh.get() + j / NR * Plain<F>::panel_size(H);
+                const S* panel = packed_whh.get() + j / NR * P::panel_size(H);
                 for (int64_t b0 = 0; b0 < B; b0 += MR) {
                     const int rows = int(min64(MR, B - b0));
-                    micro_kernel_rows<Plain<F>, true>(rows, H, h_prev + b0 * ld, ld, panel, tile);
+                    micro_kernel_rows<P, true>(rows, H, state_operand.rows + (prev + b0) * state_operand.ld,
+                                               state_operand.ld, panel, tile);
                     for (int r = 0; r < rows; ++r) {
                         const int64_t b = b0 + r;
                         F* out = c.output.row(step_time(w.reverse, c.lengths, T, t, b) * B + b) + j;
@@ -261,6 +311,7 @@ Status forward_pass(const Forward<F>& c, const LayerForward<F>& w = {}) {
                             for (int64_t k = 0; k < cols; ++k) out[k] = F(0);
                             for (int64_t k = 0; k < cols; ++k) h_next[b * ld + j + k] = h_prev[b * ld + j + k];
                         }
+                        state_operand.update(next + b, j, h_next + b * ld + j, cols);
                     }
                 }
             }
@@ -274,17 +325,19 @@ Status forward_pass(const Forward<F>& c, const LayerForward<F>& w = {}) {
     return status;
 }
 
-template <typename F, typename Act>
+template <typename F, typename Act, typename P>
 Status backward_pass(const Backward<F>& c, const LayerBackward<F>& w = {}) {
+    using S = typename P::Stored;
     constexpr int MR = Tile<F>::MR, NR = Tile<F>::NR;
     const int64_t T = c.T, B = c.B, I = c.I, H = c.H;
     const std::atomic<bool>* stop = c.options.stop;
     const Plan plan = plan_threads<F>(c.options.max_threads, T, B, I, H);
     const int64_t panels = ceil_div(H, NR), TB = T * B;
-    Scratch<F> packed_whh(panels * Plain<F>::panel_size(H));  // weight_hh in NR-column panels
+    Scratch<S> packed_whh(panels * P::panel_size(H));  // weight_hh in NR-column panels
     // Rows in step order (row s·B + b is row b's step s; time order unless reverse).
     const int64_t ld = row_stride<F>(H);
     Scratch<F> grad_a(TB * ld);  // dL/da (row stride ld), 0 on padding
+    Operand<F, P> grad_a_operand(grad_a.get(), ld, TB, H);  // what the products read of it
     Scratch<F> h_prev(TB * H);   // h_{s-1} of every valid row, 0 on padding
     // x (⊙ input_mask) with padding rows zeroed (a NaN there must not leak), unless x is that already.
     const bool copy_x = c.lengths || c.x.stride != I || w.input_mask.data || w.reverse;
@@ -295,27 +348,26 @@ Status backward_pass(const Backward<F>& c, const LayerBackward<F>& w = {}) {
     const Rows<F> grad_x_rows = w.reverse ? Rows<F>{grad_x_steps.get(), I} : c.grad_x;
     // grad_x all at once after the chain, or a chunk at a time for the layer below.
     const int64_t chunk = w.grad_output_ready || w.grad_x_done ? chunk_steps(B) : max64(T, 1);
-    const int64_t b_size = max64(pack_b_size<Plain<F>>(H, I),
-                                 max64(pack_b_size<Plain<F>>(TB, I), pack_b_size<Plain<F>>(TB, H)));
-    Scratch<F> per_thread(plan.team * b_size);
+    const int64_t b_size = max64(pack_b_size<P>(H, I), max64(pack_b_size<P>(TB, I), pack_b_size<P>(TB, H)));
+    Scratch<S> per_thread(plan.team * b_size);
     Status status = Status::finished;  // written by thread 0
 
     in_parallel(plan.team, [&](const int tid, const int nt, Barrier& barrier) {
-        F* pack_b_buf = per_thread.get() + tid * b_size;
+        S* pack_b_buf = per_thread.get() + tid * b_size;
         const Share<F> share(plan, H, tid, nt);
         const Columns<F>& mine = share.mine, &steps = share.steps;
         const int step_threads = share.step_threads;
         alignas(64) F tile[MR * NR], dy[NR];
+        const int64_t lda = grad_a_operand.ld;
         const auto time = [&](int64_t s, int64_t b) { return step_time(w.reverse, c.lengths, T, s, b); };
         // grad_x rows of steps [s0, s1) <- grad_a·weight_ih, on columns `cols` of I
         const auto grad_x_product = [&](int64_t s0, int64_t s1, const Columns<F>& cols) {
-            gemm<Plain<F>>((s1 - s0) * B, cols.begin, cols.end, H, View<F>{grad_a.get() + s0 * B * ld, ld, 1},
-                           View<F>{c.weight_ih, I, 1}, nullptr, grad_x_rows.row(s0 * B), grad_x_rows.stride,
-                           pack_b_buf);
+            gemm<P>((s1 - s0) * B, cols.begin, cols.end, H, View<S>{grad_a_operand.rows + s0 * B * lda, lda, 1},
+                    View<F>{c.weight_ih, I, 1}, nullptr, grad_x_rows.row(s0 * B), grad_x_rows.stride, pack_b_buf);
         };
 
-        Plain<F>::pack(H, steps.end - steps.begin, View<F>{c.weight_hh + steps.begin, H, 1},
-                       packed_whh.get() + steps.begin / NR * Plain<F>::panel_size(H));
+        P::pack(H, steps.end - steps.begin, View<F>{c.weight_hh + steps.begin, H, 1},
+                packed_whh.get() + steps.begin / NR * P::panel_size(H));
         for (int64_t s = 0; s < T; ++s)
             for (int64_t b = 0; b < B; ++b) {
                 const F* h = s == 0 ? c.h0.row(b) : c.output.row(time(s - 1, b) * B + b);
@@ -350,14 +402,14 @@ Status backward_pass(const Backward<F>& c, const LayerBackward<F>& w = {}) {
                 }
                 if (step_threads == 1 && Barrier::stop_requested(stop)) break;
                 const bool has_next = s + 1 <= T - 1;
-                const F* da_next = grad_a.get() + (s + 1) * B * ld;  // read only if has_next
+                const S* da_next = grad_a_operand.rows + (s + 1) * B * lda;  // read only if has_next
                 for (int64_t j = steps.begin; j < steps.end; j += NR) {
                     const int64_t cols = min64(NR, H - j);
-                    const F* panel = packed_whh.get() + j / NR * Plain<F>::panel_size(H);
+                    const S* panel = packed_whh.get() + j / NR * P::panel_size(H);
                     for (int64_t b0 = 0; b0 < B; b0 += MR) {
                         const int rows = int(min64(MR, B - b0));
                         if (has_next)
-                            micro_kernel_rows<Plain<F>, true>(rows, H, da_next + b0 * ld, ld, panel, tile);
+                            micro_kernel_rows<P, true>(rows, H, da_next + b0 * lda, lda, panel, tile);
                         else
                             for (int i = 0; i < MR * NR; ++i) tile[i] = F(0);
                         for (int r = 0; r < rows; ++r) {
@@ -373,6 +425,7 @@ Status backward_pass(const Backward<F>& c, const LayerBackward<F>& w = {}) {
                             F* da = grad_a.get() + (s * B + b) * ld + j;
                             if (!valid(c.lengths, s, b)) {
                                 for (int64_t k = 0; k < cols; ++k) da[k] = F(0);
+                                grad_a_operand.update(s * B + b, j, da, cols);
                                 continue;
                             }
                             const int64_t row = time(s, b) * B + b;
@@ -390,6 +443,7 @@ Status backward_pass(const Backward<F>& c, const LayerBackward<F>& w = {}) {
                             }
                             for (int64_t k = 0; k < cols; ++k)
                                 da[k] = (g[k] + (last ? g_end[k] : F(0)) + go[k]) * Act::derivative(h[k]);
+                            grad_a_operand.update(s * B + b, j, da, cols);
                         }
                     }
                 }
@@ -420,10 +474,11 @@ Status backward_pass(const Backward<F>& c, const LayerBackward<F>& w = {}) {
                     F* to = c.grad_x.row(time(s, b) * B + b);
                     for (int64_t i = mine_i.begin; i < mine_i.end; ++i) to[i] = from[i];
                 }
-        gemm<Plain<F>>(H, mine_i.begin, mine_i.end, TB, View<F>{grad_a.get(), 1, ld}, View<F>{x_rows, I, 1},
-                       nullptr, c.grad_weight_ih, I, pack_b_buf);
-        gemm<Plain<F>>(H, mine.begin, mine.end, TB, View<F>{grad_a.get(), 1, ld}, View<F>{h_prev.get(), H, 1},
-                       nullptr, c.grad_weight_hh, H, pack_b_buf);
+        const S* da_rows = grad_a_operand.rows;
+        gemm<P>(H, mine_i.begin, mine_i.end, TB, View<S>{da_rows, 1, lda}, View<F>{x_rows, I, 1},
+                nullptr, c.grad_weight_ih, I, pack_b_buf);
+        gemm<P>(H, mine.begin, mine.end, TB, View<S>{da_rows, 1, lda}, View<F>{h_prev.get(), H, 1},
+                nullptr, c.grad_weight_hh, H, pack_b_buf);
         for (int64_t j = mine.begin; j < mine.end; ++j) c.grad_bias[j] = F(0);
         for (int64_t r = 0; r < TB; ++r)
             for (int64_t j = mine.begin; j < mine.end; ++j) c.grad_bias[j] += grad_a.get()[r * ld + j];
@@ -457,7 +512,7 @@ inline int unit_thread(int64_t u, int64_t L, int64_t D, int nt, bool top_down) {
     return int((D == 2 ? d : (top_down ? L - 1 - l : l)) % nt);
 }
 
-template <typename F, typename Act>
+template <typename F, typename Act, typename P>
 Status stack_forward_pass(const StackForward<F>& s) {
     const int64_t L = s.L, D = s.D, T = s.T, B = s.B, I = s.I, H = s.H, DH = D * H, TB = T * B;
     const StackPlan plan = plan_stack(s.options.max_threads, L, D, T, B, I, H);
@@ -485,7 +540,7 @@ Status stack_forward_pass(const StackForward<F>& s) {
             } else if (l > 0) {  // a reverse step needs the layer below's every step
                 for (int64_t below_d = 0; below_d < D; ++below_d) done[size_t((l - 1) * D + below_d)].wait_for(T, s.options.stop);
             }
-            if (forward_pass<F, Act>(call, wiring) == Status::stopped || Barrier::stop_requested(s.options.stop))
+            if (forward_pass<F, Act, P>(call, wiring) == Status::stopped || Barrier::stop_requested(s.options.stop))
                 stopped = true;
             done[size_t(u)].publish(T);
         }
@@ -493,7 +548,7 @@ Status stack_forward_pass(const StackForward<F>& s) {
     return stopped ? Status::stopped : Status::finished;
 }
 
-template <typename F, typename Act>
+template <typename F, typename Act, typename P>
 Status stack_backward_pass(const StackBackward<F>& s) {
     const int64_t L = s.L, D = s.D, T = s.T, B = s.B, I = s.I, H = s.H, DH = D * H, TB = T * B;
     const StackPlan plan = plan_stack(s.options.max_threads, L, D, T, B, I, H);
@@ -532,7 +587,7 @@ Status stack_backward_pass(const StackBackward<F>& s) {
                 wiring.grad_output_2 = {grad_input(l + 1, 1) + d * H, DH};
                 for (int64_t above_d = 0; above_d < D; ++above_d) grad_done[size_t((l + 1) * D + above_d)].wait_for(T, s.options.stop);
             }
-            if (backward_pass<F, Act>(call, wiring) == Status::stopped || Barrier::stop_requested(s.options.stop))
+            if (backward_pass<F, Act, P>(call, wiring) == Status::stopped || Barrier::stop_requested(s.options.stop))
                 stopped = true;
             grad_done[size_t(unit)].publish(T);
         }
@@ -547,25 +602,27 @@ Status stack_backward_pass(const StackBackward<F>& s) {
 
 }  // namespace
 
-template <typename F>
-Status forward(const Forward<F>& call) {
-    return with_activation(call.options.activation, [&](auto act) { return forward_pass<F, decltype(act)>(call); });
+// run(Plain<F>{}) or, for precision bf16 (float only: the bindings refuse float64), run(Bf16{}).
+template <typename F, typename Run>
+inline Status with_products(Precision precision, const Run& run) {
+    if constexpr (std::is_same_v<F, float>)
+        if (precision == Precision::bf16) return run(Bf16{});
+    return run(Plain<F>{});
 }
 
-template <typename F>
-Status backward(const Backward<F>& call) {
-    return with_activation(call.options.activation, [&](auto act) { return backward_pass<F, decltype(act)>(call); });
-}
-
-template <typename F>
-Status stack_forward(const StackForward<F>& call) {
-    return with_activation(call.options.activation, [&](auto act) { return stack_forward_pass<F, decltype(act)>(call); });
-}
-
-template <typename F>
-Status stack_backward(const StackBackward<F>& call) {
-    return with_activation(call.options.activation, [&](auto act) { return stack_backward_pass<F, decltype(act)>(call); });
-}
+// pass<Act, P>(call) for the call's activation and precision, chosen once per call.
+#define PYRNN_ENTRY_POINT(Call, name, pass)                                                              \
+    template <typename F>                                                                                \
+    Status name(const Call<F>& call) {                                                                   \
+        return with_activation(call.options.activation, [&](auto act) {                                  \
+            return with_products<F>(call.options.precision,                                              \
+                                    [&](auto p) { return pass<F, decltype(act), decltype(p)>(call); });  \
+        });                                                                                              \
+    }
+PYRNN_ENTRY_POINT(Forward, forward, forward_pass)
+PYRNN_ENTRY_POINT(Backward, backward, backward_pass)
+PYRNN_ENTRY_POINT(StackForward, stack_forward, stack_forward_pass)
+PYRNN_ENTRY_POINT(StackBackward, stack_backward, stack_backward_pass)
 
 #define PYRNN_INSTANTIATE(F)                                     \
     template Status forward(const Forward<F>&);                  \

@@ -11,7 +11,7 @@ import pytest
 
 import pyrnn
 from pyrnn import reference
-from pyrnn.testing import accumulated_terms, relative_error, tolerance
+from pyrnn.testing import BF16_AGREEMENT, accumulated_terms, bf16_accuracy, relative_error, tolerance
 
 _cpp = pytest.importorskip("pyrnn._cpp", reason=str(pyrnn.unavailable_backends().get("cpp")))
 
@@ -33,7 +33,7 @@ def make_stack(L, D, T, B, I, H, dtype=np.float64, seed=0, lengths=None, masks=F
         h0=(0.5 * rng.standard_normal((L * D, B, H))).astype(dtype),
         lengths=None if lengths is None else np.asarray(lengths, np.int64),
         dropout_masks=((rng.random((L - 1, T, B, D * H)) > 0.3) / 0.7).astype(dtype) if masks else None,
-        bidirectional=D == 2, nonlinearity="tanh",
+        bidirectional=D == 2, nonlinearity="tanh", precision="fp32",
         grad_output=rng.standard_normal((T, B, D * H)).astype(dtype),
         grad_h_n=rng.standard_normal((L * D, B, H)).astype(dtype))
     return p
@@ -43,10 +43,11 @@ def run(module, p, layer_outputs=None):
     """{name: result} of a backend's stack forward and backward (fed `layer_outputs`, else its own);
     the gradients of unit u's weights as grad_weight_ih[u], grad_weight_hh[u], grad_bias[u]."""
     outputs, h_n = module.stack_forward(p["x"], p["layers"], p["h0"], p["lengths"], p["dropout_masks"],
-                                        p["bidirectional"], p["nonlinearity"])
+                                        p["bidirectional"], p["nonlinearity"], p["precision"])
     grad_x, grad_h0, grads = module.stack_backward(
         p["grad_output"], p["x"], p["layers"], outputs if layer_outputs is None else layer_outputs,
-        p["h0"], p["grad_h_n"], p["lengths"], p["dropout_masks"], p["bidirectional"], p["nonlinearity"])
+        p["h0"], p["grad_h_n"], p["lengths"], p["dropout_masks"], p["bidirectional"], p["nonlinearity"],
+        p["precision"])
     results = dict(zip(STACK_RESULT_NAMES, (outputs, h_n, grad_x, grad_h0)))
     for u, unit in enumerate(grads):
         for name, g in zip(("weight_ih", "weight_hh", "bias"), unit):
@@ -121,6 +122,26 @@ def test_relu_stack_matches_the_reference_composition(stack):
 def test_float32_stack_matches_the_reference_composition(D):
     assert_close_to_reference(make_stack(3, D, 30, 16, 24, 80, np.float32, lengths=[30, 0, 29] + [15] * 13,
                                          masks=True))
+
+
+@pytest.mark.parametrize("D", [1, 2])
+def test_bf16_stack_agrees_with_the_bf16_reference_and_float64(D, threads):
+    """precision bf16 reaches every layer. Layer 0 reads the same x in both, so its outputs agree
+    with the bf16 reference composition within BF16_AGREEMENT (test_bf16.py: one layer); above it,
+    each backend's own rounding of the layer below's output differs by a bf16 ulp here and there,
+    so the whole stack is held to bf16's accuracy against float64 instead (pyrnn.testing)."""
+    p = make_stack(3, D, 30, 16, 24, 80, np.float32, lengths=[30, 0, 29] + [15] * 13, masks=True)
+    p["precision"] = "bf16"
+    threads(2)
+    got = run(_cpp, p)
+    layer_0 = run(reference, p)["layer_outputs"][0]
+    assert relative_error(got["layer_outputs"][0], layer_0) <= BF16_AGREEMENT
+    exact = run(reference, dict(as64(p), precision="fp32"))
+    for name, e in exact.items():
+        error, bound = bf16_accuracy("output" if name in ("layer_outputs", "h_n") else name, got[name], e)
+        assert got[name].dtype == np.float32 and error <= bound, f"{name}: {error:.2e} > {bound:.1e}"
+    fp32 = run(_cpp, dict(p, precision="fp32"))
+    assert relative_error(got["layer_outputs"][0], fp32["layer_outputs"][0]) > 10 * BF16_AGREEMENT
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -203,6 +224,8 @@ def bad_stack(change):
     (lambda p: p.update(dropout_masks=np.ones((1, 3, 2, 10), np.float32)), TypeError, "dropout_masks must be"),
     (lambda p: p.update(bidirectional=1), TypeError, "bidirectional must be True or False"),
     (lambda p: p.update(nonlinearity="gelu"), ValueError, "nonlinearity must be 'tanh' or 'relu', got 'gelu'"),
+    (lambda p: p.update(precision="fp16"), ValueError, "precision must be 'fp32' or 'bf16', got 'fp16'"),
+    (lambda p: p.update(precision="bf16"), TypeError, "precision='bf16' needs float32 arrays"),
     (lambda p: p.update(lengths=np.array([4, 0])), ValueError, r"lengths\[0\] = 4 is outside \[0, T=3\]"),
     (lambda p: p.update(x=p["x"][0]), ValueError, "x must be 3-D"),
 ])
@@ -210,7 +233,7 @@ def test_malformed_stacks_raise_naming_the_argument(change, error, message):
     p = bad_stack(change)
     with pytest.raises(error, match=message):
         _cpp.stack_forward(p["x"], p["layers"], p["h0"], p["lengths"], p["dropout_masks"], p["bidirectional"],
-                           p["nonlinearity"])
+                           p["nonlinearity"], p["precision"])
 
 
 @pytest.mark.parametrize("position, name", [(0, "grad_output"), (3, "layer_outputs"), (5, "grad_h_n")])
