@@ -122,82 +122,82 @@ def _arrays(x, weights, h0, lengths, dropout_masks, num_layers, bidirectional):
     return x.numpy(force=True), layers, _array(h0), _array(lengths), _array(dropout_masks)
 
 
+def _tensor(array):
+    """A tensor over the kernel's array (C-contiguous, as the operators' fake kernels promise)."""
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
 def _grad_weights(layer_grads, has_bias):
     """Gradients in nn.RNN's flat order: one for both biases, as two arrays (a tensor may be
     accumulated into in place, and an operator's outputs may not alias)."""
     flat = []
     for grad_weight_ih, grad_weight_hh, grad_bias in layer_grads:
         flat += [grad_weight_ih, grad_weight_hh] + ([grad_bias, grad_bias.copy()] if has_bias else [])
-    return [torch.from_numpy(g) for g in flat]
-
-
-def _forward(x, weights, h0, lengths, dropout_masks, num_layers, bidirectional, nonlinearity):
-    """-> (layer_outputs, h_n) as tensors, from tensors."""
-    x, layers, h0, lengths, dropout_masks = _arrays(x, weights, h0, lengths, dropout_masks,
-                                                    num_layers, bidirectional)
-    layer_outputs, h_n = _stack_forward(x, layers, h0, lengths, dropout_masks, bidirectional,
-                                        nonlinearity)
-    return torch.from_numpy(layer_outputs), torch.from_numpy(h_n)
-
-
-def _backward(grad_output, grad_h_n, x, weights, layer_outputs, h0, lengths, dropout_masks,
-              num_layers, bidirectional, nonlinearity):
-    """-> (grad_x, grad_h0, [gradient of each weight, nn.RNN's flat order]) as tensors, from tensors."""
-    x, layers, h0, lengths, dropout_masks = _arrays(x, weights, h0, lengths, dropout_masks,
-                                                    num_layers, bidirectional)
-    grad_x, grad_h0, layer_grads = _stack_backward(
-        grad_output.numpy(force=True), x, layers, layer_outputs.numpy(force=True), h0,
-        grad_h_n.numpy(force=True), lengths, dropout_masks, bidirectional, nonlinearity)
-    return (torch.from_numpy(grad_x), torch.from_numpy(grad_h0),
-            _grad_weights(layer_grads, len(weights) == 4 * len(layers)))
+    return [_tensor(g) for g in flat]
 
 
 # ---------------------------------------------------------------------------------------------
-# The operators: what torch.compile and torch.export see.
+# The operators: what torch.compile and torch.export see. The forward returns the last layer's
+# output, h_n and the lower layers' outputs (which backward needs; not differentiable), as
+# disjoint parts of the kernel's one (L, T, B, D·H) array.
 
 
 @torch.library.custom_op("pyrnn::rnn_forward", mutates_args=(), device_types="cpu")
 def rnn_forward(x: torch.Tensor, weights: list[torch.Tensor], h0: torch.Tensor | None,
                 lengths: torch.Tensor | None, dropout_masks: torch.Tensor | None, num_layers: int,
-                bidirectional: bool, nonlinearity: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The whole stack forward -> (layer_outputs (L, T, B, D·H), h_n (L·D, B, H))."""
-    return _forward(x, weights, h0, lengths, dropout_masks, num_layers, bidirectional, nonlinearity)
+                bidirectional: bool, nonlinearity: str
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The whole stack forward -> (output (T, B, D·H), h_n (L·D, B, H),
+    lower_outputs (L - 1, T, B, D·H))."""
+    arrays = _arrays(x, weights, h0, lengths, dropout_masks, num_layers, bidirectional)
+    layer_outputs, h_n = _stack_forward(*arrays, bidirectional, nonlinearity)
+    return _tensor(layer_outputs[-1]), _tensor(h_n), _tensor(layer_outputs[:-1])
 
 
 @rnn_forward.register_fake
 def _(x, weights, h0, lengths, dropout_masks, num_layers, bidirectional, nonlinearity):
     T, B, _ = x.shape
     H, D = weights[1].shape[0], 2 if bidirectional else 1
-    return x.new_empty((num_layers, T, B, D * H)), x.new_empty((num_layers * D, B, H))
+    return (x.new_empty((T, B, D * H)), x.new_empty((num_layers * D, B, H)),
+            x.new_empty((num_layers - 1, T, B, D * H)))
 
 
 @torch.library.custom_op("pyrnn::rnn_backward", mutates_args=(), device_types="cpu")
 def rnn_backward(grad_output: torch.Tensor, grad_h_n: torch.Tensor, x: torch.Tensor,
-                 weights: list[torch.Tensor], layer_outputs: torch.Tensor, h0: torch.Tensor | None,
-                 lengths: torch.Tensor | None, dropout_masks: torch.Tensor | None, num_layers: int,
-                 bidirectional: bool, nonlinearity: str
-                 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """BPTT through the stack -> (grad_x, grad_h0, [gradient of each weight])."""
-    return _backward(grad_output, grad_h_n, x, weights, layer_outputs, h0, lengths, dropout_masks,
-                     num_layers, bidirectional, nonlinearity)
+                 weights: list[torch.Tensor], output: torch.Tensor, lower_outputs: torch.Tensor,
+                 h0: torch.Tensor | None, lengths: torch.Tensor | None,
+                 dropout_masks: torch.Tensor | None, num_layers: int, bidirectional: bool,
+                 nonlinearity: str) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """BPTT through the stack -> (grad_x, grad_h0, [gradient of each weight, nn.RNN's order])."""
+    x, layers, h0, lengths, dropout_masks = _arrays(x, weights, h0, lengths, dropout_masks,
+                                                    num_layers, bidirectional)
+    output = output.numpy()[None]
+    # The layers' outputs in one array again: a copy when there are layers below the last one.
+    layer_outputs = output if num_layers == 1 else np.concatenate((lower_outputs.numpy(), output))
+    grad_x, grad_h0, layer_grads = _stack_backward(
+        grad_output.numpy(), x, layers, layer_outputs, h0, grad_h_n.numpy(), lengths,
+        dropout_masks, bidirectional, nonlinearity)
+    return (_tensor(grad_x), _tensor(grad_h0),
+            _grad_weights(layer_grads, len(weights) == 4 * len(layers)))
 
 
 @rnn_backward.register_fake
-def _(grad_output, grad_h_n, x, weights, layer_outputs, h0, lengths, dropout_masks, num_layers,
-      bidirectional, nonlinearity):
-    return torch.empty_like(x), torch.empty_like(grad_h_n), [torch.empty_like(w) for w in weights]
+def _(grad_output, grad_h_n, x, weights, output, lower_outputs, h0, lengths, dropout_masks,
+      num_layers, bidirectional, nonlinearity):
+    return x.new_empty(x.shape), x.new_empty(grad_h_n.shape), [w.new_empty(w.shape) for w in weights]
 
 
 def _setup_context(ctx, inputs, output):
     x, weights, h0, lengths, dropout_masks, num_layers, bidirectional, nonlinearity = inputs
-    ctx.save_for_backward(x, h0, lengths, dropout_masks, output[0], *weights)
+    ctx.mark_non_differentiable(output[2])
+    ctx.save_for_backward(x, h0, lengths, dropout_masks, output[0], output[2], *weights)
     ctx.options = (num_layers, bidirectional, nonlinearity)
 
 
-def _operator_backward(ctx, grad_layer_outputs, grad_h_n):
-    x, h0, lengths, dropout_masks, layer_outputs, *weights = ctx.saved_tensors
+def _operator_backward(ctx, grad_output, grad_h_n, _):
+    x, h0, lengths, dropout_masks, output, lower_outputs, *weights = ctx.saved_tensors
     grad_x, grad_h0, grad_weights = rnn_backward(
-        grad_layer_outputs[-1].contiguous(), grad_h_n.contiguous(), x, weights, layer_outputs, h0,
+        grad_output.contiguous(), grad_h_n.contiguous(), x, weights, output, lower_outputs, h0,
         lengths, dropout_masks, *ctx.options)
     return grad_x, grad_weights, (None if h0 is None else grad_h0), None, None, None, None, None
 
@@ -210,8 +210,8 @@ rnn_forward.register_autograd(_operator_backward, setup_context=_setup_context)
 
 
 class _Stack(torch.autograd.Function):
-    """The eager route: _stack_forward and _stack_backward on NumPy views made once, in forward.
-    The tensors are saved too, so that torch's check for in-place changes before backward holds."""
+    """_stack_forward and _stack_backward on NumPy views made once, in forward. The tensors are
+    saved too, so that torch's check for in-place changes before backward holds."""
 
     @staticmethod
     def forward(ctx, x, h0, lengths, dropout_masks, options, *weights):
@@ -220,33 +220,30 @@ class _Stack(torch.autograd.Function):
         layer_outputs, h_n = _stack_forward(*arrays, bidirectional, nonlinearity)
         ctx.save_for_backward(x, h0, lengths, dropout_masks, *weights)
         ctx.arrays, ctx.layer_outputs, ctx.options = arrays, layer_outputs, options
-        return torch.from_numpy(layer_outputs), torch.from_numpy(h_n)
+        return torch.from_numpy(layer_outputs[-1]), torch.from_numpy(h_n)
 
     @staticmethod
-    def backward(ctx, grad_layer_outputs, grad_h_n):
+    def backward(ctx, grad_output, grad_h_n):
         if torch.is_grad_enabled():  # create_graph=True: the gradient must itself be differentiable
-            return _differentiable_backward(ctx, grad_layer_outputs, grad_h_n)
+            return _differentiable_backward(ctx, grad_output, grad_h_n)
         x, h0, *_ = ctx.saved_tensors  # (checks that nothing saved was changed in place)
         x_array, layers, h0_array, lengths, dropout_masks = ctx.arrays
         _, bidirectional, nonlinearity = ctx.options
         grad_x, grad_h0, layer_grads = _stack_backward(
-            grad_layer_outputs.numpy()[-1], x_array, layers, ctx.layer_outputs, h0_array,
-            grad_h_n.numpy(), lengths, dropout_masks, bidirectional, nonlinearity)
-        has_bias = layers[0][2] is not None
+            grad_output.numpy(), x_array, layers, ctx.layer_outputs, h0_array, grad_h_n.numpy(),
+            lengths, dropout_masks, bidirectional, nonlinearity)
         return (torch.from_numpy(grad_x), None if h0 is None else torch.from_numpy(grad_h0), None,
-                None, None, *_grad_weights(layer_grads, has_bias))
+                None, None, *_grad_weights(layer_grads, layers[0][2] is not None))
 
 
-def _differentiable_backward(ctx, grad_layer_outputs, grad_h_n):
+def _differentiable_backward(ctx, grad_output, grad_h_n):
     """The backward as torch operations (for double backward): the stack recomputed by torch's own
     kernels from the saved inputs, and differentiated with create_graph=True."""
     x, h0, lengths, dropout_masks, *weights = ctx.saved_tensors
-    num_layers, bidirectional, nonlinearity = ctx.options
     wrt = [(i, t) for i, t in enumerate([x, h0, *weights]) if t is not None and t.requires_grad]
-    layer_outputs, h_n = _torch_stack(x, weights, h0, lengths, dropout_masks, num_layers,
-                                      bidirectional, nonlinearity)
-    grads = torch.autograd.grad((layer_outputs, h_n), [t for _, t in wrt],
-                                (grad_layer_outputs, grad_h_n), create_graph=True, allow_unused=True)
+    output, h_n = _torch_stack(x, weights, h0, lengths, dropout_masks, *ctx.options)
+    grads = torch.autograd.grad((output, h_n), [t for _, t in wrt], (grad_output, grad_h_n),
+                                create_graph=True, allow_unused=True)
     result = [None] * (2 + len(weights))
     for (i, _), grad in zip(wrt, grads):
         result[i] = grad
@@ -254,43 +251,39 @@ def _differentiable_backward(ctx, grad_layer_outputs, grad_h_n):
 
 
 def _torch_stack(x, weights, h0, lengths, dropout_masks, num_layers, bidirectional, nonlinearity):
-    """(layer_outputs, h_n) of the stack by torch's own RNN kernel, one layer at a time (so that
-    the given dropout masks apply between layers), packed where rows have lengths."""
+    """(output, h_n) of the stack by torch's own RNN kernel, one layer at a time (so that the
+    given dropout masks apply between layers), packed where rows have lengths."""
     run = torch._VF.rnn_tanh if nonlinearity == "tanh" else torch._VF.rnn_relu
     D = 2 if bidirectional else 1
     per = len(weights) // (num_layers * D)
     T, B, _ = x.shape
-    H = weights[1].shape[0]
     if h0 is None:
-        h0 = x.new_zeros((num_layers * D, B, H))
-    outputs, states = [], []
-    layer_input = x
+        h0 = x.new_zeros((num_layers * D, B, weights[1].shape[0]))
+    output, states = x, []
     for layer in range(num_layers):
-        if layer > 0:
-            layer_input = outputs[-1] if dropout_masks is None else outputs[-1] * dropout_masks[layer - 1]
+        if layer > 0 and dropout_masks is not None:
+            output = output * dropout_masks[layer - 1]
         params = weights[layer * D * per:(layer + 1) * D * per]
         hx = h0[layer * D:(layer + 1) * D]
         if lengths is None:
-            output, h_n = run(layer_input, hx, params, per == 4, 1, 0.0, False, bidirectional, False)
+            output, h_n = run(output, hx, params, per == 4, 1, 0.0, False, bidirectional, False)
         else:
-            packed = pack_padded_sequence(layer_input, lengths, enforce_sorted=False)
-            hx = hx.index_select(1, packed.sorted_indices)
-            data, h_n = run(packed.data, packed.batch_sizes, hx, params, per == 4, 1, 0.0, False,
-                            bidirectional)
-            output, _ = pad_packed_sequence(PackedSequence(data, packed.batch_sizes, packed.sorted_indices,
-                                                           packed.unsorted_indices), total_length=T)
+            packed = pack_padded_sequence(output, lengths, enforce_sorted=False)
+            data, h_n = run(packed.data, packed.batch_sizes, hx.index_select(1, packed.sorted_indices),
+                            params, per == 4, 1, 0.0, False, bidirectional)
+            output, _ = pad_packed_sequence(packed._replace(data=data), total_length=T)
             h_n = h_n.index_select(1, packed.unsorted_indices)
-        outputs.append(output)
         states.append(h_n)
-    return torch.stack(outputs), torch.cat(states)
+    return output, torch.cat(states)
 
 
 def _run_stack(x, weights, h0, lengths, dropout_masks, num_layers, bidirectional, nonlinearity):
-    """(layer_outputs, h_n) on the kernel: through the operator when compiling or exporting, else
+    """(output, h_n) on the kernel: through the operator when compiling or exporting, else
     through the autograd.Function (same functions, less overhead)."""
     if torch.compiler.is_compiling():
-        return rnn_forward(x, list(weights), h0, lengths, dropout_masks, num_layers, bidirectional,
-                           nonlinearity)
+        output, h_n, _ = rnn_forward(x, list(weights), h0, lengths, dropout_masks, num_layers,
+                                     bidirectional, nonlinearity)
+        return output, h_n
     return _Stack.apply(x, h0, lengths, dropout_masks, (num_layers, bidirectional, nonlinearity),
                         *weights)
 
@@ -395,11 +388,8 @@ class RNN(torch.nn.RNNBase):
                 dropout_masks.bernoulli_(keep).div_(keep)
             else:
                 dropout_masks.zero_()
-        layer_outputs, h_n = _run_stack(x, weights, hx, lengths, dropout_masks,
-                                        self.num_layers, self.bidirectional, self.nonlinearity)
-        # The last layer's output: a view whose gradient is a view too when there is one layer.
-        output = layer_outputs.squeeze(0) if self.num_layers == 1 else layer_outputs[-1]
-        return output, h_n
+        return _run_stack(x, weights, hx, lengths, dropout_masks, self.num_layers,
+                          self.bidirectional, self.nonlinearity)
 
 
 class RNNCell(torch.nn.RNNCell):
@@ -415,8 +405,8 @@ class RNNCell(torch.nn.RNNCell):
         batched = input.dim() == 2
         x = input[None] if batched else input[None, None]
         h0 = None if hx is None else (hx[None] if batched else hx[None, None])
-        layer_outputs, _ = _run_stack(x, weights, h0, None, None, 1, False, self.nonlinearity)
-        return layer_outputs.view(input.shape[:-1] + (self.hidden_size,))
+        output, _ = _run_stack(x, weights, h0, None, None, 1, False, self.nonlinearity)
+        return output.view(input.shape[:-1] + (self.hidden_size,))
 
     def _shapes_fit(self, input, hx):
         """Whether input and hx are shaped as nn.RNNCell accepts; if not, torch raises its error."""
