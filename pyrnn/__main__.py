@@ -4,7 +4,7 @@ import sys
 
 import numpy as np
 
-from . import _backends
+from . import __version__, _backends
 from .gradcheck import GradcheckError, gradcheck
 
 
@@ -71,6 +71,7 @@ def _add_bench_parser(commands):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="pyrnn", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"pyrnn {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("backends", help="list the backends and why any is unavailable"
                         ).set_defaults(run=_backends_command)

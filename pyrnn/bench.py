@@ -12,9 +12,13 @@ What it measures and how (design.md §4):
 - Contestants are timed interleaved, A B C A B C ..., so that drift on a busy machine hits
   all alike. A sample is the mean of enough back-to-back calls to last ~10 ms; a figure is the
   median of the samples.
-- The GEMM peak (a large NumPy matmul in the dtype benchmarked) is timed as one more contestant
-  in every round, and the peak at a thread count is its best sample: what this machine's BLAS
-  reached in this run. GFLOP/s is read as a fraction of it.
+- The CPU's arithmetic limit (the native module's peak loop: independent FMAs, or vdpbf16ps for
+  bf16, on the kernel's threads) is timed as one more contestant in every round, and the limit at
+  a thread count is its best sample; GFLOP/s is read as a fraction of the limit of the precision
+  in use (float64: half the float32 FMA rate, the same instructions on half the lanes). NumPy's
+  GEMM is timed the same way as a peer, not as the limit: in this environment OpenBLAS may run
+  its AVX2 kernels on an AVX-512 CPU ($OPENBLAS_CORETYPE). Without the native module there is no
+  limit and %peak is not shown.
 - Thread counts bound every pool: pyrnn.set_num_threads (native kernel, numba, NumPy's BLAS),
   torch.set_num_threads and every OpenMP runtime; what each pool then reports is recorded.
 
@@ -27,14 +31,16 @@ import os
 import platform
 import statistics
 import sys
+import textwrap
 import time
 from collections import namedtuple
 
 import numpy as np
+from tqdm import tqdm
 
 import pyrnn
 
-from . import reference, testing
+from . import _backends, reference, testing
 
 Shape = namedtuple("Shape", ["T", "B", "I", "H"])
 
@@ -59,9 +65,12 @@ SAMPLE_SECONDS = 0.01  # a sample repeats a call until it lasts about this long
 # parked threads (in a training loop they would still be running from the previous call).
 SETTLE_SECONDS = 0.15
 MAX_ROUNDS = 1000  # a cap on samples per contestant however large the time budget
-PEAK_N = 1024  # the GEMM peak is an n×n×n matmul: large enough for OpenBLAS to reach its peak
+PEAK_N = 1024  # the GEMM peer is an n×n×n matmul: large enough for OpenBLAS to reach its peak
 PEAK_FLOP = 2 * PEAK_N**3
-PEAK = "gemm peak"  # its name among the timed calls
+GEMM = "numpy gemm"  # the GEMM peer's name among the timed calls
+LIMIT = "cpu limit {}"  # the CPU's limit of a precision, among the timed calls
+LIMIT_ITERATIONS = 100_000  # of the peak loop per call: ~0.1-1 ms
+TITLE_POINTS = 12  # the plot's title font size
 
 
 def flops(shape, mode):
@@ -254,41 +263,37 @@ def time_calls(call, number):
 
 def gemm_call(dtype, n=PEAK_N):
     """A call doing one n×n×n NumPy matmul in `dtype` (2·n³ FLOP): the machine's BLAS GEMM rate
-    under the current thread limits is the peak GFLOP/s figures are compared with."""
+    under the current thread limits, a peer row beside the CPU's limit."""
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((2, n, n)).astype(dtype)
     out = np.empty((n, n), dtype)
     return lambda: np.matmul(a, b, out=out)
 
 
-class Progress:
-    """A progress bar on stderr; when stderr is not a terminal (a log), one line per new label."""
+def precision_of(dtype):
+    """The precision name of a float dtype's arithmetic: "fp32" or "fp64"."""
+    return "fp64" if np.dtype(dtype) == np.float64 else "fp32"
 
-    def __init__(self, total, stream=sys.stderr):
-        self.total, self.done, self.stream = total, 0, stream
-        self.start = time.perf_counter()
-        self.tty = stream.isatty()
-        self.last_label = None
 
-    def show(self, label, detail=""):
-        elapsed = time.perf_counter() - self.start
-        if self.tty:
-            width = 30
-            filled = int(width * self.done / max(self.total, 1))
-            self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total}"
-                              f" {elapsed:4.0f}s  {label + ' ' + detail:<50.50s}")
-        elif label != self.last_label:
-            self.stream.write(f"[{self.done}/{self.total} {elapsed:.0f}s] {label}\n")
-        self.last_label = label
-        self.stream.flush()
+def limit_calls(precisions, threads):
+    """{timed-call name: (call, FLOP per call, precision)} for the CPU's limit of each precision
+    on `threads` threads: the native module's peak loop ("fp64" runs the fp32 loop and counts half
+    its FLOP: same FMA units, half the lanes). {} without the native module."""
+    native = _native()
+    if native is None:
+        return {}
+    calls = {}
+    for precision in precisions:
+        loop = "fp32" if precision == "fp64" else precision
+        flop = native.peak_loop(loop, threads, LIMIT_ITERATIONS) / (2 if precision == "fp64" else 1)
+        calls[LIMIT.format(precision)] = (lambda loop=loop: native.peak_loop(loop, threads, LIMIT_ITERATIONS),
+                                          flop, precision)
+    return calls
 
-    def step(self):
-        self.done += 1
 
-    def close(self):
-        if self.tty:
-            self.stream.write("\r" + " " * 100 + "\r")
-            self.stream.flush()
+def best_gflops(flop, samples):
+    """GFLOP/s of the fastest sample (s per call) of a call doing `flop`: a limit is a maximum."""
+    return flop / min(samples) / 1e9
 
 
 def busy_wait(seconds):
@@ -310,9 +315,10 @@ def warm_call_seconds(call):
     return seconds
 
 
-def measure_block(calls, repeat, budget, progress, label, settle=0.0):
+def measure_block(calls, repeat, budget, progress, settle=0.0):
     """Time calls[name]() interleaved until every contestant has `repeat` samples, and on while
-    the block has used less than `budget` seconds, pausing `settle` seconds before each sample.
+    the block has used less than `budget` seconds, pausing `settle` seconds before each sample;
+    `progress` (a tqdm bar) shows the rounds.
     -> {name: (samples in s per call, calls per sample)}."""
     number, samples = {}, {}
     for name, call in calls.items():  # a warm-up round (the first call was the gate's), sizing samples
@@ -332,7 +338,8 @@ def measure_block(calls, repeat, budget, progress, label, settle=0.0):
                 call()  # wakes the contestant's own parked threads, as a loop's earlier calls would
             samples[name].append(time_calls(call, number[name]))
         rounds += 1
-        progress.show(label, f"round {rounds}")
+        progress.set_postfix_str(f"round {rounds}", refresh=False)
+        progress.update(0)  # redraws at most every mininterval
     return {name: (samples[name], number[name]) for name in calls}
 
 
@@ -365,49 +372,67 @@ def run(shapes, threads, modes, names, dtype, repeat, budget, stream=sys.stderr)
                            "backends": list(names), "repeat": repeat, "budget_s": budget,
                            "sample_s": SAMPLE_SECONDS, "settle_s": SETTLE_SECONDS},
               "shapes": {name: SHAPES[name]._asdict() for name in shapes},
-              "peak": {}, "thread_pools": {}, "results": []}
+              "peak": {}, "gemm": {}, "thread_pools": {}, "results": []}
     gemm = gemm_call(dtype)
-    progress = Progress(len(threads) * len(shapes) * (1 + len(modes)), stream)
+    precisions = [precision_of(dtype)]
+    progress = tqdm(total=len(threads) * len(shapes) * (1 + len(modes)), file=stream, unit="block",
+                    leave=False, dynamic_ncols=True)
     problems, expected = {}, {}
     for n in threads:
         set_threads(n)
         report["thread_pools"][n] = thread_report()
-        gemm_samples = []
+        limits = limit_calls(precisions, n)
+        extra_samples = {name: [] for name in (GEMM, *limits)}
         for shape_name in shapes:
             shape = SHAPES[shape_name]
             if shape_name not in problems:
-                progress.show(f"{shape_name}: float64 reference")
+                progress.set_description_str(f"{shape_name}: float64 reference")
                 problems[shape_name] = make_problem(shape, dtype)
                 expected[shape_name] = reference_results(problems[shape_name])
             problem = problems[shape_name]
             label = f"{shape_name} {n} thread(s)"
             runners, checks = {}, {}
             for name in names:
-                progress.show(f"{label}: checking {name}")
+                progress.set_description_str(f"{label}: checking {name}")
                 runner = make_runner(name, problem)
                 checks[name] = gate(runner, expected[shape_name], problem, modes)
                 if checks[name]["status"] == "ok":
                     runners[name] = runner
-            progress.step()
+            progress.update()
             for mode in modes:
                 calls = {name: getattr(runner, mode) for name, runner in runners.items()}
-                timed = measure_block(dict(calls, **{PEAK: gemm}), repeat, budget, progress,
-                                      f"{label} {mode}", SETTLE_SECONDS if n > 1 else 0.0)
-                gemm_samples += timed.pop(PEAK)[0]
+                calls.update({GEMM: gemm}, **{name: limit[0] for name, limit in limits.items()})
+                progress.set_description_str(f"{label} {mode}")
+                timed = measure_block(calls, repeat, budget, progress, SETTLE_SECONDS if n > 1 else 0.0)
+                for name in extra_samples:
+                    extra_samples[name] += timed.pop(name)[0]
                 for name in names:
                     report["results"].append(result_row(shape_name, shape, mode, n, name, checks[name],
-                                                        timed.get(name)))
-                progress.step()
-        report["peak"][n] = {"gflops": PEAK_FLOP / min(gemm_samples) / 1e9, "samples_s": gemm_samples,
-                             "n": PEAK_N}
+                                                        timed.get(name), precisions[0]))
+                progress.update()
+        report["gemm"][n] = {"gflops": best_gflops(PEAK_FLOP, extra_samples[GEMM]),
+                             "samples_s": extra_samples[GEMM], "n": PEAK_N}
+        report["peak"][n] = {precision: {"gflops": best_gflops(flop, extra_samples[name]),
+                                         "samples_s": extra_samples[name],
+                                         "instruction": _native_peak_instruction(precision)}
+                             for name, (_, flop, precision) in limits.items()}
     progress.close()
     report["machine"]["load_average_end"] = _load_average()
     add_ratios(report["results"], report["peak"])
     return report
 
 
-def result_row(shape_name, shape, mode, threads, name, check, timed):
-    row = {"shape": shape_name, "mode": mode, "threads": threads, "backend": name,
+def _native():
+    """The native module (pyrnn._cpp), or None when it is not built."""
+    return _backends.loaded().get("cpp") if "cpp" in pyrnn.available_backends() else None
+
+
+def _native_peak_instruction(precision):
+    return _native().peak_instruction("fp32" if precision == "fp64" else precision)
+
+
+def result_row(shape_name, shape, mode, threads, name, check, timed, precision):
+    row = {"shape": shape_name, "mode": mode, "threads": threads, "backend": name, "precision": precision,
            "status": check["status"], "first_call_s": check["first_call_s"].get(mode)}
     row.update({key: check[key] for key in ("max_error", "worst", "tolerance", "message") if key in check})
     if timed is not None:
@@ -420,12 +445,13 @@ def result_row(shape_name, shape, mode, threads, name, check, timed):
 
 
 def add_ratios(rows, peak):
-    """fraction_of_peak = GFLOP/s / the GEMM peak at that thread count; speedup_vs_<base> = base's
-    median / this median, within the same shape, mode and threads; speedup_vs_1_thread = the same
-    contestant's median on 1 thread / this median."""
+    """fraction_of_peak = GFLOP/s / the CPU's limit of the row's precision at that thread count
+    (when measured); speedup_vs_<base> = base's median / this median, within the same shape, mode
+    and threads; speedup_vs_1_thread = the same contestant's median on 1 thread / this median."""
     for row in rows:
-        if "median_s" in row:
-            row["fraction_of_peak"] = row["gflops"] / peak[row["threads"]]["gflops"]
+        limit = peak.get(row["threads"], {}).get(row["precision"])
+        if "median_s" in row and limit is not None:
+            row["fraction_of_peak"] = row["gflops"] / limit["gflops"]
     medians = {(r["shape"], r["mode"], r["threads"], r["backend"]): r["median_s"]
                for r in rows if "median_s" in r}
     for row in rows:
@@ -469,6 +495,10 @@ def versions():
     return found
 
 
+def _of_limit(measured, limit):
+    return f" ({100 * measured['gflops'] / limit['gflops']:.0f}% of the limit)" if limit else ""
+
+
 def _speedup(row, base):
     value = row.get(f"speedup_vs_{base}")
     return f"{value:.2f}x" if value is not None else "-"
@@ -486,9 +516,15 @@ def format_report(report):
     load = ("" if m["load_average_start"] is None else
             f", load average {m['load_average_start']:.1f} at start, {m['load_average_end']:.1f} at end")
     lines = [f"machine: {m['cpu']}, {m['cores']} cores, {m['system']}, Python {m['python']}{load}",
-             "versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
-             f"{gemm} peak (NumPy matmul {PEAK_N}^3, {report['dtype']}, best sample of the run): " + ", ".join(
-                 f"{n} thread(s) {p['gflops']:.1f} GFLOP/s" for n, p in report["peak"].items())]
+             "versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items())]
+    for n, limits in report["peak"].items():
+        lines += [f"CPU limit {precision} ({limit['instruction']} loop, best sample), {n} thread(s): "
+                  f"{limit['gflops']:.1f} GFLOP/s" for precision, limit in limits.items()]
+    if not any(report["peak"].values()):
+        lines.append("CPU limit: not measured (needs the native module); %peak not shown")
+    lines.append(f"{gemm} peer (NumPy matmul {PEAK_N}^3, best sample): " + ", ".join(
+        f"{n} thread(s) {g['gflops']:.1f} GFLOP/s" + _of_limit(g, report["peak"][n].get(precision_of(report["dtype"])))
+        for n, g in report["gemm"].items()))
     for n, pools in report["thread_pools"].items():
         over = {pool: count for pool, count in pools["threads"].items() if count > n}
         if over:
@@ -508,16 +544,17 @@ def format_report(report):
                 check = (f"{'ok' if row['status'] == 'ok' else 'WRONG'} {row['max_error']:.1e} "
                          f"{'<=' if row['status'] == 'ok' else '>'} {row['tolerance']:.1e} ({row['worst']})")
             if "median_s" in row:
+                peak = f"{100 * row['fraction_of_peak']:5.1f}%" if "fraction_of_peak" in row else f"{'-':>6s}"
                 timing = (f"{row['median_s'] * 1e3:10.3f} {100 * row['iqr_s'] / row['median_s']:5.0f}% "
-                          f"{row['gflops']:8.2f} {100 * row['fraction_of_peak']:5.1f}% "
+                          f"{row['gflops']:8.2f} {peak} "
                           f"{_speedup(row, PEER):>8s} {_speedup(row, 'numpy'):>8s} {_vs_1_thread(row):>8s}")
             else:
                 timing = f"{'not timed':>10s} {'':6s} {'':8s} {'':6s} {'':8s} {'':8s} {'':8s}"
             lines.append(f"{row['mode']:8s} {row['threads']:3d} {row['backend']:8s} {timing} {first:>11s}  {check}")
     lines += ["", "median ms: median over samples (each the mean of calls lasting ~10 ms), backends "
               "interleaved; ±iqr: interquartile range / median.",
-              f"%peak: GFLOP/s (forward 2·T·B·H·(I+H), train 3x) / the {gemm} peak (timed in every "
-              "round). vs X: X's median / this median (>1: faster than X); vs 1 thr: the same "
+              "%peak: GFLOP/s (forward 2·T·B·H·(I+H), train 3x) / the CPU limit of the row's precision "
+              "(timed in every round). vs X: X's median / this median (>1: faster than X); vs 1 thr: the same "
               "contestant's 1-thread median / this one.",
               "1st call: the first call of that mode in this process (includes JIT compilation), "
               "not in the samples. check: worst relative error against the float64 reference."]
@@ -525,14 +562,17 @@ def format_report(report):
 
 
 def plot(report, path):
+    """Save speedup_figure(report) as a PNG at `path`."""
+    speedup_figure(report).savefig(path, dpi=120)
+
+
+def speedup_figure(report):
     """A bar chart of speed-up over torch (over numpy without torch) per shape: one panel per mode
-    (rows) and thread count (columns), one bar per contestant."""
+    (rows) and thread count (columns), one bar per contestant. -> a matplotlib Figure."""
     try:
-        import matplotlib
+        from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
     except ImportError as error:
         raise SystemExit("--plot needs matplotlib: pip install 'pyrnn[plot]'") from error
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     rows = [r for r in report["results"] if "median_s" in r]
     base = PEER if any(r["backend"] == PEER for r in rows) else "numpy"
@@ -541,8 +581,9 @@ def plot(report, path):
     modes, threads = report["settings"]["modes"], report["settings"]["threads"]
     shapes = list(report["shapes"])
     names = [n for n in report["settings"]["backends"] if n != base]
-    fig, axes = plt.subplots(len(modes), len(threads), figsize=(1 + 1.2 * len(shapes) * len(threads),
-                             3.5 * len(modes)), squeeze=False, sharey=True)
+    width_in = max(6.0, 1 + 1.2 * len(shapes) * len(threads))
+    fig = Figure(figsize=(width_in, 3.5 * len(modes)), layout="constrained")
+    axes = fig.subplots(len(modes), len(threads), squeeze=False, sharey=True)
     width = 0.8 / max(len(names), 1)
     for ax_row, mode in zip(axes, modes):
         for ax, n in zip(ax_row, threads):
@@ -555,10 +596,11 @@ def plot(report, path):
             ax.set_title(f"{mode}, {n} thread(s)")
         ax_row[0].set_ylabel(f"speed-up over {base}")
     axes[0][-1].legend()
-    fig.suptitle(f"pyrnn vs {base} ({report['dtype']}; higher is faster), {report['machine']['cpu']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    # Wrapped to the figure's width (~0.6 em a character): a narrow figure must not clip its title;
+    # constrained layout then makes room for every line.
+    title = f"pyrnn vs {base} ({report['dtype']}; higher is faster), {report['machine']['cpu']}"
+    fig.suptitle(textwrap.fill(title, int(width_in * 72 / (0.6 * TITLE_POINTS))), fontsize=TITLE_POINTS)
+    return fig
 
 
 def main(args):
