@@ -617,6 +617,10 @@ def main(args):
     if args.repeat < 1 or args.budget < 0:
         raise SystemExit(f"--repeat must be at least 1 and --budget not negative, got {args.repeat} "
                          f"and {args.budget}")
+    if args.torch_train:
+        from . import bench_torch  # needs torch
+
+        return bench_torch.main(threads, args)
     report = run(shapes, threads, modes, names, args.dtype, args.repeat, args.budget)
     print(format_report(report))
     if args.json:
