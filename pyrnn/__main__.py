@@ -60,6 +60,10 @@ def _add_bench_parser(commands):
     bench.add_argument("--backends", help="comma-separated contestants (default: every available backend "
                        "and torch)")
     bench.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    bench.add_argument("--layers", type=int, default=1, help="time a stack of this many layers: "
+                       "pyrnn.RNN against torch.nn.RNN(num_layers=...) (default: %(default)s, the kernel alone)")
+    bench.add_argument("--bidirectional", action="store_true", help="both directions in every layer "
+                       "(pyrnn.RNN against torch.nn.RNN(bidirectional=True))")
     bench.add_argument("--repeat", type=int, default=5, help="at least this many samples per contestant "
                        "(default: %(default)s)")
     bench.add_argument("--budget", type=float, default=2.0, help="keep sampling while a (shape, mode, "

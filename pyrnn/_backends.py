@@ -15,7 +15,7 @@ from . import _threads
 NAMES = ("cpp", "numba", "numpy")  # fastest first
 ENV_VAR = "PYRNN_BACKEND"  # forces the backend used when backend=None, e.g. for a whole CI run
 
-_MODULES = {"cpp": "pyrnn._cpp", "numba": "pyrnn.numba_kernel", "numpy": "pyrnn.reference"}
+_MODULES = {"cpp": "pyrnn._cpp", "numba": "pyrnn.numba", "numpy": "pyrnn.reference"}
 _WHY_MISSING = {
     "cpp": "the native module pyrnn._cpp was not built (install the package with `pip install .`)",
     "numba": "numba cannot be imported",

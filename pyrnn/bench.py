@@ -1,7 +1,10 @@
 """`pyrnn bench`: every backend against torch.nn.RNN, side by side, in one process.
 
 What it measures and how (design.md §4):
-- The problems are the shape grid below, with torch.nn.RNN's initialisation, no lengths.
+- The problems are the shape grid below, with torch.nn.RNN's initialisation, no lengths; one
+  layer by default, or a stack of layers × directions (--layers, --bidirectional), where pyrnn's
+  contestant is pyrnn.RNN (one stack call per forward or backward) against a torch.nn.RNN of
+  the same configuration and weights.
 - "forward" times pyrnn.forward; "train" times forward followed by backward (all gradients,
   including those of x and h0, as torch's autograd gives for inputs that require grad).
 - Before anything is timed, every contestant's output and gradients are compared with the
@@ -43,6 +46,8 @@ import pyrnn
 from . import _backends, reference, testing
 
 Shape = namedtuple("Shape", ["T", "B", "I", "H"])
+Stack = namedtuple("Stack", ["layers", "directions"])
+ONE_LAYER = Stack(1, 1)
 
 # design.md §4; deepbench is a vanilla-RNN training shape of Baidu's DeepBench.
 SHAPES = {
@@ -73,9 +78,12 @@ LIMIT_ITERATIONS = 100_000  # of the peak loop per call: ~0.1-1 ms
 TITLE_POINTS = 12  # the plot's title font size
 
 
-def flops(shape, mode):
-    """Floating-point operations of one call: forward 2·T·B·H·(I+H), forward+backward 3× that."""
-    forward = 2 * shape.T * shape.B * shape.H * (shape.I + shape.H)
+def flops(shape, mode, stack=ONE_LAYER):
+    """Floating-point operations of one call: forward 2·T·B·H·(I+H) per layer and direction
+    (I = D·H above the first layer), forward+backward 3× that."""
+    T, B, I, H = shape
+    L, D = stack
+    forward = D * 2 * T * B * H * ((I + H) + (L - 1) * (D * H + H))
     return forward if mode == "forward" else 3 * forward
 
 
@@ -189,19 +197,135 @@ class TorchRunner:
         return {name: value.detach().numpy() for name, value in zip(RESULT_NAMES, values)}
 
 
+# ---------------------------------------------------------------------------------------------
+# Stacks: pyrnn.RNN against torch.nn.RNN with num_layers and bidirectional
+
+
+def stack_of(problem):
+    """The Stack of a problem: ONE_LAYER for make_problem's, else what make_stack_problem built."""
+    if "weight_ih_l0" not in problem:
+        return ONE_LAYER
+    D = 2 if "weight_ih_l0_reverse" in problem else 1
+    return Stack(problem["h0"].shape[0] // D, D)
+
+
+def make_stack_problem(shape, stack, dtype=np.float32, seed=0):
+    """make_problem for a stack: x, h0 (L·D, B, H), grad_output (T, B, D·H), grad_h_n and
+    torch.nn.RNN's parameters by their names (its initialisation: uniform in ±1/sqrt(H))."""
+    T, B, I, H = shape
+    L, D = stack
+    rng = np.random.default_rng(seed)
+    k = 1 / math.sqrt(H)
+    arrays = {"x": rng.standard_normal((T, B, I)), "h0": rng.uniform(-1, 1, (L * D, B, H)),
+              "grad_output": rng.standard_normal((T, B, D * H)),
+              "grad_h_n": rng.standard_normal((L * D, B, H))}
+    for name, parameter_shape in stack_parameter_shapes(I, H, stack).items():
+        arrays[name] = rng.uniform(-k, k, parameter_shape)
+    return {name: array.astype(dtype) for name, array in arrays.items()}
+
+
+def stack_parameter_shapes(I, H, stack):
+    """{torch.nn.RNN parameter name: shape}, in torch's order."""
+    L, D = stack
+    shapes = {}
+    for layer in range(L):
+        for suffix in ("", "_reverse")[:D]:
+            shapes.update({f"weight_ih_l{layer}{suffix}": (H, I if layer == 0 else D * H),
+                           f"weight_hh_l{layer}{suffix}": (H, H), f"bias_ih_l{layer}{suffix}": (H,),
+                           f"bias_hh_l{layer}{suffix}": (H,)})
+    return shapes
+
+
+def stack_reference_results(problem):
+    """{name: float64 array}: output, h_n, grad_x, grad_h0 and grad_<parameter> for every
+    parameter, from the reference composition in float64 (bias_ih and bias_hh enter as their sum
+    and get the same gradient)."""
+    p = {name: array.astype(np.float64) for name, array in problem.items()}
+    L, D = stack_of(problem)
+    names = [name[len("weight_ih"):] for name in p if name.startswith("weight_ih")]
+    layers = [(p["weight_ih" + s], p["weight_hh" + s], p["bias_ih" + s] + p["bias_hh" + s]) for s in names]
+    options = dict(bidirectional=D == 2, backend="numpy")
+    output, h_n, layer_outputs = pyrnn.stack_forward(p["x"], layers, p["h0"], **options)
+    grads = pyrnn.stack_backward(p["grad_output"], p["x"], layers, layer_outputs, p["h0"],
+                                 grad_h_n=p["grad_h_n"], **options)
+    results = {"output": output, "h_n": h_n, "grad_x": grads.x, "grad_h0": grads.h0}
+    for suffix, layer in zip(names, grads.layers):
+        results.update({"grad_weight_ih" + suffix: layer.weight_ih, "grad_weight_hh" + suffix: layer.weight_hh,
+                        "grad_bias_ih" + suffix: layer.bias, "grad_bias_hh" + suffix: layer.bias})
+    return results
+
+
+class PyrnnStackRunner:
+    """pyrnn.RNN on one backend, holding the problem's parameters: one stack call per forward
+    and one per backward, as a model runs it."""
+
+    def __init__(self, backend, problem):
+        T, B, I = problem["x"].shape
+        L, D = stack_of(problem)
+        self.rnn = pyrnn.RNN(I, problem["h0"].shape[2], L, bidirectional=D == 2,
+                             dtype=problem["x"].dtype, backend=backend)
+        self.rnn.load_state_dict({name: problem[name] for name in self.rnn.params})
+        self.p = problem
+
+    def forward(self):
+        return self.rnn(self.p["x"], self.p["h0"])
+
+    def train(self):
+        output, h_n = self.forward()
+        grad_x = self.rnn.backward(self.p["grad_output"], self.p["grad_h_n"])
+        return output, h_n, grad_x, self.rnn.grad_h0, self.rnn.grads
+
+    @staticmethod
+    def results(trained):
+        output, h_n, grad_x, grad_h0, grads = trained
+        return {"output": output, "h_n": h_n, "grad_x": grad_x, "grad_h0": grad_h0,
+                **{"grad_" + name: grad.copy() for name, grad in grads.items()}}
+
+
+class TorchStackRunner(TorchRunner):
+    """torch.nn.RNN (tanh, CPU) with the problem's num_layers, bidirectional and parameters;
+    forward and train are TorchRunner's, autograd computing every gradient pyrnn.RNN's
+    backward gives."""
+
+    def __init__(self, problem):
+        torch = self.torch = torch_or_none()
+        T, B, I = problem["x"].shape
+        L, D = stack_of(problem)
+        tensor = {name: torch.from_numpy(array.copy()) for name, array in problem.items()}
+        self.rnn = torch.nn.RNN(I, problem["h0"].shape[2], L, nonlinearity="tanh",
+                                bidirectional=D == 2, dtype=tensor["x"].dtype)
+        self.names = [name for name, _ in self.rnn.named_parameters()]
+        self.rnn.load_state_dict({name: tensor[name] for name in self.names})
+        self.x, self.h0 = tensor["x"].requires_grad_(), tensor["h0"].requires_grad_()
+        self.grad_output, self.grad_h_n = tensor["grad_output"], tensor["grad_h_n"]
+        self.wrt = (self.x, self.h0, *self.rnn.parameters())
+
+    def results(self, trained):
+        output, h_n, (grad_x, grad_h0, *grads) = trained
+        results = {"output": output, "h_n": h_n, "grad_x": grad_x, "grad_h0": grad_h0,
+                   **{"grad_" + name: grad for name, grad in zip(self.names, grads)}}
+        return {name: value.detach().numpy() for name, value in results.items()}
+
+
 def make_runner(name, problem):
+    if stack_of(problem) != ONE_LAYER:
+        return TorchStackRunner(problem) if name == PEER else PyrnnStackRunner(name, problem)
     return TorchRunner(problem) if name == PEER else PyrnnRunner(name, problem)
 
 
 def disagreement(results, expected, problem):
-    """(worst relative error, its result name, its tolerance) over RESULT_NAMES, NaN counted as
-    infinitely wrong; agreement means error <= tolerance for every result."""
+    """(worst relative error, its result name, its tolerance) over the expected results, NaN
+    counted as infinitely wrong; agreement means error <= tolerance for every result. A stack
+    of L layers is allowed L times one layer's tolerance (each layer adds its own rounding to
+    its input's), for the longest sums of any of its layers (above the first: D·H inputs)."""
     T, B, I = problem["x"].shape
-    forward_terms, backward_terms = testing.accumulated_terms(T, B, I, problem["weight_hh"].shape[0])
+    L, D = stack_of(problem)
+    H = problem["h0"].shape[-1]
+    forward_terms, backward_terms = testing.accumulated_terms(T, B, I if L == 1 else max(I, D * H), H)
     worst = None
-    for name in RESULT_NAMES:
+    for name in expected:
         terms = forward_terms if name in ("output", "h_n") else backward_terms
-        tol = testing.tolerance(problem["x"].dtype, terms)
+        tol = L * testing.tolerance(problem["x"].dtype, terms)
         error = testing.relative_error(results[name], expected[name])
         error = math.inf if math.isnan(error) else error
         if worst is None or error / tol > worst[0] / worst[2]:
@@ -364,13 +488,15 @@ def gate(runner, expected, problem, modes):
             "first_call_s": first_call}
 
 
-def run(shapes, threads, modes, names, dtype, repeat, budget, stream=sys.stderr):
-    """Measure everything; -> the report (a JSON-ready dict)."""
+def run(shapes, threads, modes, names, dtype, repeat, budget, stream=sys.stderr, stack=ONE_LAYER):
+    """Measure everything (each shape as a stack of stack.layers × stack.directions); -> the
+    report (a JSON-ready dict)."""
     dtype = np.dtype(dtype)
     report = {"machine": machine(), "versions": versions(), "dtype": dtype.name,
               "settings": {"shapes": list(shapes), "threads": list(threads), "modes": list(modes),
                            "backends": list(names), "repeat": repeat, "budget_s": budget,
-                           "sample_s": SAMPLE_SECONDS, "settle_s": SETTLE_SECONDS},
+                           "sample_s": SAMPLE_SECONDS, "settle_s": SETTLE_SECONDS,
+                           "stack": stack._asdict()},
               "shapes": {name: SHAPES[name]._asdict() for name in shapes},
               "peak": {}, "gemm": {}, "thread_pools": {}, "results": []}
     gemm = gemm_call(dtype)
@@ -387,8 +513,12 @@ def run(shapes, threads, modes, names, dtype, repeat, budget, stream=sys.stderr)
             shape = SHAPES[shape_name]
             if shape_name not in problems:
                 progress.set_description_str(f"{shape_name}: float64 reference")
-                problems[shape_name] = make_problem(shape, dtype)
-                expected[shape_name] = reference_results(problems[shape_name])
+                if stack == ONE_LAYER:
+                    problems[shape_name] = make_problem(shape, dtype)
+                    expected[shape_name] = reference_results(problems[shape_name])
+                else:
+                    problems[shape_name] = make_stack_problem(shape, stack, dtype)
+                    expected[shape_name] = stack_reference_results(problems[shape_name])
             problem = problems[shape_name]
             label = f"{shape_name} {n} thread(s)"
             runners, checks = {}, {}
@@ -408,7 +538,7 @@ def run(shapes, threads, modes, names, dtype, repeat, budget, stream=sys.stderr)
                     extra_samples[name] += timed.pop(name)[0]
                 for name in names:
                     report["results"].append(result_row(shape_name, shape, mode, n, name, checks[name],
-                                                        timed.get(name), precisions[0]))
+                                                        timed.get(name), precisions[0], stack))
                 progress.update()
         report["gemm"][n] = {"gflops": best_gflops(PEAK_FLOP, extra_samples[GEMM]),
                              "samples_s": extra_samples[GEMM], "n": PEAK_N}
@@ -431,7 +561,7 @@ def _native_peak_instruction(precision):
     return _native().peak_instruction("fp32" if precision == "fp64" else precision)
 
 
-def result_row(shape_name, shape, mode, threads, name, check, timed, precision):
+def result_row(shape_name, shape, mode, threads, name, check, timed, precision, stack=ONE_LAYER):
     row = {"shape": shape_name, "mode": mode, "threads": threads, "backend": name, "precision": precision,
            "status": check["status"], "first_call_s": check["first_call_s"].get(mode)}
     row.update({key: check[key] for key in ("max_error", "worst", "tolerance", "message") if key in check})
@@ -440,7 +570,7 @@ def result_row(shape_name, shape, mode, threads, name, check, timed, precision):
         median = statistics.median(samples)
         q1, _, q3 = statistics.quantiles(samples, n=4) if len(samples) > 1 else (median,) * 3
         row.update({"samples_s": samples, "calls_per_sample": number, "median_s": median,
-                    "iqr_s": q3 - q1, "gflops": flops(shape, mode) / median / 1e9})
+                    "iqr_s": q3 - q1, "gflops": flops(shape, mode, stack) / median / 1e9})
     return row
 
 
@@ -531,11 +661,14 @@ def format_report(report):
             lines.append(f"warning: asked for {n} thread(s) but these pools report more: {over}")
     header = (f"{'mode':8s} {'thr':>3s} {'backend':8s} {'median ms':>10s} {'±iqr':>6s} {'GFLOP/s':>8s} "
               f"{'%peak':>6s} {'vs torch':>8s} {'vs numpy':>8s} {'vs 1 thr':>8s} {'1st call ms':>11s}  check")
+    stack = Stack(**report["settings"].get("stack", ONE_LAYER._asdict()))
+    layout = "" if stack == ONE_LAYER else (f"  {stack.layers} layer(s) x {stack.directions} "
+                                           "direction(s): pyrnn.RNN vs torch.nn.RNN")
     for shape_name, dims in report["shapes"].items():
         shape = Shape(**dims)
-        lines += ["", f"{shape_name}  T={shape.T} B={shape.B} I={shape.I} H={shape.H}  {report['dtype']}  "
-                  f"forward {flops(shape, 'forward') / 1e9:.3g} GFLOP, train {flops(shape, 'train') / 1e9:.3g} GFLOP",
-                  header]
+        lines += ["", f"{shape_name}  T={shape.T} B={shape.B} I={shape.I} H={shape.H}{layout}  "
+                  f"{report['dtype']}  forward {flops(shape, 'forward', stack) / 1e9:.3g} GFLOP, "
+                  f"train {flops(shape, 'train', stack) / 1e9:.3g} GFLOP", header]
         for row in (r for r in report["results"] if r["shape"] == shape_name):
             first = f"{row['first_call_s'] * 1e3:.1f}" if row.get("first_call_s") is not None else "-"
             if row["status"] == "error":
@@ -621,7 +754,10 @@ def main(args):
         from . import bench_torch  # needs torch
 
         return bench_torch.main(threads, args)
-    report = run(shapes, threads, modes, names, args.dtype, args.repeat, args.budget)
+    if args.layers < 1:
+        raise SystemExit(f"--layers must be at least 1, got {args.layers}")
+    stack = Stack(args.layers, 2 if args.bidirectional else 1)
+    report = run(shapes, threads, modes, names, args.dtype, args.repeat, args.budget, stack=stack)
     print(format_report(report))
     if args.json:
         with open(args.json, "w") as out:

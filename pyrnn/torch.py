@@ -30,77 +30,30 @@ import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 import pyrnn
-from pyrnn.nn import reverse_within_lengths
 
 __all__ = ["RNN", "RNNCell", "convert"]
 
 KERNEL_DTYPES = (torch.float32, torch.float64)
-KERNEL_NONLINEARITIES = ("tanh",)
 
 
 # ---------------------------------------------------------------------------------------------
-# The stack on NumPy arrays: pyrnn's stack contract (CONTRACTS.md), composed of one
-# pyrnn.forward / pyrnn.backward call per layer and direction.
+# The stack on NumPy arrays: pyrnn's stack API, one call forward and one backward.
 
 
 def _stack_forward(x, layers, h0, lengths, dropout_masks, bidirectional, nonlinearity):
-    """-> (layer_outputs (L, T, B, D·H), h_n (L·D, B, H)). layers[l·D + d] = (weight_ih,
-    weight_hh, bias or None); h0 (L·D, B, H) or None; dropout_masks (L - 1, T, B, D·H) or None."""
-    D = 2 if bidirectional else 1
-    L = len(layers) // D
-    T, B, _ = x.shape
-    H = layers[0][1].shape[0]
-    if L == 1 and D == 1:  # one kernel call, its output is the stack's (a view, no copy)
-        output, h_n = pyrnn.forward(x, *layers[0], None if h0 is None else h0[0], lengths=lengths)
-        return output[None], h_n[None]
-    layer_outputs = np.empty((L, T, B, D * H), x.dtype)
-    h_n = np.empty((L * D, B, H), x.dtype)
-    for layer in range(L):
-        layer_input = x if layer == 0 else _dropped(layer_outputs[layer - 1], dropout_masks, layer - 1)
-        for direction in range(D):
-            k = layer * D + direction
-            sequence = layer_input if direction == 0 else reverse_within_lengths(layer_input, lengths)
-            output, h_n[k] = pyrnn.forward(sequence, *layers[k], None if h0 is None else h0[k],
-                                           lengths=lengths)
-            layer_outputs[layer, :, :, direction * H:(direction + 1) * H] = (
-                output if direction == 0 else reverse_within_lengths(output, lengths))
+    """-> (layer_outputs (L, T, B, D·H), h_n (L·D, B, H)) of pyrnn.stack_forward."""
+    _, h_n, layer_outputs = pyrnn.stack_forward(x, layers, h0, lengths=lengths, bidirectional=bidirectional,
+                                                dropout_masks=dropout_masks, nonlinearity=nonlinearity)
     return layer_outputs, h_n
 
 
 def _stack_backward(grad_output, x, layers, layer_outputs, h0, grad_h_n, lengths, dropout_masks,
                     bidirectional, nonlinearity):
     """-> (grad_x, grad_h0, [(grad_weight_ih, grad_weight_hh, grad_bias) per layer·direction])
-    for _stack_forward. grad_output (T, B, D·H) is dL/d(the last layer's output)."""
-    D = 2 if bidirectional else 1
-    L = len(layers) // D
-    H = layers[0][1].shape[0]
-    grad_h0 = np.empty((L * D,) + layer_outputs.shape[2:3] + (H,), x.dtype)
-    layer_grads = [None] * (L * D)
-    grad = grad_output
-    for layer in reversed(range(L)):
-        layer_input = x if layer == 0 else _dropped(layer_outputs[layer - 1], dropout_masks, layer - 1)
-        grad_input = None
-        for direction in range(D):
-            k = layer * D + direction
-            columns = slice(direction * H, (direction + 1) * H)
-            sequence, output, grad_k = layer_input, layer_outputs[layer, :, :, columns], grad[:, :, columns]
-            if direction == 1:
-                sequence, output, grad_k = (reverse_within_lengths(a, lengths)
-                                            for a in (sequence, output, grad_k))
-            weight_ih, weight_hh, _ = layers[k]
-            grads = pyrnn.backward(grad_k, sequence, weight_ih, weight_hh, output,
-                                   None if h0 is None else h0[k], grad_h_n=grad_h_n[k],
-                                   lengths=lengths)
-            grad_x = grads.x if direction == 0 else reverse_within_lengths(grads.x, lengths)
-            grad_input = grad_x if grad_input is None else grad_input + grad_x
-            grad_h0[k] = grads.h0
-            layer_grads[k] = (grads.weight_ih, grads.weight_hh, grads.bias)
-        grad = grad_input if layer == 0 else _dropped(grad_input, dropout_masks, layer - 1)
-    return grad, grad_h0, layer_grads
-
-
-def _dropped(array, dropout_masks, layer):
-    return array if dropout_masks is None else array * dropout_masks[layer]
+    of pyrnn.stack_backward; grad_output (T, B, D·H) is dL/d(the last layer's output)."""
+    return pyrnn.stack_backward(grad_output, x, layers, layer_outputs, h0, grad_h_n=grad_h_n,
+                                lengths=lengths, bidirectional=bidirectional,
+                                dropout_masks=dropout_masks, nonlinearity=nonlinearity)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,11 +241,9 @@ def _run_stack(x, weights, h0, lengths, dropout_masks, num_layers, bidirectional
                         *weights)
 
 
-def _runs_on_kernel(tensors, nonlinearity):
+def _runs_on_kernel(tensors):
     """Whether the kernel can compute with these tensors (the first one's dtype decides);
     otherwise torch's own computation runs."""
-    if nonlinearity not in KERNEL_NONLINEARITIES:
-        return False
     dtype = tensors[0].dtype
     if dtype not in KERNEL_DTYPES:
         return False
@@ -337,7 +288,7 @@ class RNN(torch.nn.RNNBase):
         packed = isinstance(input, PackedSequence)
         data = input.data if packed else input
         if not (isinstance(data, torch.Tensor) and (hx is None or isinstance(hx, torch.Tensor))
-                and _runs_on_kernel([data, hx, *weights], self.nonlinearity)):
+                and _runs_on_kernel([data, hx, *weights])):
             return torch.nn.RNN.forward(self, input, hx)  # torch's computation (and its errors)
         if packed:
             return self._forward_packed(input, hx, weights)
@@ -399,7 +350,7 @@ class RNNCell(torch.nn.RNNCell):
     def forward(self, input, hx=None):
         weights = [self.weight_ih, self.weight_hh] + ([self.bias_ih, self.bias_hh] if self.bias else [])
         if not (isinstance(input, torch.Tensor) and (hx is None or isinstance(hx, torch.Tensor))
-                and _runs_on_kernel([input, hx, *weights], self.nonlinearity)
+                and _runs_on_kernel([input, hx, *weights])
                 and self._shapes_fit(input, hx)):
             return torch.nn.RNNCell.forward(self, input, hx)  # torch's computation (and its errors)
         batched = input.dim() == 2

@@ -17,6 +17,20 @@ def test_flops_follow_design():
     T, B, I, H = TINY
     assert bench.flops(TINY, "forward") == 2 * T * B * H * (I + H)
     assert bench.flops(TINY, "train") == 3 * bench.flops(TINY, "forward")
+    # a stack sums its layers and directions; layers above the first read 2·H inputs here
+    stack = bench.Stack(3, 2)
+    assert bench.flops(TINY, "forward", stack) == 2 * (2 * T * B * H * (I + H)) + 4 * (2 * T * B * H * (2 * H + H))
+    assert bench.flops(TINY, "train", stack) == 3 * bench.flops(TINY, "forward", stack)
+
+
+@pytest.mark.parametrize("name", bench.contestants())
+def test_gate_passes_every_contestant_on_a_stack(name):
+    problem = bench.make_stack_problem(TINY, bench.Stack(2, 2))
+    assert bench.stack_of(problem) == (2, 2) and bench.stack_of(bench.make_problem(TINY)) == (1, 1)
+    expected = bench.stack_reference_results(problem)
+    assert len(expected) == 4 + 4 * 4  # output, h_n, grad x and h0, and 4 parameters per layer and direction
+    check = bench.gate(bench.make_runner(name, problem), expected, problem, bench.MODES)
+    assert check["status"] == "ok", check
 
 
 @pytest.mark.parametrize("name", bench.contestants())
@@ -94,6 +108,23 @@ def test_bench_command_end_to_end(tmp_path, capsys):
     assert any(pool["user_api"] == "blas" for pool in report["thread_pools"]["1"]["threadpoolctl"])
     assert report["versions"]["pyrnn"] == pyrnn.__version__
     assert "tiny  T=50 B=1 I=32 H=64" in table
+
+
+def test_bench_command_times_a_stack(tmp_path, capsys):
+    out_json = tmp_path / "out.json"
+    status = main(["bench", "--shapes", "tiny", "--threads", "1", "--repeat", "1", "--budget", "0",
+                   "--layers", "2", "--bidirectional", "--modes", "forward", "--json", str(out_json)])
+    table = capsys.readouterr().out
+    assert status == 0, table
+    report = json.loads(out_json.read_text())
+    assert report["settings"]["stack"] == {"layers": 2, "directions": 2}
+    assert {row["backend"] for row in report["results"]} == set(bench.contestants())
+    for row in report["results"]:
+        assert row["status"] == "ok" and row["gflops"] == (
+            bench.flops(TINY, "forward", bench.Stack(2, 2)) / row["median_s"] / 1e9)
+    assert "tiny  T=50 B=1 I=32 H=64  2 layer(s) x 2 direction(s): pyrnn.RNN vs torch.nn.RNN" in table
+    with pytest.raises(SystemExit, match="--layers"):
+        main(["bench", "--layers", "0"])
 
 
 def test_ratios_between_contestants_and_thread_counts():
