@@ -557,3 +557,30 @@ def test_tensors_reach_the_kernel_without_copies(monkeypatch):
         assert weight_hh.ctypes.data == getattr(model, f"weight_hh_l{k}").data_ptr()
     assert output.data_ptr() == seen["result"].output.ctypes.data
     assert h_n.data_ptr() == seen["result"].h_n.ctypes.data
+
+
+# --- distributed
+
+
+def test_ddp_on_two_processes_ends_where_one_process_does(tmp_path):
+    """DistributedDataParallel (gloo, 2 processes on 127.0.0.1), each on half of the batch, ends
+    with the parameters of one process trained on the whole batch."""
+    import socket
+
+    import ddp_training
+
+    if not torch.distributed.is_available():
+        pytest.skip("this torch was built without torch.distributed")
+    with socket.socket() as s:  # a free port
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = tmp_path / "parameters.pt"
+    torch.multiprocessing.spawn(ddp_training.worker, args=(2, f"tcp://127.0.0.1:{port}", str(result)),
+                                nprocs=2, join=True)
+    distributed = torch.load(result)
+    expected = ddp_training.one_process()
+    initial = dict(ddp_training.model().named_parameters())
+    assert distributed.keys() == expected.keys()
+    for name, value in expected.items():
+        assert not torch.equal(value, initial[name]), name  # trained
+        torch.testing.assert_close(distributed[name], value, rtol=0, atol=1e-12)
