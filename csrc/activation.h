@@ -1,4 +1,4 @@
-// The nonlinearity φ of h_t = φ(a_t) as a policy the kernel is templated on (design.md §1):
+// The nonlinearity φ of h_t = φ(a_t) as a policy the kernel is templated on (docs/design.md §1):
 // apply on a vector in the forward epilogue, derivative from the saved output h_t in the backward
 // epilogue. Adding one is a struct here and a case in with_activation.
 #pragma once

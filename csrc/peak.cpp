@@ -1,4 +1,4 @@
-// The CPU's own arithmetic limit, measured (design.md §4): what %peak in `pyrnn bench` divides by.
+// The CPU's own arithmetic limit, measured (docs/design.md §4): what %peak in `pyrnn bench` divides by.
 //
 // A loop of independent multiply-adds with nothing else in it: "fp32" runs FMAs (vfmadd231ps) at
 // the widest vector width this CPU has, "bf16" runs vdpbf16ps (16 lanes, each the sum of a pair of

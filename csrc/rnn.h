@@ -15,7 +15,7 @@
 
 namespace pyrnn {
 
-// φ in h_t = φ(a_t) (design.md §1); its derivative is taken from the saved output h_t.
+// φ in h_t = φ(a_t) (docs/design.md §1); its derivative is taken from the saved output h_t.
 enum class Activation { tanh, relu };
 
 // The rows of a matrix: row r starts at data + r·stride (elements). A stride wider than the row

@@ -37,7 +37,7 @@ class Scratch {
     ScratchBlock block_;
 };
 
-// Row b takes part in step t unless t is past its length (design.md §1: padding).
+// Row b takes part in step t unless t is past its length (docs/design.md §1: padding).
 inline bool valid(const int64_t* lengths, int64_t t, int64_t b) {
     return lengths == nullptr || t < lengths[b];
 }

@@ -1,6 +1,6 @@
 """`pyrnn bench`: every backend against torch.nn.RNN, side by side, in one process.
 
-What it measures and how (design.md §4):
+What it measures and how (docs/design.md §4):
 - The problems are the shape grid below, with torch.nn.RNN's initialisation, no lengths; one
   layer by default, or a stack of layers × directions (--layers, --bidirectional), where pyrnn's
   contestant is pyrnn.RNN (one stack call per forward or backward) against a torch.nn.RNN of
@@ -49,7 +49,7 @@ Shape = namedtuple("Shape", ["T", "B", "I", "H"])
 Stack = namedtuple("Stack", ["layers", "directions"])
 ONE_LAYER = Stack(1, 1)
 
-# design.md §4; deepbench is a vanilla-RNN training shape of Baidu's DeepBench.
+# docs/design.md §4; deepbench is a vanilla-RNN training shape of Baidu's DeepBench.
 SHAPES = {
     "tiny": Shape(50, 1, 32, 64),
     "small": Shape(100, 16, 64, 128),
@@ -60,7 +60,7 @@ SHAPES = {
 DEFAULT_SHAPES = ("tiny", "small", "medium")  # the default run must finish in 2 minutes on 2 cores
 MODES = ("forward", "train")
 PEER = "torch"
-RESULT_NAMES = ("output", "h_n", "grad_x", "grad_h0", "grad_weight_ih", "grad_weight_hh", "grad_bias")
+RESULT_NAMES = testing.RESULT_NAMES
 SAMPLE_SECONDS = 0.01  # a sample repeats a call until it lasts about this long
 # With more than one thread, a pause before each sample lets the previous contestant's idle
 # workers park: OpenBLAS's spin for ~2^28 cycles (~0.1 s) after a call, OpenMP runtimes spin too,
@@ -744,7 +744,7 @@ def main(args):
     try:
         threads = [int(n) for n in args.threads.split(",")] if args.threads else [pyrnn.get_num_threads()]
     except ValueError:
-        raise SystemExit(f"--threads must be comma-separated positive integers, got {args.threads!r}")
+        raise SystemExit(f"--threads must be comma-separated positive integers, got {args.threads!r}") from None
     if any(n < 1 for n in threads):
         raise SystemExit(f"--threads must be positive, got {args.threads!r}")
     if args.repeat < 1 or args.budget < 0:

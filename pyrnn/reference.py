@@ -126,7 +126,7 @@ def _layer_input(x, layer_outputs, dropout_masks, l):
 
 def stack_forward(x, layers, h0, lengths, dropout_masks, bidirectional, nonlinearity,
                   layer_forward=forward):
-    """L layers × D directions -> (layer_outputs (L, T, B, D·H), h_n (L·D, B, H)) (design.md §1).
+    """L layers × D directions -> (layer_outputs (L, T, B, D·H), h_n (L·D, B, H)) (docs/design.md §1).
 
     Layer 0 reads x; layer l > 0 reads layer_outputs[l - 1] (both directions, forward first)
     times dropout_masks[l - 1]. The reverse direction runs the same recurrence on each row

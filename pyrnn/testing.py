@@ -19,6 +19,9 @@ import numpy as np
 
 FLOAT64_TOLERANCE = 1e-10
 
+# The seven results of one forward and backward, by the names the tests and `pyrnn bench` report.
+RESULT_NAMES = ("output", "h_n", "grad_x", "grad_h0", "grad_weight_ih", "grad_weight_hh", "grad_bias")
+
 # The accuracy of the compiled backends' vectorised tanh (csrc/tanh.h, pyrnn/numba/activations.py),
 # in units in the last place: float32 against the correctly rounded tanh, float64 against
 # NumPy's (glibc's, itself within 1 ulp). Stated here only, asserted over dense sweeps of inputs

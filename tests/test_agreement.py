@@ -10,12 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pyrnn
-from pyrnn.testing import accumulated_terms, relative_error, tolerance
+from pyrnn.testing import RESULT_NAMES, accumulated_terms, relative_error, tolerance
 
 import problems
 from problems import make_problem, random_lengths
 
-GRAD_NAMES = ("x", "h0", "weight_ih", "weight_hh", "bias")
 
 
 NONLINEARITIES = ("tanh", "relu")
@@ -23,13 +22,13 @@ NONLINEARITIES = ("tanh", "relu")
 
 def run(backend, problem, grad_output, grad_h_n, lengths=None, batch_first=False,
         nonlinearity="tanh"):
-    """(output, h_n, grads) of one backend."""
+    """{name: result} of one backend's forward and backward (pyrnn.testing.RESULT_NAMES)."""
     options = dict(lengths=lengths, batch_first=batch_first, backend=backend,
                    nonlinearity=nonlinearity)
     output, h_n = pyrnn.forward(**problem, **options)
     grads = pyrnn.backward(grad_output, problem["x"], problem["weight_ih"], problem["weight_hh"],
                            output, problem["h0"], grad_h_n=grad_h_n, **options)
-    return output, h_n, grads
+    return dict(output=output, h_n=h_n, **{f"grad_{name}": g for name, g in grads._asdict().items()})
 
 
 def assert_matches_reference(backend, problem, lengths=None, batch_first=False, seed=0,
@@ -49,12 +48,12 @@ def assert_matches_reference(backend, problem, lengths=None, batch_first=False, 
                  batch_first, nonlinearity)
 
     forward_terms, backward_terms = accumulated_terms(T, B, I, H)
-    names = ("output", "h_n") + tuple("grad " + n for n in GRAD_NAMES)
-    results = zip(names, actual[:2] + tuple(actual[2]), expected[:2] + tuple(expected[2]))
-    for i, (name, got, want) in enumerate(results):
+    assert set(actual) == set(RESULT_NAMES)
+    for name in RESULT_NAMES:
+        got, want = actual[name], expected[name]
         assert got.dtype == dtype, f"{name} has dtype {got.dtype}, expected {dtype}"
         assert got.shape == want.shape, f"{name} has shape {got.shape}, expected {want.shape}"
-        bound = tolerance(dtype, forward_terms if i < 2 else backward_terms)
+        bound = tolerance(dtype, forward_terms if name in ("output", "h_n") else backward_terms)
         error = relative_error(got, want)
         if dtype == np.float64 and backend != "numpy":
             key = (backend, name)
@@ -175,7 +174,7 @@ def test_batch_first_is_time_major_transposed(backend, nonlinearity):
                               problem["weight_hh"], output_bf, problem["h0"], batch_first=True,
                               **options)
     np.testing.assert_array_equal(grads_bf.x, grads.x.swapaxes(0, 1))
-    for name in GRAD_NAMES[1:]:
+    for name in ("h0", "weight_ih", "weight_hh", "bias"):
         np.testing.assert_array_equal(getattr(grads_bf, name), getattr(grads, name))
 
 
@@ -221,8 +220,8 @@ def test_nan_in_padding_does_not_leak(backend, nonlinearity):
     np.testing.assert_array_equal(h_n, clean_h_n)
     grads = pyrnn.backward(np.ones_like(output), problem["x"], problem["weight_ih"],
                            problem["weight_hh"], output, problem["h0"], **options)
-    for name in GRAD_NAMES:
-        assert np.all(np.isfinite(getattr(grads, name))), f"grad {name} is not finite"
+    for name, grad in grads._asdict().items():
+        assert np.all(np.isfinite(grad)), f"grad {name} is not finite"
 
 
 @pytest.mark.parametrize("nonlinearity", NONLINEARITIES)
@@ -280,5 +279,5 @@ def test_repeated_calls_are_bitwise_identical(backend):
     problem = make_problem(rng, 20, 9, 17, 33, np.float32)
     first = run(backend, problem, np.ones((20, 9, 33), np.float32), None)
     second = run(backend, problem, np.ones((20, 9, 33), np.float32), None)
-    for a, b in zip(first[:2] + tuple(first[2]), second[:2] + tuple(second[2])):
-        np.testing.assert_array_equal(a, b)
+    for name in RESULT_NAMES:
+        np.testing.assert_array_equal(first[name], second[name], err_msg=name)

@@ -1,16 +1,27 @@
 """`pyrnn bench` and its toolbox: the gate catches wrong contestants, the command runs end to end
 and records what it promises, thread limits reach every pool."""
 import json
-import os
 
 import numpy as np
 import pytest
 
 import pyrnn
-from pyrnn import bench
+from pyrnn import _threads, bench
 from pyrnn.__main__ import main
 
 TINY = bench.SHAPES["tiny"]
+
+
+@pytest.fixture(autouse=True)
+def threads_restored():
+    """bench bounds every pool's threads, for the rest of its process: after each test here, the
+    state before it (torch's count, and pyrnn's, or none with no threadpoolctl limit left)."""
+    torch = bench.torch_or_none()
+    torch_threads = torch.get_num_threads() if torch is not None else None
+    with _threads.limited_to(pyrnn.get_num_threads()):
+        yield
+    if torch is not None:
+        torch.set_num_threads(torch_threads)
 
 
 def test_flops_follow_design():
@@ -74,13 +85,10 @@ def test_disagreement_counts_nan_as_wrong():
 
 
 def test_thread_limits_reach_every_pool():
-    try:
-        bench.set_threads(1)
-        pools = bench.thread_report()["threads"]
-        assert pools["pyrnn"] == 1 and pools.get("torch", 1) == 1
-        assert all(count == 1 for count in pools.values()), str(pools)
-    finally:
-        bench.set_threads(os.cpu_count() or 1)
+    bench.set_threads(1)
+    pools = bench.thread_report()["threads"]
+    assert pools["pyrnn"] == 1 and pools.get("torch", 1) == 1
+    assert all(count == 1 for count in pools.values()), str(pools)
 
 
 def test_bench_command_end_to_end(tmp_path, capsys):

@@ -15,13 +15,11 @@ import numpy as np
 import pytest
 
 import pyrnn
-from pyrnn import reference
-from pyrnn.testing import accumulated_terms, relative_error, tolerance
+from pyrnn import _threads, reference
+from pyrnn.testing import RESULT_NAMES, accumulated_terms, relative_error, tolerance
 
 # Skipped only where pyrnn was installed without it on purpose: test_backends.py fails otherwise.
 _cpp = pytest.importorskip("pyrnn._cpp", reason=str(pyrnn.unavailable_backends().get("cpp")))
-
-RESULT_NAMES = ("output", "h_n", "grad_x", "grad_h0", "grad_weight_ih", "grad_weight_hh", "grad_bias")
 
 
 def make_problem(T, B, I, H, dtype, seed=0, lengths=None, nonlinearity="tanh"):
@@ -144,7 +142,8 @@ def test_nan_in_padding_does_not_leak():
     p["x"][:, 2] = np.inf
     p["grad_output"][2:, 1] = np.nan
     got = run(_cpp, p)
-    assert all(np.isfinite(got[name]).all() for name in ("h_n", "grad_h0", "grad_weight_ih", "grad_weight_hh", "grad_bias"))
+    assert all(np.isfinite(got[name]).all()
+               for name in ("h_n", "grad_h0", "grad_weight_ih", "grad_weight_hh", "grad_bias"))
     assert np.isfinite(got["output"][:, :2][np.arange(5)[:, None] < [5, 2]]).all()
 
 
@@ -203,10 +202,8 @@ def test_thread_budget(restore_threads):
     _cpp.set_num_threads(3)
     assert _cpp.get_num_threads() == 3
     assert "cpp" in pyrnn.available_backends()  # loaded, so pyrnn.set_num_threads reaches it
-    before = pyrnn.get_num_threads()
-    pyrnn.set_num_threads(1)
-    assert _cpp.get_num_threads() == 1
-    pyrnn.set_num_threads(before)
+    with _threads.limited_to(1):
+        assert _cpp.get_num_threads() == 1
     with pytest.raises(ValueError):
         _cpp.set_num_threads(0)
 

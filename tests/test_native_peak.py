@@ -1,4 +1,4 @@
-"""The native module's peak loop, which `pyrnn bench` divides GFLOP/s by (design.md §4)."""
+"""The native module's peak loop, which `pyrnn bench` divides GFLOP/s by (docs/design.md §4)."""
 import time
 
 import pytest

@@ -54,7 +54,8 @@ def test_parameter_names_shapes_and_initialisation():
     assert np.abs(values).max() <= 0.5 and np.abs(values).max() > 0.4  # U(-1/sqrt(4), 1/sqrt(4))
     assert all(np.array_equal(p, q) for p, q in zip(rnn.params.values(),
                                                     RNN(3, 4, 2, bidirectional=True, seed=1).params.values()))
-    assert not np.array_equal(rnn.params["weight_hh_l0"], RNN(3, 4, 2, bidirectional=True, seed=2).params["weight_hh_l0"])
+    other = RNN(3, 4, 2, bidirectional=True, seed=2)
+    assert not np.array_equal(rnn.params["weight_hh_l0"], other.params["weight_hh_l0"])
     assert list(RNN(3, 4, bias=False).params) == ["weight_ih_l0", "weight_hh_l0"]
 
 

@@ -21,6 +21,7 @@ from tanh_accuracy import assert_within_stated_bound, float32_sweep  # noqa: E40
 from problems import make_problem, random_lengths  # noqa: E402
 
 import pyrnn  # noqa: E402
+from pyrnn import _threads  # noqa: E402
 from pyrnn.testing import accumulated_terms, relative_error, tolerance  # noqa: E402
 
 
@@ -169,15 +170,11 @@ def test_tanh_special_values(dtype):
 
 def _run_numba(problem, grad_output, lengths, threads):
     """(output, h_n, *grads) of the numba backend with set_num_threads(threads)."""
-    before = pyrnn.get_num_threads()
-    pyrnn.set_num_threads(threads)
-    try:
+    with _threads.limited_to(threads):
         output, h_n = pyrnn.forward(**problem, lengths=lengths, backend="numba")
         grads = pyrnn.backward(grad_output, problem["x"], problem["weight_ih"],
                                problem["weight_hh"], output, problem["h0"], lengths=lengths,
                                backend="numba")
-    finally:
-        pyrnn.set_num_threads(before)
     return (output, h_n) + tuple(grads)
 
 
@@ -262,11 +259,11 @@ def test_threads_never_exceed_set_num_threads(split_always):
     rng = np.random.default_rng(3)
     p = make_problem(rng, 4, 6, 3, 100)
     grad_output = rng.standard_normal((4, 6, 100))
-    for threads in (1, 2):
+    for count in (1, 2):
         split_always.clear()
-        _run_numba(p, grad_output, None, threads)
+        _run_numba(p, grad_output, None, count)
         for calls in split_always.values():
-            assert len({ident for *_, ident in calls}) == len(calls) == threads
+            assert len({ident for *_, ident in calls}) == len(calls) == count
 
 
 def test_small_steps_stay_on_one_thread():
@@ -285,9 +282,7 @@ def _blas_threads():
 def test_blas_runs_on_one_thread_inside_split_calls_and_is_restored_after(split_always):
     """Inside a split call NumPy's BLAS is limited to the calling thread; leaving it restores
     set_num_threads' count, also when the call raised."""
-    before = pyrnn.get_num_threads()
-    pyrnn.set_num_threads(2)
-    try:
+    with _threads.limited_to(2):
         seen = threads.on_threads(2, lambda i: _blas_threads(), np.zeros(2, np.int64))
         assert all(counts and set(counts) == {1} for counts in seen)
         assert set(_blas_threads()) == {2}
@@ -302,8 +297,6 @@ def test_blas_runs_on_one_thread_inside_split_calls_and_is_restored_after(split_
         p = make_problem(rng, 3, 5, 2, 64)  # 2 panels of float64 columns: one per thread
         _run_numba(p, rng.standard_normal((3, 5, 64)), None, 2)
         assert set(_blas_threads()) == {2}
-    finally:
-        pyrnn.set_num_threads(before)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -339,16 +332,12 @@ def test_a_thread_failing_before_its_time_loop_does_not_leave_the_others_waiting
             raise MemoryError("no memory for the input term")
         return matmul(*arguments, **keywords)
 
-    before = pyrnn.get_num_threads()
-    pyrnn.set_num_threads(2)
-    try:
+    with _threads.limited_to(2):
         monkeypatch.setattr(np, "matmul", failing_on_a_worker)
         with pytest.raises(MemoryError, match="input term"):
             pyrnn.forward(**p, backend="numba")
         monkeypatch.setattr(np, "matmul", matmul)
         _run_numba(p, rng.standard_normal((6, 5, 64)), None, 2)  # the workers are fine after it
-    finally:
-        pyrnn.set_num_threads(before)
 
 
 def test_a_thread_failing_in_its_time_loop_does_not_leave_the_others_waiting(
@@ -364,14 +353,10 @@ def test_a_thread_failing_in_its_time_loop_does_not_leave_the_others_waiting(
             raise MemoryError("no memory for the packed weights")
         return loop(*arguments)
 
-    before = pyrnn.get_num_threads()
-    pyrnn.set_num_threads(2)
-    try:
+    with _threads.limited_to(2):
         monkeypatch.setattr(kernel, "forward_columns", failing_on_a_worker)
         with pytest.raises(MemoryError, match="packed weights"):
             pyrnn.forward(**p, backend="numba")
-    finally:
-        pyrnn.set_num_threads(before)
 
 
 def test_a_forked_child_starts_its_own_workers(tmp_path):

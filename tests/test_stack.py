@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pyrnn
+from pyrnn import _threads
 from pyrnn.testing import accumulated_terms, relative_error, tolerance
 
 from problems import random_lengths
@@ -38,7 +39,7 @@ def make_stack(rng, T, B, I, H, L, D, dtype=np.float64, bias=True, masks=False, 
 def row_by_row(stack, lengths, nonlinearity):
     """(output, h_n) of the stack computed one batch row at a time, each row cut to its length
     and the reverse direction reading the cut row backwards, with single-layer reference calls:
-    design.md §1 written out independently of the composition under test."""
+    docs/design.md §1 written out independently of the composition under test."""
     x, layers, h0, masks = stack["x"], stack["layers"], stack["h0"], stack["dropout_masks"]
     T, B, _ = x.shape
     D = 2 if stack["bidirectional"] else 1
@@ -200,12 +201,8 @@ def test_benchmark_like_stacks_match_reference_composition(backend, threads, non
     rng = np.random.default_rng(sum(shape))
     stack = make_stack(rng, T, B, I, H, L, D, np.float32, masks=True)
     lengths = rng.integers(0, T + 1, size=B)
-    before = pyrnn.get_num_threads()
-    pyrnn.set_num_threads(threads)
-    try:
+    with _threads.limited_to(threads):
         assert_matches_reference(backend, stack, lengths, nonlinearity, False, 0)
-    finally:
-        pyrnn.set_num_threads(before)
 
 
 def test_results_do_not_depend_on_the_thread_count():
@@ -217,13 +214,10 @@ def test_results_do_not_depend_on_the_thread_count():
     stack = make_stack(rng, 5, 16, 256, 256, 2, 2, np.float32, masks=True)
     lengths = np.array([5, 0, 3] + [5] * 13)
     grad_output, grad_h_n = rng.standard_normal((5, 16, 512)).astype(np.float32), None
-    before, runs = pyrnn.get_num_threads(), []
-    try:
-        for threads in (1, 2):
-            pyrnn.set_num_threads(threads)
+    runs = []
+    for threads in (1, 2):
+        with _threads.limited_to(threads):
             runs.append(flat_results(*forward_and_backward(stack, lengths, "tanh", "cpp", grad_output, grad_h_n)))
-    finally:
-        pyrnn.set_num_threads(before)
     for name, one_thread in runs[0].items():
         np.testing.assert_array_equal(runs[1][name], one_thread, err_msg=name)
 
@@ -300,12 +294,14 @@ MALFORMED = {
     "layer not a triple": (TypeError, r"layers\[0\] must be a \(weight_ih, weight_hh, bias\) tuple"),
     "layer 1 reading one direction": (ValueError, r"layers\[2\].weight_ih has shape \(5, 5\), expected "
                                                   r"\(5, 10\) = \(H, D·H\): layer 1 reads layer 0's 2·H outputs"),
-    "layer 0 reading the wrong width": (ValueError, r"layers\[0\].weight_ih has shape \(5, 1\), expected \(5, 2\) = \(H, I\)"),
+    "layer 0 reading the wrong width": (ValueError, r"layers\[0\].weight_ih has shape \(5, 1\), "
+                                                    r"expected \(5, 2\) = \(H, I\)"),
     "weight_hh of another H": (ValueError, r"layers\[3\].weight_hh has shape \(4, 4\), expected \(5, 5\)"),
     "bias of another H": (ValueError, r"layers\[1\].bias has shape \(6,\), expected \(5,\) = \(H\)"),
     "layers of another dtype": (TypeError, r"layers\[3\].weight_ih has dtype float32 but x has float64"),
     "h0 of one layer": (ValueError, r"h0 has shape \(2, 3, 5\), expected \(4, 3, 5\) = \(L·D, B, H\)"),
-    "masks for every layer": (ValueError, r"dropout_masks has shape \(2, 4, 3, 10\), expected \(1, 4, 3, 10\) = \(L - 1, T, B, D·H\)"),
+    "masks for every layer": (ValueError, r"dropout_masks has shape \(2, 4, 3, 10\), "
+                                          r"expected \(1, 4, 3, 10\) = \(L - 1, T, B, D·H\)"),
     "masks of one direction": (ValueError, r"dropout_masks has shape \(1, 4, 3, 5\)"),
     "masks batch-first": (ValueError, r"dropout_masks has shape \(1, 3, 4, 10\)"),
     "bidirectional not a bool": (TypeError, "bidirectional must be a bool"),
@@ -330,8 +326,10 @@ def test_malformed_backward_arguments_raise_naming_them(backend):
     arguments = dict(grad_output=np.ones((4, 3, 10)), x=stack["x"], layers=stack["layers"],
                      layer_outputs=result.layer_outputs, h0=stack["h0"], bidirectional=True,
                      backend=backend)
-    cases = {"grad_output": (np.ones((4, 3, 5)), r"grad_output has shape \(4, 3, 5\), expected \(4, 3, 10\) = \(T, B, D·H\)"),
-             "layer_outputs": (result.layer_outputs[:1], r"layer_outputs has shape \(1, 4, 3, 10\), expected \(2, 4, 3, 10\) = \(L, T, B, D·H\)"),
+    cases = {"grad_output": (np.ones((4, 3, 5)), r"grad_output has shape \(4, 3, 5\), "
+                                                 r"expected \(4, 3, 10\) = \(T, B, D·H\)"),
+             "layer_outputs": (result.layer_outputs[:1], r"layer_outputs has shape \(1, 4, 3, 10\), "
+                                                         r"expected \(2, 4, 3, 10\) = \(L, T, B, D·H\)"),
              "grad_h_n": (np.ones((4, 3, 4)), r"grad_h_n has shape \(4, 3, 4\), expected \(4, 3, 5\) = \(L·D, B, H\)")}
     for name, (value, message) in cases.items():
         with pytest.raises(ValueError, match=message):
