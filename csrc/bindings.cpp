@@ -103,6 +103,21 @@ pyrnn::Activation activation_arg(py::handle object) {
     throw py::value_error("nonlinearity must be 'tanh' or 'relu', got " + py::repr(object).cast<std::string>());
 }
 
+// precision: "fp32" or "bf16" (a Python str), else a ValueError naming it; bf16 with float64
+// arrays is a TypeError (bf16 products exist for float32 only).
+template <typename F>
+pyrnn::Precision precision_arg(py::handle object) {
+    if (PyUnicode_Check(object.ptr())) {
+        if (PyUnicode_CompareWithASCIIString(object.ptr(), "fp32") == 0) return pyrnn::Precision::fp32;
+        if (PyUnicode_CompareWithASCIIString(object.ptr(), "bf16") == 0) {
+            if (sizeof(F) != 4)
+                throw py::type_error("precision='bf16' needs float32 arrays, got float64 ones");
+            return pyrnn::Precision::bf16;
+        }
+    }
+    throw py::value_error("precision must be 'fp32' or 'bf16', got " + py::repr(object).cast<std::string>());
+}
+
 // The rows of a C-contiguous array whose last axis is the row.
 template <typename F>
 pyrnn::Rows<const F> rows(const Array<F>& a) {
@@ -116,7 +131,7 @@ pyrnn::Rows<F> rows(Array<F>& a) {
 template <typename F>
 py::tuple forward(py::handle x_object, py::handle weight_ih_object, py::handle weight_hh_object,
                   py::handle bias_object, py::handle h0_object, py::handle lengths_object,
-                  py::handle nonlinearity) {
+                  py::handle nonlinearity, py::handle precision) {
     const Array<F> x = array_arg<F>(x_object, "x"), weight_hh = array_arg<F>(weight_hh_object, "weight_hh");
     const auto [T, B, I, H] = dimensions(x, weight_hh);
     const Array<F> weight_ih = array_arg<F>(weight_ih_object, "weight_ih", {H, I}),
@@ -129,6 +144,7 @@ py::tuple forward(py::handle x_object, py::handle weight_ih_object, py::handle w
     pyrnn::Forward<F> call{T, B, I, H, rows(x), weight_ih.data(), weight_hh.data(), bias.data(),
                            rows(h0), lens, rows(output), rows(h_n), {}};
     call.options.activation = activation_arg(nonlinearity);
+    call.options.precision = precision_arg<F>(precision);
     {
         py::gil_scoped_release release;
         pyrnn::forward<F>(call);
@@ -139,7 +155,8 @@ py::tuple forward(py::handle x_object, py::handle weight_ih_object, py::handle w
 template <typename F>
 py::tuple backward(py::handle grad_output_object, py::handle x_object, py::handle weight_ih_object,
                    py::handle weight_hh_object, py::handle output_object, py::handle h0_object,
-                   py::handle grad_h_n_object, py::handle lengths_object, py::handle nonlinearity) {
+                   py::handle grad_h_n_object, py::handle lengths_object, py::handle nonlinearity,
+                   py::handle precision) {
     const Array<F> x = array_arg<F>(x_object, "x"), weight_hh = array_arg<F>(weight_hh_object, "weight_hh");
     const auto [T, B, I, H] = dimensions(x, weight_hh);
     const Array<F> weight_ih = array_arg<F>(weight_ih_object, "weight_ih", {H, I}),
@@ -156,6 +173,7 @@ py::tuple backward(py::handle grad_output_object, py::handle x_object, py::handl
                             grad_weight_ih.mutable_data(), grad_weight_hh.mutable_data(),
                             grad_bias.mutable_data(), {}};
     call.options.activation = activation_arg(nonlinearity);
+    call.options.precision = precision_arg<F>(precision);
     {
         py::gil_scoped_release release;
         pyrnn::backward<F>(call);
@@ -177,19 +195,23 @@ Array<F> tanh(const Array<F>& x) {
 
 // The dtype of x picks the kernel; every other array must share it.
 py::tuple forward_any(py::handle x, py::handle weight_ih, py::handle weight_hh, py::handle bias,
-                      py::handle h0, py::handle lengths, py::handle nonlinearity) {
-    if (Array<float>::check_(x)) return forward<float>(x, weight_ih, weight_hh, bias, h0, lengths, nonlinearity);
-    if (Array<double>::check_(x)) return forward<double>(x, weight_ih, weight_hh, bias, h0, lengths, nonlinearity);
+                      py::handle h0, py::handle lengths, py::handle nonlinearity, py::handle precision) {
+    if (Array<float>::check_(x))
+        return forward<float>(x, weight_ih, weight_hh, bias, h0, lengths, nonlinearity, precision);
+    if (Array<double>::check_(x))
+        return forward<double>(x, weight_ih, weight_hh, bias, h0, lengths, nonlinearity, precision);
     throw py::type_error("x must be a C-contiguous float32 or float64 array");
 }
 
 py::tuple backward_any(py::handle grad_output, py::handle x, py::handle weight_ih,
                        py::handle weight_hh, py::handle output, py::handle h0, py::handle grad_h_n,
-                       py::handle lengths, py::handle nonlinearity) {
+                       py::handle lengths, py::handle nonlinearity, py::handle precision) {
     if (Array<float>::check_(x))
-        return backward<float>(grad_output, x, weight_ih, weight_hh, output, h0, grad_h_n, lengths, nonlinearity);
+        return backward<float>(grad_output, x, weight_ih, weight_hh, output, h0, grad_h_n, lengths,
+                               nonlinearity, precision);
     if (Array<double>::check_(x))
-        return backward<double>(grad_output, x, weight_ih, weight_hh, output, h0, grad_h_n, lengths, nonlinearity);
+        return backward<double>(grad_output, x, weight_ih, weight_hh, output, h0, grad_h_n, lengths,
+                                nonlinearity, precision);
     throw py::type_error("x must be a C-contiguous float32 or float64 array");
 }
 
@@ -202,11 +224,11 @@ PYBIND11_MODULE(_cpp, m) {
     // float64), else a TypeError, so the caller always knows the kernel saw exactly its arrays.
     m.def("forward", &forward_any, arg("x"), arg("weight_ih"), arg("weight_hh"),
           arg("bias") = py::none(), arg("h0") = py::none(), arg("lengths") = py::none(),
-          arg("nonlinearity") = "tanh",
+          arg("nonlinearity") = "tanh", arg("precision") = "fp32",
           "(output, h_n) of the RNN over the whole sequence; see pyrnn.forward.");
     m.def("backward", &backward_any, arg("grad_output"), arg("x"), arg("weight_ih"),
           arg("weight_hh"), arg("output"), arg("h0") = py::none(), arg("grad_h_n") = py::none(),
-          arg("lengths") = py::none(), arg("nonlinearity") = "tanh",
+          arg("lengths") = py::none(), arg("nonlinearity") = "tanh", arg("precision") = "fp32",
           "(grad_x, grad_h0, grad_weight_ih, grad_weight_hh, grad_bias) by BPTT; see "
           "pyrnn.backward.");
     m.def("tanh", &tanh<float>, arg("x").noconvert(),
@@ -214,8 +236,8 @@ PYBIND11_MODULE(_cpp, m) {
     m.def("tanh", &tanh<double>, arg("x").noconvert());
     pyrnn::isa();  // choose the instruction set now: a bad $PYRNN_ISA fails the import, not a call
     m.def("isa", &pyrnn::isa,
-          "Instruction set of the kernel in use: 'avx512', 'avx2' or 'baseline' ($PYRNN_ISA forces a "
-          "lower one).");
+          "Instruction set of the kernel in use: 'avx512bf16' (native bf16 products), 'avx512', 'avx2' "
+          "or 'baseline' (these emulate bf16 products); $PYRNN_ISA forces a lower one.");
     m.def("set_num_threads", &pyrnn::set_num_threads, py::arg("n"),
           "Use at most n threads (pyrnn.set_num_threads calls this).");
     m.def("get_num_threads", &pyrnn::get_num_threads, "The kernel's thread budget.");

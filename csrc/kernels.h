@@ -13,7 +13,10 @@
     X(baseline, true)                                                                   \
     X(avx2, PYRNN_CPU("avx2") && PYRNN_CPU("fma"))                                      \
     X(avx512, PYRNN_CPU("avx512f") && PYRNN_CPU("avx512bw") && PYRNN_CPU("avx512dq") && \
-                  PYRNN_CPU("avx512vl") && PYRNN_CPU("avx2") && PYRNN_CPU("fma"))
+                  PYRNN_CPU("avx512vl") && PYRNN_CPU("avx2") && PYRNN_CPU("fma"))               \
+    X(avx512bf16, PYRNN_CPU("avx512f") && PYRNN_CPU("avx512bw") && PYRNN_CPU("avx512dq") && \
+                      PYRNN_CPU("avx512vl") && PYRNN_CPU("avx2") && PYRNN_CPU("fma") &&       \
+                      PYRNN_CPU("avx512bf16"))
 #else
 #define PYRNN_FOR_EACH_ISA(X) X(baseline, true)
 #endif

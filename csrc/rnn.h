@@ -18,6 +18,11 @@ namespace pyrnn {
 // φ in h_t = φ(a_t) (docs/design.md §1); its derivative is taken from the saved output h_t.
 enum class Activation { tanh, relu };
 
+// The arithmetic of the products (design.md §1): fp32 multiplies the arrays' own type (float32
+// or float64); bf16 (float32 arrays only) rounds every operand of every product to bfloat16 and
+// sums in float32, everything else staying float32.
+enum class Precision { fp32, bf16 };
+
 // The rows of a matrix: row r starts at data + r·stride (elements). A stride wider than the row
 // lets a call read or write a slice of a wider buffer (one direction's half of (T, B, 2H)).
 template <typename T>
@@ -30,6 +35,7 @@ struct Rows {
 // Everything about a call that is not an array.
 struct Options {
     Activation activation = Activation::tanh;
+    Precision precision = Precision::fp32;
     // Threads the call may use; 0 means the budget (set_num_threads). dispatch.cpp fills it in.
     int max_threads = 0;
     // Optional stop request (issue 15: Ctrl-C). The time loops read it once per step (one relaxed
@@ -80,7 +86,8 @@ Status backward(Backward<F> call);
 template <typename F>
 void tanh(const F* x, F* y, int64_t n);
 
-// The instruction set in use: "avx512", "avx2" or "baseline". The best one this CPU supports,
+// The instruction set in use: "avx512bf16" (AVX-512 with native bf16 products), "avx512", "avx2"
+// or "baseline" (the lower ones emulate bf16 products). The best one this CPU supports,
 // unless $PYRNN_ISA names a lower one; naming one the CPU lacks, or an unknown one, throws
 // std::runtime_error (the first call, at import, surfaces it).
 const char* isa();

@@ -13,7 +13,14 @@
 // same order whatever the thread count, so results are bitwise identical across thread counts.
 // Shared steps are separated by one barrier each. Nothing is allocated inside the loops.
 // φ is a policy (activation.h) the passes are templated on; the call's struct (rnn.h) picks it.
+// So is the arithmetic of the products (P: gemm.h's Plain, or bf16.h's Bf16 for precision bf16,
+// where the operands of every product are rounded to bf16 once: weights as they are packed, x once
+// per call, h_{t-1} and dL/da in the epilogue of the step that makes them).
+#include <cstring>
+#include <type_traits>
+
 #include "activation.h"
+#include "bf16.h"
 #include "gemm.h"
 #include "kernels.h"
 #include "scratch.h"
@@ -116,6 +123,37 @@ inline void add_activate_store(const F* acc, F* out, F* state, int64_t n) {
     for (int64_t j = 0; j < n; ++j) out[j] = state[j] = pre[j];
 }
 
+// What the products of P read of a float matrix whose rows the kernel writes itself (h_{t-1},
+// dL/da): the rows themselves when P multiplies F, else a copy in P::Stored, rounded row by row
+// as they are made. Its rows have a stride of their own, an even one, with a zero past column H
+// when H is odd, and one zero row more at the end: P's k-pairs may read one element past a row
+// (or past the last row) against a zero in the packed operand, and 0·(an unset NaN) is NaN.
+template <typename F, typename P>
+struct Operand {
+    using S = typename P::Stored;
+    static constexpr bool rounded = !std::is_same_v<S, F>;
+    Scratch<S> copy;
+    const int64_t ld;
+    const S* rows;  // what the products read
+
+    Operand(const F* own_rows, int64_t own_ld, int64_t n_rows, int64_t n_cols)
+        : copy(rounded ? (n_rows + 1) * row_stride<S>(n_cols) : 0),
+          ld(rounded ? row_stride<S>(n_cols) : own_ld) {
+        if constexpr (rounded) {
+            rows = copy.get();
+            std::memset(copy.get() + n_rows * ld, 0, ld * sizeof(S));
+            if (n_cols % 2)
+                for (int64_t r = 0; r < n_rows; ++r) copy.get()[r * ld + n_cols] = S(0);
+        } else {
+            rows = own_rows;
+        }
+    }
+    // Row r, columns [j, j + n), has just been written to `from`: round it into the copy.
+    void update(int64_t r, int64_t j, const F* from, int64_t n) {
+        if constexpr (rounded) round_row(from, copy.get() + r * ld + j, n);
+    }
+};
+
 }  // namespace
 
 template <typename F>
@@ -133,23 +171,25 @@ void tanh(const F* x, F* y, int64_t n) {
 
 namespace {
 
-template <typename F, typename Act>
+template <typename F, typename Act, typename P>
 Status forward_pass(const Forward<F>& c) {
+    using S = typename P::Stored;
     constexpr int MR = Tile<F>::MR, NR = Tile<F>::NR;
     const int64_t T = c.T, B = c.B, I = c.I, H = c.H;
     const Plan plan = plan_threads<F>(c.options.max_threads, T, B, I, H);
     const int64_t panels = ceil_div(H, NR);
-    Scratch<F> packed_whh(panels * Plain<F>::panel_size(H));  // weight_hhᵀ in NR-column panels
+    Scratch<S> packed_whh(panels * P::panel_size(H));  // weight_hhᵀ in NR-column panels
     // h_{t-1} and h_t (B×H, row-major). Not output itself: a padding row's state is carried
     // while its output is 0.
     const int64_t ld = row_stride<F>(H);
     Scratch<F> states(2 * B * ld);
-    const int64_t b_size = pack_b_size<Plain<F>>(I, H);
-    Scratch<F> per_thread(plan.team * b_size);
+    Operand<F, P> x_operand(c.x.data, c.x.stride, T * B, I), state_operand(states.get(), ld, 2 * B, H);
+    const int64_t b_size = pack_b_size<P>(I, H);
+    Scratch<S> per_thread(plan.team * b_size);
     Status status = Status::finished;  // written by thread 0
 
     in_parallel(plan.team, [&](const int tid, const int nt, Barrier& barrier) {
-        F* pack_b_buf = per_thread.get() + tid * b_size;
+        S* pack_b_buf = per_thread.get() + tid * b_size;
         const Share<F> share(plan, H, tid, nt);
         const Columns<F>& mine = share.mine, &steps = share.steps;
         const int step_threads = share.step_threads;
@@ -158,13 +198,20 @@ Status forward_pass(const Forward<F>& c) {
             if (tid == 0) status = Status::stopped;
         };
 
-        // 1. output <- x·weight_ihᵀ + bias on my columns, every step at once.
-        gemm<Plain<F>>(T * B, mine.begin, mine.end, I, View<F>{c.x.data, c.x.stride, 1},
-                       View<F>{c.weight_ih, 1, I}, c.bias, c.output.data, c.output.stride, pack_b_buf);
-        Plain<F>::pack(H, steps.end - steps.begin, View<F>{c.weight_hh + steps.begin * H, 1, H},
-                       packed_whh.get() + steps.begin / NR * Plain<F>::panel_size(H));
-        for (int64_t b = 0; b < B; ++b)
+        // 1. output <- x·weight_ihᵀ + bias on my columns, every step at once (after x is
+        //    rounded, when P rounds, each thread a share of its rows).
+        if constexpr (Operand<F, P>::rounded) {
+            for (int64_t r = T * B * tid / nt; r < T * B * (tid + 1) / nt; ++r) x_operand.update(r, 0, c.x.row(r), I);
+            if (barrier.wait(c.options.stop)) return stopped();
+        }
+        gemm<P>(T * B, mine.begin, mine.end, I, View<S>{x_operand.rows, x_operand.ld, 1},
+                View<F>{c.weight_ih, 1, I}, c.bias, c.output.data, c.output.stride, pack_b_buf);
+        P::pack(H, steps.end - steps.begin, View<F>{c.weight_hh + steps.begin * H, 1, H},
+                packed_whh.get() + steps.begin / NR * P::panel_size(H));
+        for (int64_t b = 0; b < B; ++b) {
             for (int64_t j = steps.begin; j < steps.end; ++j) states.get()[b * ld + j] = c.h0.row(b)[j];
+            state_operand.update(b, steps.begin, states.get() + b * ld + steps.begin, steps.end - steps.begin);
+        }
         if (barrier.wait(c.options.stop)) return stopped();
         if (tid >= step_threads) return;
 
@@ -175,12 +222,14 @@ Status forward_pass(const Forward<F>& c) {
             if (step_threads == 1 && t > 0 && Barrier::stop_requested(c.options.stop)) return stopped();
             const F* h_prev = states.get() + (t % 2) * B * ld;
             F* h_next = states.get() + ((t + 1) % 2) * B * ld;
+            const int64_t prev = (t % 2) * B, next = ((t + 1) % 2) * B;  // their rows in state_operand
             for (int64_t j = steps.begin; j < steps.end; j += NR) {
                 const int64_t cols = min64(NR, H - j);
-                const F* panel = packed_whh.get() + j / NR * Plain<F>::panel_size(H);
+                const S* panel = packed_whh.get() + j / NR * P::panel_size(H);
                 for (int64_t b0 = 0; b0 < B; b0 += MR) {
                     const int rows = int(min64(MR, B - b0));
-                    micro_kernel_rows<Plain<F>, true>(rows, H, h_prev + b0 * ld, ld, panel, tile);
+                    micro_kernel_rows<P, true>(rows, H, state_operand.rows + (prev + b0) * state_operand.ld,
+                                               state_operand.ld, panel, tile);
                     for (int r = 0; r < rows; ++r) {
                         const int64_t b = b0 + r;
                         F* out = c.output.row(t * B + b) + j;
@@ -190,6 +239,7 @@ Status forward_pass(const Forward<F>& c) {
                             for (int64_t k = 0; k < cols; ++k) out[k] = F(0);
                             for (int64_t k = 0; k < cols; ++k) h_next[b * ld + j + k] = h_prev[b * ld + j + k];
                         }
+                        state_operand.update(next + b, j, h_next + b * ld + j, cols);
                     }
                 }
             }
@@ -202,34 +252,36 @@ Status forward_pass(const Forward<F>& c) {
     return status;
 }
 
-template <typename F, typename Act>
+template <typename F, typename Act, typename P>
 Status backward_pass(const Backward<F>& c) {
+    using S = typename P::Stored;
     constexpr int MR = Tile<F>::MR, NR = Tile<F>::NR;
     const int64_t T = c.T, B = c.B, I = c.I, H = c.H;
     const Plan plan = plan_threads<F>(c.options.max_threads, T, B, I, H);
     const int64_t panels = ceil_div(H, NR), TB = T * B;
-    Scratch<F> packed_whh(panels * Plain<F>::panel_size(H));  // weight_hh in NR-column panels
+    Scratch<S> packed_whh(panels * P::panel_size(H));  // weight_hh in NR-column panels
     const int64_t ld = row_stride<F>(H);
     Scratch<F> grad_a(TB * ld);              // dL/da_t (row stride ld), 0 on padding
+    Operand<F, P> grad_a_operand(grad_a.get(), ld, TB, H);  // what the products read of it
     Scratch<F> h_prev(TB * H);               // h_{t-1} of every valid row, 0 on padding
     // x with padding rows zeroed (a NaN there must not leak), contiguous.
     const bool copy_x = c.lengths != nullptr || c.x.stride != I;
     Scratch<F> x_valid(copy_x ? TB * I : 0);
     const F* x_rows = copy_x ? x_valid.get() : c.x.data;
-    const int64_t b_size = max64(pack_b_size<Plain<F>>(H, I),
-                                 max64(pack_b_size<Plain<F>>(TB, I), pack_b_size<Plain<F>>(TB, H)));
-    Scratch<F> per_thread(plan.team * b_size);
+    const int64_t b_size = max64(pack_b_size<P>(H, I), max64(pack_b_size<P>(TB, I), pack_b_size<P>(TB, H)));
+    Scratch<S> per_thread(plan.team * b_size);
     Status status = Status::finished;  // written by thread 0
 
     in_parallel(plan.team, [&](const int tid, const int nt, Barrier& barrier) {
-        F* pack_b_buf = per_thread.get() + tid * b_size;
+        S* pack_b_buf = per_thread.get() + tid * b_size;
         const Share<F> share(plan, H, tid, nt);
         const Columns<F>& mine = share.mine, &steps = share.steps;
         const int step_threads = share.step_threads;
         alignas(64) F tile[MR * NR];
+        const int64_t lda = grad_a_operand.ld;
 
-        Plain<F>::pack(H, steps.end - steps.begin, View<F>{c.weight_hh + steps.begin, H, 1},
-                       packed_whh.get() + steps.begin / NR * Plain<F>::panel_size(H));
+        P::pack(H, steps.end - steps.begin, View<F>{c.weight_hh + steps.begin, H, 1},
+                packed_whh.get() + steps.begin / NR * P::panel_size(H));
         for (int64_t t = 0; t < T; ++t)
             for (int64_t b = 0; b < B; ++b) {
                 const F* h = t == 0 ? c.h0.row(b) : c.output.row((t - 1) * B + b);
@@ -249,14 +301,14 @@ Status backward_pass(const Backward<F>& c) {
             for (int64_t s = T - 1; s >= -1; --s) {
                 if (step_threads == 1 && Barrier::stop_requested(c.options.stop)) break;
                 const bool has_next = s + 1 <= T - 1;
-                const F* da_next = grad_a.get() + (s + 1) * B * ld;  // read only if has_next
+                const S* da_next = grad_a_operand.rows + (s + 1) * B * lda;  // read only if has_next
                 for (int64_t j = steps.begin; j < steps.end; j += NR) {
                     const int64_t cols = min64(NR, H - j);
-                    const F* panel = packed_whh.get() + j / NR * Plain<F>::panel_size(H);
+                    const S* panel = packed_whh.get() + j / NR * P::panel_size(H);
                     for (int64_t b0 = 0; b0 < B; b0 += MR) {
                         const int rows = int(min64(MR, B - b0));
                         if (has_next)
-                            micro_kernel_rows<Plain<F>, true>(rows, H, da_next + b0 * ld, ld, panel, tile);
+                            micro_kernel_rows<P, true>(rows, H, da_next + b0 * lda, lda, panel, tile);
                         else
                             for (int i = 0; i < MR * NR; ++i) tile[i] = F(0);
                         for (int r = 0; r < rows; ++r) {
@@ -277,6 +329,7 @@ Status backward_pass(const Backward<F>& c) {
                                     da[k] = (g[k] + (last ? g_end[k] : F(0)) + go[k]) * Act::derivative(h[k]);
                             else
                                 for (int64_t k = 0; k < cols; ++k) da[k] = F(0);
+                            grad_a_operand.update(s * B + b, j, da, cols);
                         }
                     }
                 }
@@ -293,12 +346,13 @@ Status backward_pass(const Backward<F>& c) {
 
         // 2. The products over all T·B rows, each thread on its own output columns.
         const Columns<F> mine_i(I, tid, nt);
-        gemm<Plain<F>>(TB, mine_i.begin, mine_i.end, H, View<F>{grad_a.get(), ld, 1},
-                       View<F>{c.weight_ih, I, 1}, nullptr, c.grad_x.data, c.grad_x.stride, pack_b_buf);
-        gemm<Plain<F>>(H, mine_i.begin, mine_i.end, TB, View<F>{grad_a.get(), 1, ld}, View<F>{x_rows, I, 1},
-                       nullptr, c.grad_weight_ih, I, pack_b_buf);
-        gemm<Plain<F>>(H, mine.begin, mine.end, TB, View<F>{grad_a.get(), 1, ld}, View<F>{h_prev.get(), H, 1},
-                       nullptr, c.grad_weight_hh, H, pack_b_buf);
+        const S* da_rows = grad_a_operand.rows;
+        gemm<P>(TB, mine_i.begin, mine_i.end, H, View<S>{da_rows, lda, 1}, View<F>{c.weight_ih, I, 1},
+                nullptr, c.grad_x.data, c.grad_x.stride, pack_b_buf);
+        gemm<P>(H, mine_i.begin, mine_i.end, TB, View<S>{da_rows, 1, lda}, View<F>{x_rows, I, 1},
+                nullptr, c.grad_weight_ih, I, pack_b_buf);
+        gemm<P>(H, mine.begin, mine.end, TB, View<S>{da_rows, 1, lda}, View<F>{h_prev.get(), H, 1},
+                nullptr, c.grad_weight_hh, H, pack_b_buf);
         for (int64_t j = mine.begin; j < mine.end; ++j) c.grad_bias[j] = F(0);
         for (int64_t r = 0; r < TB; ++r)
             for (int64_t j = mine.begin; j < mine.end; ++j) c.grad_bias[j] += grad_a.get()[r * ld + j];
@@ -308,14 +362,28 @@ Status backward_pass(const Backward<F>& c) {
 
 }  // namespace
 
+// run(Plain<F>{}) or, for precision bf16 (float only: the bindings refuse float64), run(Bf16{}).
+template <typename F, typename Run>
+inline Status with_products(Precision precision, const Run& run) {
+    if constexpr (std::is_same_v<F, float>)
+        if (precision == Precision::bf16) return run(Bf16{});
+    return run(Plain<F>{});
+}
+
 template <typename F>
 Status forward(const Forward<F>& call) {
-    return with_activation(call.options.activation, [&](auto act) { return forward_pass<F, decltype(act)>(call); });
+    return with_activation(call.options.activation, [&](auto act) {
+        return with_products<F>(call.options.precision,
+                                [&](auto p) { return forward_pass<F, decltype(act), decltype(p)>(call); });
+    });
 }
 
 template <typename F>
 Status backward(const Backward<F>& call) {
-    return with_activation(call.options.activation, [&](auto act) { return backward_pass<F, decltype(act)>(call); });
+    return with_activation(call.options.activation, [&](auto act) {
+        return with_products<F>(call.options.precision,
+                                [&](auto p) { return backward_pass<F, decltype(act), decltype(p)>(call); });
+    });
 }
 
 #define PYRNN_INSTANTIATE(F)                           \

@@ -60,6 +60,9 @@ def _add_bench_parser(commands):
     bench.add_argument("--backends", help="comma-separated contestants (default: every available backend "
                        "and torch)")
     bench.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    bench.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                       help="bf16: every contestant also in bf16 products, side by side with its float32 "
+                       "run (torch: under torch.autocast); %%peak against each precision's CPU limit")
     bench.add_argument("--layers", type=int, default=1, help="time a stack of this many layers: "
                        "pyrnn.RNN against torch.nn.RNN(num_layers=...) (default: %(default)s, the kernel alone)")
     bench.add_argument("--bidirectional", action="store_true", help="both directions in every layer "

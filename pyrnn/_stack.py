@@ -167,7 +167,7 @@ def _stack_functions(impl):
 
 
 def stack_forward(x, layers, h0=None, *, lengths=None, batch_first=False, bidirectional=False,
-                  dropout_masks=None, nonlinearity="tanh", backend=None):
+                  dropout_masks=None, nonlinearity="tanh", backend=None, precision="fp32"):
     """Run L layers × D directions of the Elman RNN over a whole sequence, torch.nn.RNN's stack.
 
     layers: L·D tuples (weight_ih, weight_hh, bias), ``layers[l·D + d]`` for layer l and direction
@@ -184,11 +184,13 @@ def stack_forward(x, layers, h0=None, *, lengths=None, batch_first=False, bidire
     """
     _, impl = _backends.resolve(backend)
     _api._check_nonlinearity(nonlinearity)
+    _api._check_precision(precision)
     a, clean_layers, (T, B, I, H, L, D) = _normalise(
         {"x": x, "h0": h0, "dropout_masks": dropout_masks}, layers, batch_first, bidirectional)
+    _api._check_precision_dtype(precision, a["x"].dtype)
     forward_stack, _ = _stack_functions(impl)
     layer_outputs, h_n = forward_stack(a["x"], clean_layers, a["h0"], _api._lengths(lengths, T, B),
-                                       a["dropout_masks"], D == 2, nonlinearity)
+                                       a["dropout_masks"], D == 2, nonlinearity, precision)
     if batch_first:
         layer_outputs = layer_outputs.swapaxes(1, 2)
     return StackOutput(layer_outputs[L - 1], h_n, layer_outputs)
@@ -196,7 +198,7 @@ def stack_forward(x, layers, h0=None, *, lengths=None, batch_first=False, bidire
 
 def stack_backward(grad_output, x, layers, layer_outputs, h0=None, *, grad_h_n=None, lengths=None,
                    batch_first=False, bidirectional=False, dropout_masks=None, nonlinearity="tanh",
-                   backend=None):
+                   backend=None, precision="fp32"):
     """Backpropagation through time for pyrnn.stack_forward.
 
     grad_output: dL/doutput (T, B, D·H); layer_outputs: what stack_forward returned for these
@@ -206,15 +208,17 @@ def stack_backward(grad_output, x, layers, layer_outputs, h0=None, *, grad_h_n=N
     """
     _, impl = _backends.resolve(backend)
     _api._check_nonlinearity(nonlinearity)
+    _api._check_precision(precision)
     for required, value in (("grad_output", grad_output), ("layer_outputs", layer_outputs)):
         if value is None:
             raise TypeError(f"{required} must be an array, got None")
     a, clean_layers, (T, B, I, H, L, D) = _normalise(
         {"grad_output": grad_output, "x": x, "layer_outputs": layer_outputs, "h0": h0,
          "grad_h_n": grad_h_n, "dropout_masks": dropout_masks}, layers, batch_first, bidirectional)
+    _api._check_precision_dtype(precision, a["x"].dtype)
     _, backward_stack = _stack_functions(impl)
     grad_x, grad_h0, grad_layers = backward_stack(
         a["grad_output"], a["x"], clean_layers, a["layer_outputs"], a["h0"], a["grad_h_n"],
-        _api._lengths(lengths, T, B), a["dropout_masks"], D == 2, nonlinearity)
+        _api._lengths(lengths, T, B), a["dropout_masks"], D == 2, nonlinearity, precision)
     return StackGrads(_api._time_major(grad_x, batch_first), grad_h0,
                       [LayerGrads(*grads) for grads in grad_layers])

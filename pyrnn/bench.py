@@ -101,6 +101,21 @@ def contestants():
     return pyrnn.available_backends() + ((PEER,) if torch_or_none() else ())
 
 
+BF16 = " bf16"  # the suffix of a contestant in precision bf16: "cpp bf16"; torch's is its autocast
+
+
+def with_bf16(names):
+    """Each contestant followed by its bf16 twin, side by side: cpp, cpp bf16, torch, torch bf16."""
+    return [twin for name in names for twin in (name, name + BF16)]
+
+
+def split_name(name, dtype):
+    """(backend, precision) of a contestant's name: "cpp bf16" -> ("cpp", "bf16")."""
+    if name.endswith(BF16):
+        return name[: -len(BF16)], "bf16"
+    return name, precision_of(dtype)
+
+
 # ---------------------------------------------------------------------------------------------
 # Problems, runners and the correctness gate
 
@@ -135,19 +150,20 @@ def reference_results(problem):
 class PyrnnRunner:
     """One pyrnn backend on one problem, through the public API (as users call it)."""
 
-    def __init__(self, backend, problem):
-        self.backend, self.p = backend, problem
+    def __init__(self, backend, problem, precision="fp32"):
+        self.backend, self.p, self.precision = backend, problem, precision
 
     def forward(self):
         p = self.p
         return pyrnn.forward(p["x"], p["weight_ih"], p["weight_hh"], p["bias"], p["h0"],
-                             backend=self.backend)
+                             backend=self.backend, precision=self.precision)
 
     def train(self):
         p = self.p
         output, h_n = self.forward()
         grads = pyrnn.backward(p["grad_output"], p["x"], p["weight_ih"], p["weight_hh"], output,
-                               p["h0"], grad_h_n=p["grad_h_n"], backend=self.backend)
+                               p["h0"], grad_h_n=p["grad_h_n"], backend=self.backend,
+                               precision=self.precision)
         return output, h_n, grads
 
     @staticmethod
@@ -162,10 +178,12 @@ class TorchRunner:
 
     torch has two biases; bias_ih holds ours and bias_hh is zero. In "train", x and h0 require
     grad, so autograd computes every gradient pyrnn.backward returns; torch.autograd.grad
-    returns them without accumulating into .grad, like pyrnn.backward.
+    returns them without accumulating into .grad, like pyrnn.backward. With autocast, the calls
+    run under torch.autocast("cpu", dtype=torch.bfloat16), torch's own bf16 path (its outputs
+    come back in bf16, its parameters' gradients in float32).
     """
 
-    def __init__(self, problem):
+    def __init__(self, problem, autocast=False):
         torch = self.torch = torch_or_none()
         T, B, I = problem["x"].shape
         H = problem["weight_hh"].shape[0]
@@ -180,13 +198,25 @@ class TorchRunner:
         self.h0 = tensor["h0"][None].requires_grad_()  # torch wants (layers, B, H)
         self.grad_output, self.grad_h_n = tensor["grad_output"], tensor["grad_h_n"][None]
         self.wrt = (self.x, self.h0, self.rnn.weight_ih_l0, self.rnn.weight_hh_l0, self.rnn.bias_ih_l0)
+        self._use_autocast(autocast)
+
+    def _use_autocast(self, autocast):
+        self.autocast = autocast
+        if autocast:  # autograd wants the gradients of outputs in the outputs' dtype
+            self.grad_output, self.grad_h_n = (g.to(self.torch.bfloat16) for g in (self.grad_output, self.grad_h_n))
+
+    def _context(self):
+        import contextlib
+
+        return self.torch.autocast("cpu", dtype=self.torch.bfloat16) if self.autocast else contextlib.nullcontext()
 
     def forward(self):
-        with self.torch.inference_mode():
+        with self.torch.inference_mode(), self._context():
             return self.rnn(self.x, self.h0)
 
     def train(self):
-        output, h_n = self.rnn(self.x, self.h0)
+        with self._context():
+            output, h_n = self.rnn(self.x, self.h0)
         grads = self.torch.autograd.grad((output, h_n), self.wrt, (self.grad_output, self.grad_h_n))
         return output, h_n, grads
 
@@ -194,7 +224,7 @@ class TorchRunner:
     def results(trained):
         output, h_n, (grad_x, grad_h0, grad_weight_ih, grad_weight_hh, grad_bias) = trained
         values = (output, h_n[0], grad_x, grad_h0[0], grad_weight_ih, grad_weight_hh, grad_bias)
-        return {name: value.detach().numpy() for name, value in zip(RESULT_NAMES, values)}
+        return {name: value.detach().float().numpy() for name, value in zip(RESULT_NAMES, values)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,11 +289,11 @@ class PyrnnStackRunner:
     """pyrnn.RNN on one backend, holding the problem's parameters: one stack call per forward
     and one per backward, as a model runs it."""
 
-    def __init__(self, backend, problem):
+    def __init__(self, backend, problem, precision="fp32"):
         T, B, I = problem["x"].shape
         L, D = stack_of(problem)
         self.rnn = pyrnn.RNN(I, problem["h0"].shape[2], L, bidirectional=D == 2,
-                             dtype=problem["x"].dtype, backend=backend)
+                             dtype=problem["x"].dtype, backend=backend, precision=precision)
         self.rnn.load_state_dict({name: problem[name] for name in self.rnn.params})
         self.p = problem
 
@@ -287,7 +317,7 @@ class TorchStackRunner(TorchRunner):
     forward and train are TorchRunner's, autograd computing every gradient pyrnn.RNN's
     backward gives."""
 
-    def __init__(self, problem):
+    def __init__(self, problem, autocast=False):
         torch = self.torch = torch_or_none()
         T, B, I = problem["x"].shape
         L, D = stack_of(problem)
@@ -299,25 +329,33 @@ class TorchStackRunner(TorchRunner):
         self.x, self.h0 = tensor["x"].requires_grad_(), tensor["h0"].requires_grad_()
         self.grad_output, self.grad_h_n = tensor["grad_output"], tensor["grad_h_n"]
         self.wrt = (self.x, self.h0, *self.rnn.parameters())
+        self._use_autocast(autocast)
 
     def results(self, trained):
         output, h_n, (grad_x, grad_h0, *grads) = trained
         results = {"output": output, "h_n": h_n, "grad_x": grad_x, "grad_h0": grad_h0,
                    **{"grad_" + name: grad for name, grad in zip(self.names, grads)}}
-        return {name: value.detach().numpy() for name, value in results.items()}
+        return {name: value.detach().float().numpy() for name, value in results.items()}
 
 
 def make_runner(name, problem):
+    backend, precision = split_name(name, problem["x"].dtype)
     if stack_of(problem) != ONE_LAYER:
-        return TorchStackRunner(problem) if name == PEER else PyrnnStackRunner(name, problem)
-    return TorchRunner(problem) if name == PEER else PyrnnRunner(name, problem)
+        if backend == PEER:
+            return TorchStackRunner(problem, autocast=precision == "bf16")
+        return PyrnnStackRunner(backend, problem, precision)
+    if backend == PEER:
+        return TorchRunner(problem, autocast=precision == "bf16")
+    return PyrnnRunner(backend, problem, precision)
 
 
-def disagreement(results, expected, problem):
+def disagreement(results, expected, problem, precision="fp32"):
     """(worst relative error, its result name, its tolerance) over the expected results, NaN
     counted as infinitely wrong; agreement means error <= tolerance for every result. A stack
     of L layers is allowed L times one layer's tolerance (each layer adds its own rounding to
-    its input's), for the longest sums of any of its layers (above the first: D·H inputs)."""
+    its input's), for the longest sums of any of its layers (above the first: D·H inputs). In
+    precision bf16 the error and its bound are those bf16 promises against float64
+    (pyrnn.testing.bf16_accuracy)."""
     T, B, I = problem["x"].shape
     L, D = stack_of(problem)
     H = problem["h0"].shape[-1]
@@ -327,6 +365,8 @@ def disagreement(results, expected, problem):
         terms = forward_terms if name in ("output", "h_n") else backward_terms
         tol = L * testing.tolerance(problem["x"].dtype, terms)
         error = testing.relative_error(results[name], expected[name])
+        if precision == "bf16":
+            error, tol = testing.bf16_accuracy(name, results[name], expected[name])
         error = math.inf if math.isnan(error) else error
         if worst is None or error / tol > worst[0] / worst[2]:
             worst = (error, name, tol)
@@ -467,7 +507,7 @@ def measure_block(calls, repeat, budget, progress, settle=0.0):
     return {name: (samples[name], number[name]) for name in calls}
 
 
-def gate(runner, expected, problem, modes):
+def gate(runner, expected, problem, modes, precision="fp32"):
     """Check one contestant against the reference, timing the first call of each mode on the way.
 
     -> dict with "status" ("ok", "wrong" or "error"), the worst error and its tolerance, and
@@ -480,7 +520,7 @@ def gate(runner, expected, problem, modes):
             outcomes[mode] = getattr(runner, mode)()
             first_call[mode] = time.perf_counter() - start
         trained = outcomes["train"] if "train" in outcomes else runner.train()  # gradients always checked
-        error, worst, tol = disagreement(runner.results(trained), expected, problem)
+        error, worst, tol = disagreement(runner.results(trained), expected, problem, precision)
     except Exception as exc:  # a contestant that raises is reported, not timed
         return {"status": "error", "message": f"{type(exc).__name__}: {exc}", "first_call_s": first_call}
     status = "ok" if error <= tol else "wrong"
@@ -500,7 +540,8 @@ def run(shapes, threads, modes, names, dtype, repeat, budget, stream=sys.stderr,
               "shapes": {name: SHAPES[name]._asdict() for name in shapes},
               "peak": {}, "gemm": {}, "thread_pools": {}, "results": []}
     gemm = gemm_call(dtype)
-    precisions = [precision_of(dtype)]
+    precision = {name: split_name(name, dtype)[1] for name in names}
+    precisions = sorted(set(precision.values()) | {precision_of(dtype)}, key=["fp64", "fp32", "bf16"].index)
     progress = tqdm(total=len(threads) * len(shapes) * (1 + len(modes)), file=stream, unit="block",
                     leave=False, dynamic_ncols=True)
     problems, expected = {}, {}
@@ -525,7 +566,7 @@ def run(shapes, threads, modes, names, dtype, repeat, budget, stream=sys.stderr,
             for name in names:
                 progress.set_description_str(f"{label}: checking {name}")
                 runner = make_runner(name, problem)
-                checks[name] = gate(runner, expected[shape_name], problem, modes)
+                checks[name] = gate(runner, expected[shape_name], problem, modes, precision[name])
                 if checks[name]["status"] == "ok":
                     runners[name] = runner
             progress.update()
@@ -538,7 +579,7 @@ def run(shapes, threads, modes, names, dtype, repeat, budget, stream=sys.stderr,
                     extra_samples[name] += timed.pop(name)[0]
                 for name in names:
                     report["results"].append(result_row(shape_name, shape, mode, n, name, checks[name],
-                                                        timed.get(name), precisions[0], stack))
+                                                        timed.get(name), precision[name], stack))
                 progress.update()
         report["gemm"][n] = {"gflops": best_gflops(PEAK_FLOP, extra_samples[GEMM]),
                              "samples_s": extra_samples[GEMM], "n": PEAK_N}
@@ -577,7 +618,9 @@ def result_row(shape_name, shape, mode, threads, name, check, timed, precision, 
 def add_ratios(rows, peak):
     """fraction_of_peak = GFLOP/s / the CPU's limit of the row's precision at that thread count
     (when measured); speedup_vs_<base> = base's median / this median, within the same shape, mode
-    and threads; speedup_vs_1_thread = the same contestant's median on 1 thread / this median."""
+    and threads (a bf16 row's bases are torch bf16 and numpy bf16, and speedup_vs_fp32 is over
+    its own backend in float32); speedup_vs_1_thread = the same contestant's median on 1 thread
+    / this median."""
     for row in rows:
         limit = peak.get(row["threads"], {}).get(row["precision"])
         if "median_s" in row and limit is not None:
@@ -585,8 +628,12 @@ def add_ratios(rows, peak):
     medians = {(r["shape"], r["mode"], r["threads"], r["backend"]): r["median_s"]
                for r in rows if "median_s" in r}
     for row in rows:
-        for base in (PEER, "numpy"):
-            key = (row["shape"], row["mode"], row["threads"], base)
+        bf16 = row["precision"] == "bf16"  # then the peers are the bf16 ones, and its fp32 twin one more
+        peers = {base: base + BF16 if bf16 else base for base in (PEER, "numpy")}
+        if bf16:
+            peers["fp32"] = row["backend"][: -len(BF16)]
+        for base, peer in peers.items():
+            key = (row["shape"], row["mode"], row["threads"], peer)
             if "median_s" in row and key in medians:
                 row[f"speedup_vs_{base}"] = medians[key] / row["median_s"]
         one_thread = (row["shape"], row["mode"], 1, row["backend"])
@@ -659,8 +706,10 @@ def format_report(report):
         over = {pool: count for pool, count in pools["threads"].items() if count > n}
         if over:
             lines.append(f"warning: asked for {n} thread(s) but these pools report more: {over}")
-    header = (f"{'mode':8s} {'thr':>3s} {'backend':8s} {'median ms':>10s} {'±iqr':>6s} {'GFLOP/s':>8s} "
-              f"{'%peak':>6s} {'vs torch':>8s} {'vs numpy':>8s} {'vs 1 thr':>8s} {'1st call ms':>11s}  check")
+    vs_fp32 = any("speedup_vs_fp32" in row for row in report["results"])  # a --precision bf16 run
+    header = (f"{'mode':8s} {'thr':>3s} {'backend':10s} {'median ms':>10s} {'±iqr':>6s} {'GFLOP/s':>8s} "
+              f"{'%peak':>6s} {'vs torch':>8s} {'vs numpy':>8s} " + (f"{'vs fp32':>8s} " if vs_fp32 else "")
+              + f"{'vs 1 thr':>8s} {'1st call ms':>11s}  check")
     stack = Stack(**report["settings"].get("stack", ONE_LAYER._asdict()))
     layout = "" if stack == ONE_LAYER else (f"  {stack.layers} layer(s) x {stack.directions} "
                                            "direction(s): pyrnn.RNN vs torch.nn.RNN")
@@ -680,17 +729,21 @@ def format_report(report):
                 peak = f"{100 * row['fraction_of_peak']:5.1f}%" if "fraction_of_peak" in row else f"{'-':>6s}"
                 timing = (f"{row['median_s'] * 1e3:10.3f} {100 * row['iqr_s'] / row['median_s']:5.0f}% "
                           f"{row['gflops']:8.2f} {peak} "
-                          f"{_speedup(row, PEER):>8s} {_speedup(row, 'numpy'):>8s} {_vs_1_thread(row):>8s}")
+                          f"{_speedup(row, PEER):>8s} {_speedup(row, 'numpy'):>8s} "
+                          + (f"{_speedup(row, 'fp32'):>8s} " if vs_fp32 else "") + f"{_vs_1_thread(row):>8s}")
             else:
-                timing = f"{'not timed':>10s} {'':6s} {'':8s} {'':6s} {'':8s} {'':8s} {'':8s}"
-            lines.append(f"{row['mode']:8s} {row['threads']:3d} {row['backend']:8s} {timing} {first:>11s}  {check}")
+                timing = (f"{'not timed':>10s} {'':6s} {'':8s} {'':6s} {'':8s} {'':8s} "
+                          + (f"{'':8s} " if vs_fp32 else "") + f"{'':8s}")
+            lines.append(f"{row['mode']:8s} {row['threads']:3d} {row['backend']:10s} {timing} {first:>11s}  {check}")
     lines += ["", "median ms: median over samples (each the mean of calls lasting ~10 ms), backends "
               "interleaved; ±iqr: interquartile range / median.",
               "%peak: GFLOP/s (forward 2·T·B·H·(I+H), train 3x) / the CPU limit of the row's precision "
-              "(timed in every round). vs X: X's median / this median (>1: faster than X); vs 1 thr: the same "
-              "contestant's 1-thread median / this one.",
+              "(timed in every round). vs X: X's median / this median (>1: faster than X; a bf16 row is "
+              "compared with torch bf16, i.e. torch.autocast, and numpy bf16, and vs fp32 with its own "
+              "backend in float32); vs 1 thr: the same contestant's 1-thread median / this one.",
               "1st call: the first call of that mode in this process (includes JIT compilation), "
-              "not in the samples. check: worst relative error against the float64 reference."]
+              "not in the samples. check: worst relative error against the float64 reference (bf16: "
+              "output absolute, gradients relative to their largest magnitude)."]
     return "\n".join(lines)
 
 
@@ -740,6 +793,10 @@ def main(args):
     """The `pyrnn bench` subcommand (arguments parsed in pyrnn.__main__)."""
     shapes = list(SHAPES) if args.full else _choices(args.shapes, SHAPES, "--shapes")
     names = _choices(args.backends, contestants(), "--backends") if args.backends else list(contestants())
+    if args.precision == "bf16":
+        if args.dtype != "float32":
+            raise SystemExit(f"--precision bf16 needs --dtype float32, got {args.dtype}")
+        names = with_bf16(names)
     modes = _choices(args.modes, MODES, "--modes")
     try:
         threads = [int(n) for n in args.threads.split(",")] if args.threads else [pyrnn.get_num_threads()]

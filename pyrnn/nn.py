@@ -92,12 +92,13 @@ class RNN:
     ever enter as their sum, so the kernel gets ``bias_ih + bias_hh`` and both receive the same
     gradient. ``dropout`` is torch's: in training mode (``train()``, the default; ``eval()``
     turns it off) each layer's output but the last is multiplied by a mask of {0, 1/(1 - p)},
-    drawn from this layer's generator at each forward.
+    drawn from this layer's generator at each forward. ``precision="bf16"`` (float32 only) runs
+    every product in bfloat16 (pyrnn.forward's precision).
     """
 
     def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
                  batch_first=False, dropout=0.0, bidirectional=False, dtype=np.float32,
-                 backend=None, seed=None):
+                 backend=None, seed=None, precision="fp32"):
         self.input_size = _positive_int("input_size", input_size)
         self.hidden_size = _positive_int("hidden_size", hidden_size)
         self.num_layers = _positive_int("num_layers", num_layers)
@@ -115,6 +116,9 @@ class RNN:
         self.num_directions = 2 if bidirectional else 1
         self.dtype = _float_dtype(dtype)
         self.backend = backend
+        _api._check_precision(precision)
+        _api._check_precision_dtype(precision, self.dtype)
+        self.precision = precision
         self.training = True
         # parameter names per layer and direction (the stack's order, torch's): ``weight_ih_l0``,
         # ``weight_hh_l0``, ``bias_ih_l0``, ``bias_hh_l0``, then ``..._l0_reverse`` and so on
@@ -203,7 +207,7 @@ class RNN:
         output, h_n, layer_outputs = _stack.stack_forward(
             x, layers, h0, lengths=lengths, batch_first=self.batch_first,
             bidirectional=self.bidirectional, dropout_masks=masks, nonlinearity=self.nonlinearity,
-            backend=self.backend)
+            backend=self.backend, precision=self.precision)
         self._cache = (x, B, layers, layer_outputs, h0, lengths, masks)
         return output, h_n
 
@@ -222,7 +226,7 @@ class RNN:
         grads = _stack.stack_backward(
             grad, x, layers, layer_outputs, h0, grad_h_n=grad_h_n, lengths=lengths,
             batch_first=self.batch_first, bidirectional=self.bidirectional, dropout_masks=masks,
-            nonlinearity=self.nonlinearity, backend=self.backend)
+            nonlinearity=self.nonlinearity, backend=self.backend, precision=self.precision)
         for (weight_ih, weight_hh, bias_ih, bias_hh), layer_grads in zip(self._keys, grads.layers):
             self.grads[weight_ih][...] = layer_grads.weight_ih
             self.grads[weight_hh][...] = layer_grads.weight_hh
@@ -236,7 +240,8 @@ class RNN:
         return (f"RNN({self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "
                 f"nonlinearity={self.nonlinearity!r}, bias={self.bias}, "
                 f"batch_first={self.batch_first}, dropout={self.dropout}, "
-                f"bidirectional={self.bidirectional}, dtype={self.dtype.name})")
+                f"bidirectional={self.bidirectional}, dtype={self.dtype.name}"
+                + (f", precision={self.precision!r})" if self.precision != "fp32" else ")"))
 
 
 class Linear:

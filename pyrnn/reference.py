@@ -8,7 +8,8 @@ time-major, one float dtype, ``h0``/``bias``/``grad_h_n`` present, ``lengths`` i
 
     x (T, B, I)   h0 (B, H)   weight_ih (H, I)   weight_hh (H, H)   bias (H,)   lengths (B,)
 
-``nonlinearity`` names φ in h_t = φ(a_t): a key of ACTIVATIONS.
+``nonlinearity`` names φ in h_t = φ(a_t): a key of ACTIVATIONS. ``precision`` names the
+arithmetic of the products: a key of PRODUCTS ("bf16" for float32 arrays only).
 
 A stack of L layers × D directions (stack_forward, stack_backward; docs/design.md §1) is composed
 of single-layer calls; the numba backend composes its own single-layer calls with the same two
@@ -29,6 +30,36 @@ ACTIVATIONS = {
 }
 
 
+def round_to_bf16(a):
+    """float32 `a` rounded to the nearest bfloat16, ties to even, as float32 (design.md §1).
+
+    A bfloat16 is the upper half of a float32: sign, the same 8-bit exponent, 7 of the 23
+    mantissa bits. Rounding adds half a unit of the kept bits (minus one when the lowest kept bit
+    is 0: ties go to even) to the bit pattern and clears the lower half; a carry out of the
+    mantissa steps the exponent, which is the right rounding up to and including overflow to inf.
+    NaN stays NaN: its lower half is cleared with the quiet bit set, so that a NaN whose payload
+    sat only in the cleared bits does not become inf.
+    """
+    bits = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+    lowest_kept = (bits >> 16) & 1
+    rounded = (bits + np.uint32(0x7FFF) + lowest_kept) & np.uint32(0xFFFF0000)
+    quiet_nan = (bits & np.uint32(0xFFFF0000)) | np.uint32(0x00400000)
+    return np.where(np.isnan(bits.view(np.float32)), quiet_nan, rounded).view(np.float32)
+
+
+def bf16_product(a, b):
+    """a @ b in precision "bf16" (float32 arrays): both operands rounded to bfloat16, their
+    products (exact: 8-bit by 8-bit significands) summed in float64, the sum rounded to float32
+    once. This is the exact accumulation the fast backends approximate in float32."""
+    return (round_to_bf16(a).astype(np.float64) @ round_to_bf16(b).astype(np.float64)).astype(np.float32)
+
+
+# The matrix product of each precision. Every product of the RNN goes through one of these;
+# everything else (bias, φ, φ', the saved outputs, the gradients returned) stays in the arrays'
+# own dtype.
+PRODUCTS = {"fp32": np.matmul, "bf16": bf16_product}
+
+
 def without_float_warnings(function):
     """NaN and inf in the inputs are values that propagate to the results, as in the compiled
     backends, not NumPy warnings (overflow, invalid) raised on the way."""
@@ -47,16 +78,17 @@ def valid_steps(lengths, T, B):
 
 
 @without_float_warnings
-def forward(x, weight_ih, weight_hh, bias, h0, lengths, nonlinearity="tanh"):
+def forward(x, weight_ih, weight_hh, bias, h0, lengths, nonlinearity="tanh", precision="fp32"):
     """h_t = φ(x_t · weight_ihᵀ + h_{t-1} · weight_hhᵀ + bias) -> (output (T, B, H), h_n (B, H))."""
     phi, _ = ACTIVATIONS[nonlinearity]
+    product = PRODUCTS[precision]
     T, B, _ = x.shape
     valid = valid_steps(lengths, T, B)[:, :, None]
-    input_term = x @ weight_ih.T + bias  # does not depend on h: all steps in one product
+    input_term = product(x, weight_ih.T) + bias  # does not depend on h: all steps in one product
     output = np.zeros(input_term.shape, dtype=x.dtype)
     h = h0.copy()
     for t in range(T):
-        h_new = phi(input_term[t] + h @ weight_hh.T)
+        h_new = phi(input_term[t] + product(h, weight_hh.T))
         output[t] = np.where(valid[t], h_new, 0)  # padding outputs are 0 ...
         h = np.where(valid[t], h_new, h)  # ... and padding rows carry their state
     return output, h
@@ -64,9 +96,10 @@ def forward(x, weight_ih, weight_hh, bias, h0, lengths, nonlinearity="tanh"):
 
 @without_float_warnings
 def backward(grad_output, x, weight_ih, weight_hh, output, h0, grad_h_n, lengths,
-             nonlinearity="tanh"):
+             nonlinearity="tanh", precision="fp32"):
     """BPTT: -> (grad_x, grad_h0, grad_weight_ih, grad_weight_hh, grad_bias)."""
     _, phi_prime = ACTIVATIONS[nonlinearity]
+    product = PRODUCTS[precision]
     T, B, _ = x.shape
     valid = valid_steps(lengths, T, B)[:, :, None]
     grad_a = np.zeros_like(output)  # dL/da_t, 0 on padding
@@ -74,11 +107,11 @@ def backward(grad_output, x, weight_ih, weight_hh, output, h0, grad_h_n, lengths
     for t in reversed(range(T)):
         da = (g + grad_output[t]) * phi_prime(output[t])  # φ'(a_t) from h_t
         grad_a[t] = np.where(valid[t], da, 0)
-        g = np.where(valid[t], da @ weight_hh, g)  # padding rows pass g through
-    return (grad_a @ weight_ih, g) + weight_gradients(grad_a, x, output, h0, valid)
+        g = np.where(valid[t], product(da, weight_hh), g)  # padding rows pass g through
+    return (product(grad_a, weight_ih), g) + weight_gradients(grad_a, x, output, h0, valid, product)
 
 
-def weight_gradients(grad_a, x, output, h0, valid):
+def weight_gradients(grad_a, x, output, h0, valid, product=np.matmul):
     """(grad_weight_ih, grad_weight_hh, grad_bias) from dL/da_t of every step.
 
     Nothing here is sequential: each is one sum over all T·B rows. Padding rows are masked
@@ -89,7 +122,7 @@ def weight_gradients(grad_a, x, output, h0, valid):
     rows_a = grad_a.reshape(-1, H)
     rows_x = np.where(valid, x, 0).reshape(-1, I)
     rows_h = np.where(valid, h_prev, 0).reshape(-1, H)
-    return rows_a.T @ rows_x, rows_a.T @ rows_h, rows_a.sum(axis=0)
+    return product(rows_a.T, rows_x), product(rows_a.T, rows_h), rows_a.sum(axis=0)
 
 
 def reverse_within_lengths(x, lengths):
@@ -125,7 +158,7 @@ def _layer_input(x, layer_outputs, dropout_masks, l):
 
 
 def stack_forward(x, layers, h0, lengths, dropout_masks, bidirectional, nonlinearity,
-                  layer_forward=forward):
+                  precision="fp32", layer_forward=forward):
     """L layers × D directions -> (layer_outputs (L, T, B, D·H), h_n (L·D, B, H)) (docs/design.md §1).
 
     Layer 0 reads x; layer l > 0 reads layer_outputs[l - 1] (both directions, forward first)
@@ -145,13 +178,13 @@ def stack_forward(x, layers, h0, lengths, dropout_masks, bidirectional, nonlinea
             weight_ih, weight_hh, bias = layers[k]
             sequence = _direction_sequence(layer_input, d, lengths)
             output, h_n[k] = layer_forward(sequence, weight_ih, weight_hh, bias, h0[k], lengths,
-                                           nonlinearity)
+                                           nonlinearity, precision)
             layer_outputs[l, :, :, d * H:(d + 1) * H] = _direction_sequence(output, d, lengths)
     return layer_outputs, h_n
 
 
 def stack_backward(grad_output, x, layers, layer_outputs, h0, grad_h_n, lengths, dropout_masks,
-                   bidirectional, nonlinearity, layer_backward=backward):
+                   bidirectional, nonlinearity, precision="fp32", layer_backward=backward):
     """BPTT through stack_forward -> (grad_x, grad_h0, [(grad_weight_ih, grad_weight_hh,
     grad_bias) per layer and direction]).
 
@@ -174,7 +207,7 @@ def stack_backward(grad_output, x, layers, layer_outputs, h0, grad_h_n, lengths,
             grads = layer_backward(_direction_sequence(grad[:, :, columns], d, lengths),
                                    _direction_sequence(layer_input, d, lengths), weight_ih, weight_hh,
                                    _direction_sequence(layer_outputs[l, :, :, columns], d, lengths),
-                                   h0[k], grad_h_n[k], lengths, nonlinearity)
+                                   h0[k], grad_h_n[k], lengths, nonlinearity, precision)
             grad_input = grad_input + _direction_sequence(grads[0], d, lengths)
             grad_h0[k] = grads[1]
             grad_layers[k] = tuple(grads[2:])

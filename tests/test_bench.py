@@ -118,6 +118,24 @@ def test_bench_command_end_to_end(tmp_path, capsys):
     assert "tiny  T=50 B=1 I=32 H=64" in table
 
 
+def test_bench_precision_bf16_runs_each_contestant_in_both_precisions(tmp_path, capsys):
+    out_json = tmp_path / "out.json"
+    status = main(["bench", "--shapes", "tiny", "--threads", "1", "--repeat", "1", "--budget", "0",
+                   "--backends", "numpy", "--precision", "bf16", "--json", str(out_json)])
+    table = capsys.readouterr().out
+    assert status == 0, table
+    rows = json.loads(out_json.read_text())["results"]
+    assert [(r["backend"], r["precision"]) for r in rows if r["mode"] == "train"] == [
+        ("numpy", "fp32"), ("numpy bf16", "bf16")]
+    bf16 = next(r for r in rows if r["backend"] == "numpy bf16" and r["mode"] == "train")
+    assert bf16["tolerance"] in (2e-2, 5e-2) and bf16["speedup_vs_fp32"] > 0
+    assert "vs fp32" in table and "train      1 numpy bf16" in table
+    if "cpp" in pyrnn.available_backends():
+        assert "CPU limit bf16 (" in table
+    with pytest.raises(SystemExit, match="--precision bf16 needs --dtype float32"):
+        main(["bench", "--precision", "bf16", "--dtype", "float64"])
+
+
 def test_bench_command_times_a_stack(tmp_path, capsys):
     out_json = tmp_path / "out.json"
     status = main(["bench", "--shapes", "tiny", "--threads", "1", "--repeat", "1", "--budget", "0",

@@ -221,14 +221,17 @@ def test_bad_arrays_raise_instead_of_crashing():
 # --- instruction sets ------------------------------------------------------------------------
 
 def test_uses_the_best_instruction_set_unless_told_otherwise():
-    assert _cpp.isa() in ("avx512", "avx2", "baseline")
+    assert _cpp.isa() in ("avx512bf16", "avx512", "avx2", "baseline")
     if not os.environ.get("PYRNN_ISA"):
         if not os.path.exists("/proc/cpuinfo"):
             return
         with open("/proc/cpuinfo") as cpuinfo:
             flags = set(next(line for line in cpuinfo if line.startswith("flags")).split(":")[1].split())
         # every feature csrc/kernels.h requires of each ISA (its compiler flags in CMakeLists.txt)
-        if {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx2", "fma"} <= flags:
+        avx512 = {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx2", "fma"}
+        if avx512 | {"avx512_bf16"} <= flags:
+            assert _cpp.isa() == "avx512bf16"
+        elif avx512 <= flags:
             assert _cpp.isa() == "avx512"
         elif {"avx2", "fma"} <= flags:
             assert _cpp.isa() == "avx2"
@@ -236,24 +239,27 @@ def test_uses_the_best_instruction_set_unless_told_otherwise():
             assert _cpp.isa() == "baseline"
 
 
-LOWER_ISAS = {"avx512": ["avx2", "baseline"], "avx2": ["baseline"], "baseline": []}[_cpp.isa()]
+ISAS = ["avx512bf16", "avx512", "avx2", "baseline"]  # best first
+LOWER_ISAS = ISAS[ISAS.index(_cpp.isa()) + 1:]
 
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
 def run_python(args, isa):
-    """python args with $PYRNN_ISA=isa, from tests/ so that the installed pyrnn is imported."""
-    return subprocess.run([sys.executable] + args, env=dict(os.environ, PYRNN_ISA=isa), cwd=TESTS,
-                          capture_output=True, text=True)
+    """python args with $PYRNN_ISA=isa, from tests/ so that the installed pyrnn is imported, and
+    $PYRNN_BACKEND=cpp: backend-parametrised tests run on the native kernel only."""
+    return subprocess.run([sys.executable] + args, env=dict(os.environ, PYRNN_ISA=isa, PYRNN_BACKEND="cpp"),
+                          cwd=TESTS, capture_output=True, text=True)
 
 
 @pytest.mark.parametrize("isa", LOWER_ISAS)
 def test_lower_instruction_set_paths(isa):
-    """The same checks (reference, tanh bound, determinism) on the copy of the kernel for `isa`."""
+    """The same checks (reference, tanh bound, determinism, bf16 against its reference) on the
+    copy of the kernel for `isa` (below avx512bf16, bf16 products are emulated)."""
     result = run_python(["-m", "pytest", "-q", "-p", "no:cacheprovider", "-k",
                          "not lower_instruction_set and not best_instruction_set and not unknown_instruction_set",
-                         "test_native_kernel.py", "test_native_tanh.py"], isa)
+                         "test_native_kernel.py", "test_native_tanh.py", "test_bf16.py"], isa)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert run_python(["-c", "from pyrnn import _cpp; print(_cpp.isa())"], isa).stdout.strip() == isa
 

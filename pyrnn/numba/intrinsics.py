@@ -1,7 +1,8 @@
 """What a C kernel gets from its vector types and atomics (csrc/simd.h, csrc/threads.h), for
 numba, which has neither: a register tile on the stack, one fused multiply-add over a vector,
-a vectorisable ldexp, acquire/release counters and a yield of the core. Each is a few lines of
-LLVM IR; the loops that use them are plain numba (products.py, activations.py, threads.py).
+a vectorisable ldexp, bfloat16 rounding, acquire/release counters and a yield of the core. Each
+is a few lines of LLVM IR; the loops that use them are plain numba (products.py, activations.py,
+threads.py).
 """
 import sys
 
@@ -104,6 +105,22 @@ def times_power_of_two(typingctx, value, n):
         power = builder.bitcast(builder.shl(exponent, ir.IntType(32)(23)), ir.FloatType())
         return builder.fmul(value_, power)
     return types.float32(types.float32, types.float32), codegen
+
+
+@intrinsic
+def round_to_bf16(typingctx, value):
+    """float32 `value` rounded to the nearest bfloat16 (ties to even; NaN kept, quiet), as
+    float32: pyrnn.reference.round_to_bf16's integer arithmetic on the bits (vectorisable)."""
+    def codegen(context, builder, signature, arguments):
+        (value_,) = arguments
+        i32 = ir.IntType(32)
+        bits = builder.bitcast(value_, i32)
+        lowest_kept = builder.and_(builder.lshr(bits, i32(16)), i32(1))
+        rounded = builder.and_(builder.add(builder.add(bits, i32(0x7FFF)), lowest_kept), i32(0xFFFF0000))
+        quiet_nan = builder.or_(builder.and_(bits, i32(0xFFFF0000)), i32(0x00400000))
+        is_nan = builder.fcmp_unordered("uno", value_, value_)
+        return builder.bitcast(builder.select(is_nan, quiet_nan, rounded), ir.FloatType())
+    return types.float32(types.float32), codegen
 
 
 @intrinsic

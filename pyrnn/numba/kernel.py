@@ -13,43 +13,50 @@ arrays: one compiled loop serves every activation.
 import numpy as np
 from numba import njit
 
-from ..reference import valid_steps, weight_gradients
+from ..reference import PRODUCTS, round_to_bf16, valid_steps, weight_gradients
 from .activations import NONLINEARITIES, apply, derivative
 from .intrinsics import stack_tile
-from .products import (PANEL_VECTORS, TILE_ROWS, empty_packed, matmul_columns, pack,
-                       panel_columns, panel_width, product_tile)
+from .products import (PANEL_VECTORS, PRECISIONS, TILE_ROWS, empty_packed, matmul_columns, operand,
+                       pack, panel_columns, panel_width, product_tile)
 from .threads import barrier, column_bounds, empty, no_float_warnings, on_threads, thread_count
 
 
 @njit(error_model="numpy", inline="always")
-def _step_tile(activation, tile, t, b0, p, j0, j1, output, state, packed_hh, bias, lengths):
+def _step_tile(activation, precision, tile, t, b0, p, j0, j1, output, state, state_operand,
+               packed_hh, bias, lengths):
     """h_t = φ(output[t] + h_{t-1} · weight_hhᵀ + bias) for rows b0.. (as many as the tile
     has) and hidden units j0:j1 (panel p), where output[t] holds the input term x_t · weight_ihᵀ;
-    padding rows: 0, state carried."""
+    padding rows: 0, state carried. The product reads state_operand (state itself, or the
+    states rounded to bf16), which gets operand(h_t)."""
     h_prev, h_next = state[t % 2], state[(t + 1) % 2]
-    product_tile(tile, h_prev, b0, packed_hh, p)
+    product_tile(tile, state_operand[t % 2], b0, packed_hh, p)
     b_j = bias[j0:j1]
     for r in range(tile.shape[0]):
         b = b0 + r
         # Row slices, so that the loops below start at 0: numba then knows no index is negative
         # (no wraparound check) and LLVM vectorises them.
         out, new = output[t, b, j0:j1], h_next[b, j0:j1]
+        new_operand = state_operand[(t + 1) % 2, b, j0:j1]
         if t < lengths[b]:
             for j in range(out.shape[0]):
                 h_j = apply(activation, out[j] + tile[r, j] + b_j[j])
                 out[j] = h_j
                 new[j] = h_j
+                new_operand[j] = operand(precision, h_j)
         else:  # padding: output 0, state carried
             out[:] = 0.0
             new[:] = h_prev[b, j0:j1]
+            new_operand[:] = state_operand[t % 2, b, j0:j1]
 
 
 @njit(error_model="numpy", cache=True, nogil=True)
-def forward_columns(activation, x, weight_ih, weight_hh, bias, lengths, output, state,
-                    input_in_loop, steps_done, thread, j0, j1):
+def forward_columns(activation, precision, x, weight_ih, weight_hh, bias, lengths, output, state,
+                    state_operand, input_in_loop, steps_done, thread, j0, j1):
     """The forward time loop for hidden units j0:j1 (all of them with one thread).
     output (T, B, H) gets h_t (0 on padding); state (2, B, H): h_{t-1} in state[t % 2] (h0 in
-    state[0] on entry), h_t goes to state[(t + 1) % 2]. The input term
+    state[0] on entry), h_t goes to state[(t + 1) % 2]; state_operand: what the products read
+    of state (the same array, or for bf16 its rounded copy, with operand(h0) on entry). The
+    input term
     x_t · weight_ihᵀ is computed here, for every step before the first, if input_in_loop, else
     it is in output on entry."""
     T, B, I = x.shape
@@ -67,34 +74,40 @@ def forward_columns(activation, x, weight_ih, weight_hh, bias, lengths, output, 
         for p in range(j0 // width, -(-j1 // width)):
             c0, c1 = p * width, min(p * width + width, j1)
             for b0 in range(0, B - TILE_ROWS + 1, TILE_ROWS):
-                _step_tile(activation, tile, t, b0, p, c0, c1, output, state, packed_hh, bias,
-                           lengths)
+                _step_tile(activation, precision, tile, t, b0, p, c0, c1, output, state,
+                           state_operand, packed_hh, bias, lengths)
             for b in range(B - B % TILE_ROWS, B):  # the rows left over (all of them when B < 4)
-                _step_tile(activation, row, t, b, p, c0, c1, output, state, packed_hh, bias,
-                           lengths)
+                _step_tile(activation, precision, row, t, b, p, c0, c1, output, state,
+                           state_operand, packed_hh, bias, lengths)
         barrier(steps_done, thread, t + 1)
 
 
 @njit(error_model="numpy", cache=True, nogil=True)
-def _grad_a_columns(activation, t, grad_output, output, g, lengths, grad_a, k0, k1):
-    """grad_a[t][:, k0:k1] = (g + grad_output[t]) · φ'(a_t) on valid rows, 0 on padding."""
+def _grad_a_columns(activation, precision, t, grad_output, output, g, lengths, grad_a,
+                    grad_a_operand, k0, k1):
+    """grad_a[t][:, k0:k1] = (g + grad_output[t]) · φ'(a_t) on valid rows, 0 on padding;
+    grad_a_operand (grad_a itself, or its bf16 copy) gets operand(that)."""
     for b in range(output.shape[1]):
-        da = grad_a[t, b, k0:k1]  # row slices: see _step_tile
+        da, da_operand = grad_a[t, b, k0:k1], grad_a_operand[t, b, k0:k1]  # row slices: see _step_tile
         if t < lengths[b]:
             g_b, go, h = g[b, k0:k1], grad_output[t, b, k0:k1], output[t, b, k0:k1]
             for k in range(da.shape[0]):
                 da[k] = (g_b[k] + go[k]) * derivative(activation, h[k])
+                da_operand[k] = operand(precision, da[k])
         else:
             da[:] = 0.0
+            da_operand[:] = 0.0
 
 
 @njit(error_model="numpy", cache=True, nogil=True)
-def backward_columns(activation, grad_output, weight_hh, weight_ih, output, lengths, g, grad_a,
-                     grad_x, product, grad_x_in_loop, steps_done, thread, k0, k1, i0, i1):
+def backward_columns(activation, precision, grad_output, weight_hh, weight_ih, output, lengths, g,
+                     grad_a, grad_a_operand, grad_x, product, grad_x_in_loop, steps_done, thread,
+                     k0, k1, i0, i1):
     """The BPTT chain for hidden units k0:k1 (all of them with one thread), and, if
     grad_x_in_loop, grad_x[t] = grad_a[t] · weight_ih for inputs i0:i1 as soon as grad_a[t] is
     complete. g (B, H): dL/dh_T on entry (grad_h_n), dL/dh0 on exit; grad_a (T, B, H) gets
-    dL/da_t; product (B, H) is scratch."""
+    dL/da_t, grad_a_operand what the products read of it (see _grad_a_columns); product (B, H)
+    is scratch."""
     packed_hh = empty_packed(weight_hh.shape[0], weight_hh.shape[1], weight_hh.dtype)
     pack(weight_hh, packed_hh, k0, k1)
     packed_ih = empty_packed(weight_ih.shape[0] if grad_x_in_loop else 0, weight_ih.shape[1],
@@ -103,17 +116,19 @@ def backward_columns(activation, grad_output, weight_hh, weight_ih, output, leng
         pack(weight_ih, packed_ih, i0, i1)
     T = output.shape[0]
     if T > 0:
-        _grad_a_columns(activation, T - 1, grad_output, output, g, lengths, grad_a, k0, k1)
+        _grad_a_columns(activation, precision, T - 1, grad_output, output, g, lengths, grad_a,
+                        grad_a_operand, k0, k1)
         barrier(steps_done, thread, 1)
     for t in range(T - 1, -1, -1):  # here grad_a[t] is complete
-        matmul_columns(grad_a[t], packed_hh, product, k0, k1)
+        matmul_columns(grad_a_operand[t], packed_hh, product, k0, k1)
         if grad_x_in_loop:
-            matmul_columns(grad_a[t], packed_ih, grad_x[t], i0, i1)
+            matmul_columns(grad_a_operand[t], packed_ih, grad_x[t], i0, i1)
         for b in range(output.shape[1]):
             if t < lengths[b]:  # padding rows pass g through
                 g[b, k0:k1] = product[b, k0:k1]
         if t > 0:
-            _grad_a_columns(activation, t - 1, grad_output, output, g, lengths, grad_a, k0, k1)
+            _grad_a_columns(activation, precision, t - 1, grad_output, output, g, lengths, grad_a,
+                            grad_a_operand, k0, k1)
         barrier(steps_done, thread, T - t + 1)
 
 
@@ -138,17 +153,33 @@ def _weight_ih_in_loop(weight_ih):
     return weight_ih.nbytes <= IN_LOOP_MAX_WEIGHT_IH_BYTES
 
 
-def forward(x, weight_ih, weight_hh, bias, h0, lengths, nonlinearity="tanh"):
+def _rounded_if_bf16(precision, *arrays):
+    """The arrays, rounded to bf16 (as float32) for precision "bf16": the operands of the
+    products that are rounded once per call (weights, x)."""
+    return tuple(round_to_bf16(a) for a in arrays) if precision == "bf16" else arrays
+
+
+def _operand_buffer(precision, own, n):
+    """What the products read of a buffer the time loop fills: itself, or for bf16 a copy of its
+    shape that the loop fills with the rounded values."""
+    return own if precision == "fp32" else empty(own.shape, own.dtype, n)
+
+
+def forward(x, weight_ih, weight_hh, bias, h0, lengths, nonlinearity="tanh", precision="fp32"):
     T, B, I = x.shape
     H = weight_hh.shape[0]
     panel = panel_columns(x.itemsize)
     n = thread_count(H, B * H * (H + I), panel)
+    x, weight_ih, weight_hh = _rounded_if_bf16(precision, x, weight_ih, weight_hh)
     output = empty((T, B, H), x.dtype, n)
     state = empty((2, B, H), x.dtype, n)  # h_{t-1} and h_t, taking turns
     state[0] = h0
+    state_operand = _operand_buffer(precision, state, n)
+    if precision == "bf16":
+        state_operand[0] = round_to_bf16(h0)
     input_in_loop = _weight_ih_in_loop(weight_ih)
-    arguments = (NONLINEARITIES[nonlinearity], x, weight_ih, weight_hh, bias,
-                 _full_lengths(lengths, T, B), output, state, input_in_loop)
+    arguments = (NONLINEARITIES[nonlinearity], PRECISIONS[precision], x, weight_ih, weight_hh, bias,
+                 _full_lengths(lengths, T, B), output, state, state_operand, input_in_loop)
     bounds, steps_done = column_bounds(H, n, panel), np.zeros(n, np.int64)
 
     def columns(i):
@@ -164,19 +195,21 @@ def forward(x, weight_ih, weight_hh, bias, h0, lengths, nonlinearity="tanh"):
 
 
 def backward(grad_output, x, weight_ih, weight_hh, output, h0, grad_h_n, lengths,
-             nonlinearity="tanh"):
+             nonlinearity="tanh", precision="fp32"):
     T, B, I = x.shape
     H = weight_hh.shape[0]
     panel = panel_columns(x.itemsize)
     n = thread_count(H, B * H * (H + I), panel)
+    weight_ih, weight_hh = _rounded_if_bf16(precision, weight_ih, weight_hh)
     grad_a, grad_x = empty(output.shape, x.dtype, n), empty(x.shape, x.dtype, n)
+    grad_a_operand = _operand_buffer(precision, grad_a, n)
     g = empty((B, H), x.dtype, n)
     g[:] = grad_h_n
     grad_x_in_loop = _weight_ih_in_loop(weight_ih)
     hidden, inputs = column_bounds(H, n, panel), column_bounds(I, n, panel)
-    arguments = (NONLINEARITIES[nonlinearity], grad_output, weight_hh, weight_ih, output,
-                 _full_lengths(lengths, T, B), g, grad_a, grad_x, empty((B, H), x.dtype, n),
-                 grad_x_in_loop)
+    arguments = (NONLINEARITIES[nonlinearity], PRECISIONS[precision], grad_output, weight_hh,
+                 weight_ih, output, _full_lengths(lengths, T, B), g, grad_a, grad_a_operand, grad_x,
+                 empty((B, H), x.dtype, n), grad_x_in_loop)
     valid = valid_steps(lengths, T, B)[:, :, None]
     steps_done = np.zeros(n, np.int64)
 
@@ -190,11 +223,11 @@ def backward(grad_output, x, weight_ih, weight_hh, output, h0, grad_h_n, lengths
         t0, t1 = T * i // n, T * (i + 1) // n
         with no_float_warnings():
             if not grad_x_in_loop:
-                np.matmul(grad_a[t0:t1].reshape(-1, H), weight_ih,
+                np.matmul(grad_a_operand[t0:t1].reshape(-1, H), weight_ih,
                           out=grad_x[t0:t1].reshape(-1, I))
             h_before = h0 if t0 == 0 else output[t0 - 1]  # h_{t0-1}; masked where it is padding
             return weight_gradients(grad_a[t0:t1], x[t0:t1], output[t0:t1], h_before,
-                                    valid[t0:t1])
+                                    valid[t0:t1], PRODUCTS[precision])
 
     weight_grads, *other_parts = on_threads(n, chain_then_products, steps_done)
     with no_float_warnings():

@@ -14,9 +14,30 @@ a horizontal sum per element: tiny 15 us instead of 33, small 0.56 ms instead of
 tiles summing k in 2 or 4 interleaved parts: large as fast, tiny 30% slower.)
 """
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.extending import overload
 
-from .intrinsics import VECTOR_BYTES, add_scaled, lanes, stack_tile
+from .intrinsics import VECTOR_BYTES, add_scaled, lanes, round_to_bf16, stack_tile
+
+# Precision "bf16" (docs/design.md §1) is a code, like the activation's: the operands of every
+# product are rounded to bfloat16 (weights and x once per call, in kernel.py; h_{t-1} and dL/da
+# as the time loop makes them, by `operand`) and the products summed in float32, as here. For
+# agreement with the reference, not for speed: the products themselves are the float32 ones.
+FP32, BF16 = 0, 1
+PRECISIONS = {"fp32": FP32, "bf16": BF16}  # pyrnn.forward's precision -> code
+
+
+def operand(precision, value):
+    """For compiled code only: what the products read of `value`, a float the time loop makes."""
+    raise NotImplementedError("pyrnn.numba.products.operand is for compiled code")
+
+
+@overload(operand)
+def _operand_of_type(precision, value):
+    if value != types.float32:  # bf16 exists for float32 only (pyrnn.forward refuses float64)
+        return lambda precision, value: value
+    return lambda precision, value: round_to_bf16(value) if precision == BF16 else value
+
 
 PANEL_VECTORS = 4  # 64 float32 or 32 float64 columns
 TILE_ROWS = 4  # 4 x 4 registers of sums: half of AVX-512's 32, the rest for w and a[b, k]
