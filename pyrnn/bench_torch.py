@@ -29,7 +29,7 @@ from . import bench, testing
 
 Case = namedtuple("Case", ["T", "B", "I", "H", "num_layers", "bidirectional"])
 
-# design.md §4's grid, I = the embedding size; and the small shape as a 2-layer bidirectional stack.
+# docs/design.md §4's grid, I = the embedding size; and the small shape as a 2-layer bidirectional stack.
 CASES = {
     "tiny": Case(*bench.SHAPES["tiny"], 1, False),
     "small": Case(*bench.SHAPES["small"], 1, False),

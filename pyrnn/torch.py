@@ -21,7 +21,7 @@ What runs where:
 The kernel's threads are pyrnn's: pyrnn.set_num_threads(n) governs them; torch.set_num_threads
 governs torch's own operations around them (docs/torch.md).
 
-Shapes (design.md §1): x (T, B, I); h0, h_n (L·D, B, H); layer_outputs (L, T, B, D·H), every
+Shapes (docs/design.md §1): x (T, B, I); h0, h_n (L·D, B, H); layer_outputs (L, T, B, D·H), every
 layer's output before dropout; weights flat in nn.RNN's order, per layer and direction
 weight_ih, weight_hh[, bias_ih, bias_hh].
 """
