@@ -1,4 +1,4 @@
-// Precision "bf16" (design.md §1, §3.9): every operand of every product rounded to bfloat16, the
+// Precision "bf16" (docs/design.md §1, §3.9): every operand of every product rounded to bfloat16, the
 // products summed in float32; everything else stays float32. This is its GEMM policy, the
 // counterpart of gemm.h's Plain: operands stored as bf16, B packed as k-pairs.
 //

@@ -18,7 +18,7 @@ namespace pyrnn {
 // φ in h_t = φ(a_t) (docs/design.md §1); its derivative is taken from the saved output h_t.
 enum class Activation { tanh, relu };
 
-// The arithmetic of the products (design.md §1): fp32 multiplies the arrays' own type (float32
+// The arithmetic of the products (docs/design.md §1): fp32 multiplies the arrays' own type (float32
 // or float64); bf16 (float32 arrays only) rounds every operand of every product to bfloat16 and
 // sums in float32, everything else staying float32.
 enum class Precision { fp32, bf16 };

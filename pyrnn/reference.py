@@ -31,7 +31,7 @@ ACTIVATIONS = {
 
 
 def round_to_bf16(a):
-    """float32 `a` rounded to the nearest bfloat16, ties to even, as float32 (design.md §1).
+    """float32 `a` rounded to the nearest bfloat16, ties to even, as float32 (docs/design.md §1).
 
     A bfloat16 is the upper half of a float32: sign, the same 8-bit exponent, 7 of the 23
     mantissa bits. Rounding adds half a unit of the kept bits (minus one when the lowest kept bit
