@@ -235,3 +235,13 @@ def test_ddp_on_two_processes_ends_where_one_process_does(tmp_path):
     for name, value in expected.items():
         assert not torch.equal(value, initial[name]), name  # trained
         torch.testing.assert_close(distributed[name], value, rtol=0, atol=1e-12)
+
+
+def test_import_pyrnn_does_not_import_torch(tmp_path):
+    """torch stays optional: pyrnn (and its bench module) import without it; pyrnn.torch imports it."""
+    import subprocess
+    import sys
+
+    script = ("import sys, pyrnn, pyrnn.bench; assert 'torch' not in sys.modules, 'torch imported'; "
+              "import pyrnn.torch; assert 'torch' in sys.modules")
+    subprocess.run([sys.executable, "-c", script], cwd=tmp_path, check=True, timeout=300)
