@@ -6,15 +6,22 @@ arrays of one float dtype, ``h0``/``bias``/``grad_h_n`` materialised, ``lengths`
 for the smallest shapes this file's overhead is a visible part of a call.
 """
 import functools
-from collections import namedtuple
 from numbers import Integral
+from typing import NamedTuple
 
 import numpy as np
 
 from . import _backends, reference
 
-Grads = namedtuple("Grads", ["x", "h0", "weight_ih", "weight_hh", "bias"])
-Grads.__doc__ = "Gradients of the loss with respect to each input of pyrnn.forward, shaped as that input."
+class Grads(NamedTuple):
+    """Gradients of the loss with respect to each input of pyrnn.forward, shaped as that input."""
+
+    x: np.ndarray
+    h0: np.ndarray
+    weight_ih: np.ndarray
+    weight_hh: np.ndarray
+    bias: np.ndarray
+
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 NONLINEARITIES = tuple(reference.ACTIVATIONS)  # ("tanh", "relu")
