@@ -29,9 +29,11 @@ template <typename F>
 struct Kernels {
     Status (*forward)(const Forward<F>&);
     Status (*backward)(const Backward<F>&);
+    Status (*stack_forward)(const StackForward<F>&);
+    Status (*stack_backward)(const StackBackward<F>&);
     void (*tanh)(const F*, F*, int64_t);
 };
-#define PYRNN_KERNELS_OF(isa, supported) {&isa::forward<F>, &isa::backward<F>, &isa::tanh<F>},
+#define PYRNN_KERNELS_OF(isa, supported) {&isa::forward<F>, &isa::backward<F>, &isa::stack_forward<F>, &isa::stack_backward<F>, &isa::tanh<F>},
 template <typename F>
 const Kernels<F> kernels[] = {PYRNN_FOR_EACH_ISA(PYRNN_KERNELS_OF)};
 
@@ -97,16 +99,31 @@ const Kernels<F>& selected_kernels() {
     return kernels<F>[int(selected())];
 }
 
+// The selected copy's entry point, with the thread budget filled in unless the call sets one.
+template <typename F, typename Call>
+Status run_selected(Status (*Kernels<F>::*entry)(const Call&), Call call) {
+    if (call.options.max_threads <= 0) call.options.max_threads = get_num_threads();
+    return (selected_kernels<F>().*entry)(call);
+}
+
 template <typename F>
 Status forward(Forward<F> call) {
-    if (call.options.max_threads <= 0) call.options.max_threads = get_num_threads();
-    return selected_kernels<F>().forward(call);
+    return run_selected<F>(&Kernels<F>::forward, call);
 }
 
 template <typename F>
 Status backward(Backward<F> call) {
-    if (call.options.max_threads <= 0) call.options.max_threads = get_num_threads();
-    return selected_kernels<F>().backward(call);
+    return run_selected<F>(&Kernels<F>::backward, call);
+}
+
+template <typename F>
+Status stack_forward(StackForward<F> call) {
+    return run_selected<F>(&Kernels<F>::stack_forward, call);
+}
+
+template <typename F>
+Status stack_backward(StackBackward<F> call) {
+    return run_selected<F>(&Kernels<F>::stack_backward, call);
 }
 
 template <typename F>
@@ -117,6 +134,8 @@ void tanh(const F* x, F* y, int64_t n) {
 #define PYRNN_INSTANTIATE(F)                    \
     template Status forward(Forward<F>);        \
     template Status backward(Backward<F>);      \
+    template Status stack_forward(StackForward<F>); \
+    template Status stack_backward(StackBackward<F>); \
     template void tanh(const F*, F*, int64_t);
 PYRNN_INSTANTIATE(float)
 PYRNN_INSTANTIATE(double)

@@ -10,10 +10,17 @@ from .gradcheck import GradcheckError, gradcheck
 
 def _backends_command(args):
     for name in _backends.available_backends():
-        print(f"{name:6s} available")
+        print(f"{name:6s} available" + (_native_isa() if name == "cpp" else ""))
     for name, reason in _backends.unavailable_backends().items():
         print(f"{name:6s} unavailable: {reason}")
     return 0
+
+
+def _native_isa():
+    """Which copy of the native kernel runs, and so how its bf16 products are computed."""
+    isa = _backends.loaded()["cpp"].isa()
+    products = "vdpbf16ps" if isa == "avx512bf16" else "emulated with float32 FMAs"
+    return f" (instruction set {isa}; bf16 products: {products})"
 
 
 def _gradcheck_command(args):

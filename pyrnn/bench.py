@@ -121,21 +121,8 @@ def split_name(name, dtype):
 
 
 def make_problem(shape, dtype=np.float32, seed=0):
-    """Inputs of one forward+backward, in `dtype`, drawn as torch.nn.RNN initialises its weights
-    (uniform in ±1/sqrt(H)) with O(1) data, so that tanh neither saturates nor stays linear."""
-    T, B, I, H = shape
-    rng = np.random.default_rng(seed)
-    k = 1 / math.sqrt(H)
-    arrays = {
-        "x": rng.standard_normal((T, B, I)),
-        "weight_ih": rng.uniform(-k, k, (H, I)),
-        "weight_hh": rng.uniform(-k, k, (H, H)),
-        "bias": rng.uniform(-k, k, H),
-        "h0": rng.uniform(-1, 1, (B, H)),
-        "grad_output": rng.standard_normal((T, B, H)),
-        "grad_h_n": rng.standard_normal((B, H)),
-    }
-    return {name: array.astype(dtype) for name, array in arrays.items()}
+    """Inputs of one forward+backward of `shape`, in `dtype` (pyrnn.testing.make_problem)."""
+    return testing.make_problem(np.random.default_rng(seed), *shape, dtype, gradients=True)
 
 
 def reference_results(problem):

@@ -30,6 +30,29 @@ RESULT_NAMES = ("output", "h_n", "grad_x", "grad_h0", "grad_weight_ih", "grad_we
 TANH_MAX_ULP = {np.dtype(np.float32): 2, np.dtype(np.float64): 8}
 
 
+def make_problem(rng, T, B, I, H, dtype=np.float64, bias=True, h0=True, gradients=False):
+    """Random inputs of pyrnn.forward (x, weight_ih, weight_hh, bias, h0; None for an absent bias or
+    h0) drawn as torch.nn.RNN initialises its weights, uniform in ±1/sqrt(H), with O(1) data and
+    state, so that tanh neither saturates nor stays linear; with gradients, also the grad_output
+    and grad_h_n of a backward. Shared by the tests and `pyrnn bench`."""
+    bound = 1 / np.sqrt(H)
+
+    def uniform(*shape):
+        return rng.uniform(-bound, bound, size=shape).astype(dtype)
+
+    problem = dict(
+        x=rng.standard_normal((T, B, I)).astype(dtype),
+        weight_ih=uniform(H, I),
+        weight_hh=uniform(H, H),
+        bias=uniform(H) if bias else None,
+        h0=rng.standard_normal((B, H)).astype(dtype) if h0 else None,
+    )
+    if gradients:
+        problem.update(grad_output=rng.standard_normal((T, B, H)).astype(dtype),
+                       grad_h_n=rng.standard_normal((B, H)).astype(dtype))
+    return problem
+
+
 def tolerance(dtype, accumulated):
     """Largest acceptable max|actual - reference| / max|reference| for sums of `accumulated` terms."""
     if np.dtype(dtype) == np.float64:
