@@ -1,7 +1,7 @@
 """`pyrnn bench --torch-train`: a whole training step in PyTorch, torch.nn.RNN against pyrnn.torch.RNN.
 
 The step is what a user of pyrnn.torch runs: Embedding -> RNN -> Linear -> cross-entropy over
-every position -> backward -> Adam, on (T, B) token ids of a vocabulary of 64, with the embedding
+every position -> backward -> Adam (fused), on (T, B) token ids of a vocabulary of 64, with the embedding
 size as the RNN's input size. The two models start from the same weights (one is a deepcopy of
 the other, converted by pyrnn.torch.convert), see the same batches, each has its own Adam.
 
@@ -60,7 +60,9 @@ class TrainingStep:
 
     def __init__(self, model, ids, targets):
         self.model, self.ids, self.targets = model, ids, targets
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        # fused: torch's fastest Adam on the CPU (one kernel for all parameters), for both models;
+        # the default per-parameter loop costs ~10% of the drop-in's step at the small shape.
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
 
     def step(self):
         self.optimizer.zero_grad(set_to_none=True)

@@ -245,3 +245,24 @@ def test_import_pyrnn_does_not_import_torch(tmp_path):
     script = ("import sys, pyrnn, pyrnn.bench; assert 'torch' not in sys.modules, 'torch imported'; "
               "import pyrnn.torch; assert 'torch' in sys.modules")
     subprocess.run([sys.executable, "-c", script], cwd=tmp_path, check=True, timeout=300)
+
+
+def test_bench_torch_train_checks_then_times_each_case(monkeypatch):
+    """`pyrnn bench --torch-train` on two small cases: the losses gate passes, both steps are
+    timed, the boundary is measured on the one-layer case, and the table says so."""
+    from pyrnn import bench, bench_torch
+
+    monkeypatch.setattr(bench_torch, "CASES", {"one layer": bench_torch.Case(6, 2, 4, 5, 1, False),
+                                               "stack": bench_torch.Case(6, 2, 4, 5, 2, True)})
+    monkeypatch.setattr(bench, "SAMPLE_SECONDS", 1e-3)
+    torch_threads = torch.get_num_threads()
+    try:
+        with _threads.limited_to(1):
+            report = bench_torch.run([1], repeat=2, budget=0)
+    finally:
+        torch.set_num_threads(torch_threads)
+    assert [(row["case"], row["status"]) for row in report["results"]] == [("one layer", "ok"), ("stack", "ok")]
+    assert all(row["speedup"] > 0 for row in report["results"])
+    assert [row["case"] for row in report["overhead"]] == ["one layer"]
+    text = bench_torch.format_report(report)
+    assert "one layer" in text and "stack" in text and "ok" in text
