@@ -12,8 +12,9 @@ What runs where:
 - The kernel is registered with torch as two operators, ``torch.ops.pyrnn.rnn_forward`` and
   ``torch.ops.pyrnn.rnn_backward`` (torch.library.custom_op, with register_fake and
   register_autograd), which is what torch.compile(fullgraph=True) and torch.export see. In eager
-  mode the modules call the same two functions through a torch.autograd.Function instead: the
-  dispatcher's route costs ~40 us a call more, which is the whole budget on the smallest shapes.
+  mode the modules call the same two functions through a torch.autograd.Function instead: on
+  the tiny shape the dispatcher's route took 2.7x the Function's time for forward + backward
+  (355 against 131 us of CPU time, 1 thread, loaded machine), more than the kernel's own.
 - Anything else (other devices, float16/bfloat16, autocast, functorch transforms, forward-mode AD)
   runs torch's own nn.RNN / nn.RNNCell computation on the same parameters, and a backward with
   create_graph=True recomputes the step through torch's kernels, so double backward works too.
