@@ -79,6 +79,9 @@ def _add_bench_parser(commands):
                        "(default: %(default)s)")
     bench.add_argument("--budget", type=float, default=2.0, help="keep sampling while a (shape, mode, "
                        "threads) block has taken fewer seconds than this (default: %(default)s)")
+    bench.add_argument("--torch-train", action="store_true", help="instead: a whole training step in "
+                       "PyTorch (Embedding, RNN, Linear, cross-entropy, Adam), torch.nn.RNN against "
+                       "pyrnn.torch.RNN (needs torch; --shapes, --modes and --backends do not apply)")
     bench.add_argument("--json", metavar="PATH", help="write machine, versions, thread pools and every sample")
     bench.add_argument("--plot", metavar="PATH.png", help="bar chart of speed-ups (needs matplotlib)")
     bench.set_defaults(run=_bench_command)
