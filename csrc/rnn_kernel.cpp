@@ -215,6 +215,7 @@ void backward(const F* grad_output, const F* x, const F* weight_ih, const F* wei
         const Columns<F>& mine = share.mine, &steps = share.steps;
         const int step_threads = share.step_threads;
         alignas(64) F tile[MR * NR];
+        const F no_g[NR] = {};
 
         pack_b<F>(H, steps.end - steps.begin, View<F>{weight_hh + steps.begin, H, 1},
                   packed_whh.get() + steps.begin * H);
@@ -246,7 +247,10 @@ void backward(const F* grad_output, const F* x, const F* weight_ih, const F* wei
                             for (int i = 0; i < MR * NR; ++i) tile[i] = F(0);
                         for (int r = 0; r < rows; ++r) {
                             const int64_t b = b0 + r;
-                            const F* g = tile + r * NR;
+                            // Past the row's length da_{s+1} is 0 and so is g, exactly: not
+                            // 0·weight_hh, NaN where weight_hh holds inf or NaN (the reference
+                            // multiplies no padding row).
+                            const F* g = has_next && !valid(lengths, s + 1, b) ? no_g : tile + r * NR;
                             const F* g_end = grad_h_n + b * H + j;  // enters at the row's last step
                             const bool last = s == length(lengths, T, b) - 1;
                             if (s < 0) {
