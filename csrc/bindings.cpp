@@ -42,12 +42,21 @@ void check_shape(const py::array& a, const char* name, std::initializer_list<py:
                           shape_str(expected));
 }
 
-// `object` as a C-contiguous array of F (no copy), or a TypeError naming it.
+// Whether `array` (an ndarray) is aligned to its dtype. NumPy makes views that are not (into a
+// byte buffer at an odd offset, or a field of a packed structured array): the kernel's typed
+// reads of those are undefined behaviour, and vectorised code may assume the alignment.
+bool aligned(py::handle array) {
+    return py::detail::check_flags(array.ptr(), py::detail::npy_api::NPY_ARRAY_ALIGNED_);
+}
+
+// `object` as a C-contiguous, aligned array of F (no copy), or a TypeError naming it.
 template <typename F>
 Array<F> array_arg(py::handle object, const char* name) {
     if (!Array<F>::check_(object))
         throw py::type_error(std::string(name) + " must be a C-contiguous " + dtype_name<F> +
                              " array (the dtype of x)");
+    if (!aligned(object))
+        throw py::type_error(std::string(name) + " is not aligned to its dtype; pass a copy");
     return py::reinterpret_borrow<Array<F>>(object);
 }
 
@@ -58,13 +67,18 @@ Array<F> array_arg(py::handle object, const char* name, std::initializer_list<py
     return array;
 }
 
+template <typename F>
+Array<F> zeros(std::initializer_list<py::ssize_t> shape) {
+    Array<F> array{std::vector<py::ssize_t>(shape)};
+    std::fill_n(array.mutable_data(), array.size(), F(0));
+    return array;
+}
+
 // The same, where None means zeros (no bias, h0 = 0, grad_h_n = 0), as in pyrnn.forward.
 template <typename F>
 Array<F> optional_arg(py::handle object, const char* name, std::initializer_list<py::ssize_t> shape) {
     if (!object.is_none()) return array_arg<F>(object, name, shape);
-    Array<F> zeros{std::vector<py::ssize_t>(shape)};
-    std::fill_n(zeros.mutable_data(), zeros.size(), F(0));
-    return zeros;
+    return zeros<F>(shape);
 }
 
 // lengths as a pointer into the caller's array (alive for the call), or null for None.
@@ -72,6 +86,7 @@ const int64_t* checked_lengths(py::handle object, int64_t T, int64_t B) {
     if (object.is_none()) return nullptr;
     if (!Array<int64_t>::check_(object))
         throw py::type_error("lengths must be None or a C-contiguous int64 array");
+    if (!aligned(object)) throw py::type_error("lengths is not aligned to its dtype; pass a copy");
     auto lengths = py::reinterpret_borrow<Array<int64_t>>(object);
     check_shape(lengths, "lengths", {B});
     const int64_t* p = lengths.data();
@@ -105,6 +120,10 @@ py::tuple forward(py::handle x_object, py::handle weight_ih_object, py::handle w
 
     Array<F> output({T, B, H});
     Array<F> h_n({B, H});
+    // No step has any work when B·H = 0, and both results are empty. The kernel is not called:
+    // its time loop would still count T steps, and T is unbounded here (x of shape
+    // (2**58, 0, 1) holds no bytes).
+    if (B == 0 || H == 0) return py::make_tuple(output, h_n);
     const F *px = x.data(), *pwi = weight_ih.data(), *pwh = weight_hh.data(), *pb = bias.data(),
             *ph0 = h0.data();
     F *pout = output.mutable_data(), *phn = h_n.mutable_data();
@@ -128,6 +147,9 @@ py::tuple backward(py::handle grad_output_object, py::handle x_object, py::handl
                    grad_h_n = optional_arg<F>(grad_h_n_object, "grad_h_n", {B, H});
     const int64_t* lens = checked_lengths(lengths_object, T, B);
 
+    if (B == 0 || H == 0)  // no step has any work (see forward): every gradient is 0
+        return py::make_tuple(zeros<F>({T, B, I}), zeros<F>({B, H}), zeros<F>({H, I}),
+                              zeros<F>({H, H}), zeros<F>({H}));
     Array<F> grad_x({T, B, I}), grad_h0({B, H}), grad_weight_ih({H, I}), grad_weight_hh({H, H}),
         grad_bias({H});
     const F *pgo = grad_output.data(), *px = x.data(), *pwi = weight_ih.data(),
@@ -145,7 +167,8 @@ py::tuple backward(py::handle grad_output_object, py::handle x_object, py::handl
 }
 
 template <typename F>
-Array<F> tanh(const Array<F>& x) {
+Array<F> tanh(py::handle x_object) {
+    const Array<F> x = array_arg<F>(x_object, "x");
     Array<F> y(std::vector<py::ssize_t>(x.shape(), x.shape() + x.ndim()));
     const F* px = x.data();
     F* py_ = y.mutable_data();
@@ -161,6 +184,12 @@ py::tuple forward_any(py::handle x, py::handle weight_ih, py::handle weight_hh, 
                       py::handle h0, py::handle lengths) {
     if (Array<float>::check_(x)) return forward<float>(x, weight_ih, weight_hh, bias, h0, lengths);
     if (Array<double>::check_(x)) return forward<double>(x, weight_ih, weight_hh, bias, h0, lengths);
+    throw py::type_error("x must be a C-contiguous float32 or float64 array");
+}
+
+py::array tanh_any(py::handle x) {
+    if (Array<float>::check_(x)) return tanh<float>(x);
+    if (Array<double>::check_(x)) return tanh<double>(x);
     throw py::type_error("x must be a C-contiguous float32 or float64 array");
 }
 
@@ -189,9 +218,8 @@ PYBIND11_MODULE(_cpp, m) {
           arg("lengths") = py::none(),
           "(grad_x, grad_h0, grad_weight_ih, grad_weight_hh, grad_bias) by BPTT; see "
           "pyrnn.backward.");
-    m.def("tanh", &tanh<float>, arg("x").noconvert(),
+    m.def("tanh", &tanh_any, arg("x"),
           "Elementwise tanh by the kernel's vectorised approximation (exposed for its tests).");
-    m.def("tanh", &tanh<double>, arg("x").noconvert());
     pyrnn::isa();  // choose the instruction set now: a bad $PYRNN_ISA fails the import, not a call
     m.def("isa", &pyrnn::isa,
           "Instruction set of the kernel in use: 'avx512', 'avx2' or 'baseline' ($PYRNN_ISA forces a "
