@@ -1,4 +1,4 @@
-"""The benchmark suite: each backend and torch.nn.RNN on the shape grid of design.md §4.
+"""The benchmark suite: each backend and torch.nn.RNN on the shape grid of docs/design.md §4.
 
     pytest benchmarks/ --benchmark-only -k medium          # time one shape, backend vs backend
     PYRNN_NUM_THREADS=1 pytest benchmarks/ --benchmark-only  # bound every thread pool, torch's too

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "peak.h"
 #include "rnn.h"
 
 namespace py = pybind11;
@@ -108,9 +109,44 @@ std::array<int64_t, 4> dimensions(const Array<F>& x, const Array<F>& weight_hh) 
     return {x.shape(0), x.shape(1), x.shape(2), weight_hh.shape(0)};
 }
 
+// nonlinearity: "tanh" or "relu" (a Python str), else a ValueError naming it.
+pyrnn::Activation activation_arg(py::handle object) {
+    if (PyUnicode_Check(object.ptr())) {  // compared in place: no string is made on the fast path
+        if (PyUnicode_CompareWithASCIIString(object.ptr(), "tanh") == 0) return pyrnn::Activation::tanh;
+        if (PyUnicode_CompareWithASCIIString(object.ptr(), "relu") == 0) return pyrnn::Activation::relu;
+    }
+    throw py::value_error("nonlinearity must be 'tanh' or 'relu', got " + py::repr(object).cast<std::string>());
+}
+
+// precision: "fp32" or "bf16" (a Python str), else a ValueError naming it; bf16 with float64
+// arrays is a TypeError (bf16 products exist for float32 only).
+template <typename F>
+pyrnn::Precision precision_arg(py::handle object) {
+    if (PyUnicode_Check(object.ptr())) {
+        if (PyUnicode_CompareWithASCIIString(object.ptr(), "fp32") == 0) return pyrnn::Precision::fp32;
+        if (PyUnicode_CompareWithASCIIString(object.ptr(), "bf16") == 0) {
+            if (sizeof(F) != 4)
+                throw py::type_error("precision='bf16' needs float32 arrays, got float64 ones");
+            return pyrnn::Precision::bf16;
+        }
+    }
+    throw py::value_error("precision must be 'fp32' or 'bf16', got " + py::repr(object).cast<std::string>());
+}
+
+// The rows of a C-contiguous array whose last axis is the row.
+template <typename F>
+pyrnn::Rows<const F> rows(const Array<F>& a) {
+    return {a.data(), a.ndim() > 0 ? a.shape(a.ndim() - 1) : 1};
+}
+template <typename F>
+pyrnn::Rows<F> rows(Array<F>& a) {
+    return {a.mutable_data(), a.ndim() > 0 ? a.shape(a.ndim() - 1) : 1};
+}
+
 template <typename F>
 py::tuple forward(py::handle x_object, py::handle weight_ih_object, py::handle weight_hh_object,
-                  py::handle bias_object, py::handle h0_object, py::handle lengths_object) {
+                  py::handle bias_object, py::handle h0_object, py::handle lengths_object,
+                  py::handle nonlinearity, py::handle precision) {
     const Array<F> x = array_arg<F>(x_object, "x"), weight_hh = array_arg<F>(weight_hh_object, "weight_hh");
     const auto [T, B, I, H] = dimensions(x, weight_hh);
     const Array<F> weight_ih = array_arg<F>(weight_ih_object, "weight_ih", {H, I}),
@@ -120,16 +156,17 @@ py::tuple forward(py::handle x_object, py::handle weight_ih_object, py::handle w
 
     Array<F> output({T, B, H});
     Array<F> h_n({B, H});
+    pyrnn::Forward<F> call{T, B, I, H, rows(x), weight_ih.data(), weight_hh.data(), bias.data(),
+                           rows(h0), lens, rows(output), rows(h_n), {}};
+    call.options.activation = activation_arg(nonlinearity);
+    call.options.precision = precision_arg<F>(precision);
     // No step has any work when B·H = 0, and both results are empty. The kernel is not called:
     // its time loop would still count T steps, and T is unbounded here (x of shape
     // (2**58, 0, 1) holds no bytes).
     if (B == 0 || H == 0) return py::make_tuple(output, h_n);
-    const F *px = x.data(), *pwi = weight_ih.data(), *pwh = weight_hh.data(), *pb = bias.data(),
-            *ph0 = h0.data();
-    F *pout = output.mutable_data(), *phn = h_n.mutable_data();
     {
         py::gil_scoped_release release;
-        pyrnn::forward<F>(px, pwi, pwh, pb, ph0, lens, pout, phn, T, B, I, H);
+        pyrnn::forward<F>(call);
     }
     return py::make_tuple(output, h_n);
 }
@@ -137,7 +174,8 @@ py::tuple forward(py::handle x_object, py::handle weight_ih_object, py::handle w
 template <typename F>
 py::tuple backward(py::handle grad_output_object, py::handle x_object, py::handle weight_ih_object,
                    py::handle weight_hh_object, py::handle output_object, py::handle h0_object,
-                   py::handle grad_h_n_object, py::handle lengths_object) {
+                   py::handle grad_h_n_object, py::handle lengths_object, py::handle nonlinearity,
+                   py::handle precision) {
     const Array<F> x = array_arg<F>(x_object, "x"), weight_hh = array_arg<F>(weight_hh_object, "weight_hh");
     const auto [T, B, I, H] = dimensions(x, weight_hh);
     const Array<F> weight_ih = array_arg<F>(weight_ih_object, "weight_ih", {H, I}),
@@ -146,22 +184,22 @@ py::tuple backward(py::handle grad_output_object, py::handle x_object, py::handl
                    h0 = optional_arg<F>(h0_object, "h0", {B, H}),
                    grad_h_n = optional_arg<F>(grad_h_n_object, "grad_h_n", {B, H});
     const int64_t* lens = checked_lengths(lengths_object, T, B);
-
-    if (B == 0 || H == 0)  // no step has any work (see forward): every gradient is 0
-        return py::make_tuple(zeros<F>({T, B, I}), zeros<F>({B, H}), zeros<F>({H, I}),
-                              zeros<F>({H, H}), zeros<F>({H}));
     Array<F> grad_x({T, B, I}), grad_h0({B, H}), grad_weight_ih({H, I}), grad_weight_hh({H, H}),
         grad_bias({H});
-    const F *pgo = grad_output.data(), *px = x.data(), *pwi = weight_ih.data(),
-            *pwh = weight_hh.data(), *pout = output.data(), *ph0 = h0.data(),
-            *pghn = grad_h_n.data();
-    F *pgx = grad_x.mutable_data(), *pgh0 = grad_h0.mutable_data(),
-      *pgwi = grad_weight_ih.mutable_data(), *pgwh = grad_weight_hh.mutable_data(),
-      *pgb = grad_bias.mutable_data();
+    pyrnn::Backward<F> call{T, B, I, H, rows(grad_output), rows(x), weight_ih.data(), weight_hh.data(),
+                            rows(output), rows(h0), rows(grad_h_n), lens, rows(grad_x), rows(grad_h0),
+                            grad_weight_ih.mutable_data(), grad_weight_hh.mutable_data(),
+                            grad_bias.mutable_data(), {}};
+    call.options.activation = activation_arg(nonlinearity);
+    call.options.precision = precision_arg<F>(precision);
+    if (B == 0 || H == 0) {  // no step has any work (see forward): every gradient is 0
+        for (Array<F>* grad : {&grad_x, &grad_weight_ih, &grad_weight_hh, &grad_bias})
+            std::fill_n(grad->mutable_data(), grad->size(), F(0));
+        return py::make_tuple(grad_x, grad_h0, grad_weight_ih, grad_weight_hh, grad_bias);
+    }
     {
         py::gil_scoped_release release;
-        pyrnn::backward<F>(pgo, px, pwi, pwh, pout, ph0, pghn, lens, pgx, pgh0, pgwi, pgwh, pgb,
-                           T, B, I, H);
+        pyrnn::backward<F>(call);
     }
     return py::make_tuple(grad_x, grad_h0, grad_weight_ih, grad_weight_hh, grad_bias);
 }
@@ -181,9 +219,11 @@ Array<F> tanh(py::handle x_object) {
 
 // The dtype of x picks the kernel; every other array must share it.
 py::tuple forward_any(py::handle x, py::handle weight_ih, py::handle weight_hh, py::handle bias,
-                      py::handle h0, py::handle lengths) {
-    if (Array<float>::check_(x)) return forward<float>(x, weight_ih, weight_hh, bias, h0, lengths);
-    if (Array<double>::check_(x)) return forward<double>(x, weight_ih, weight_hh, bias, h0, lengths);
+                      py::handle h0, py::handle lengths, py::handle nonlinearity, py::handle precision) {
+    if (Array<float>::check_(x))
+        return forward<float>(x, weight_ih, weight_hh, bias, h0, lengths, nonlinearity, precision);
+    if (Array<double>::check_(x))
+        return forward<double>(x, weight_ih, weight_hh, bias, h0, lengths, nonlinearity, precision);
     throw py::type_error("x must be a C-contiguous float32 or float64 array");
 }
 
@@ -195,36 +235,53 @@ py::array tanh_any(py::handle x) {
 
 py::tuple backward_any(py::handle grad_output, py::handle x, py::handle weight_ih,
                        py::handle weight_hh, py::handle output, py::handle h0, py::handle grad_h_n,
-                       py::handle lengths) {
+                       py::handle lengths, py::handle nonlinearity, py::handle precision) {
     if (Array<float>::check_(x))
-        return backward<float>(grad_output, x, weight_ih, weight_hh, output, h0, grad_h_n, lengths);
+        return backward<float>(grad_output, x, weight_ih, weight_hh, output, h0, grad_h_n, lengths,
+                               nonlinearity, precision);
     if (Array<double>::check_(x))
-        return backward<double>(grad_output, x, weight_ih, weight_hh, output, h0, grad_h_n, lengths);
+        return backward<double>(grad_output, x, weight_ih, weight_hh, output, h0, grad_h_n, lengths,
+                                nonlinearity, precision);
     throw py::type_error("x must be a C-contiguous float32 or float64 array");
 }
 
 }  // namespace
 
 PYBIND11_MODULE(_cpp, m) {
-    m.doc() = "pyrnn's native kernel (the 'cpp' backend): tanh RNN forward and BPTT.";
+    m.doc() = "pyrnn's native kernel (the 'cpp' backend): RNN forward and BPTT (tanh or relu).";
     using py::arg;
     // No copies: every array must already be C-contiguous with the dtype of x (float32 or
     // float64), else a TypeError, so the caller always knows the kernel saw exactly its arrays.
     m.def("forward", &forward_any, arg("x"), arg("weight_ih"), arg("weight_hh"),
           arg("bias") = py::none(), arg("h0") = py::none(), arg("lengths") = py::none(),
-          "(output, h_n) of the tanh RNN over the whole sequence; see pyrnn.forward.");
+          arg("nonlinearity") = "tanh", arg("precision") = "fp32",
+          "(output, h_n) of the RNN over the whole sequence; see pyrnn.forward.");
     m.def("backward", &backward_any, arg("grad_output"), arg("x"), arg("weight_ih"),
           arg("weight_hh"), arg("output"), arg("h0") = py::none(), arg("grad_h_n") = py::none(),
-          arg("lengths") = py::none(),
+          arg("lengths") = py::none(), arg("nonlinearity") = "tanh", arg("precision") = "fp32",
           "(grad_x, grad_h0, grad_weight_ih, grad_weight_hh, grad_bias) by BPTT; see "
           "pyrnn.backward.");
     m.def("tanh", &tanh_any, arg("x"),
           "Elementwise tanh by the kernel's vectorised approximation (exposed for its tests).");
     pyrnn::isa();  // choose the instruction set now: a bad $PYRNN_ISA fails the import, not a call
     m.def("isa", &pyrnn::isa,
-          "Instruction set of the kernel in use: 'avx512', 'avx2' or 'baseline' ($PYRNN_ISA forces a "
-          "lower one).");
+          "Instruction set of the kernel in use: 'avx512bf16' (native bf16 products), 'avx512', 'avx2' "
+          "or 'baseline' (these emulate bf16 products); $PYRNN_ISA forces a lower one.");
     m.def("set_num_threads", &pyrnn::set_num_threads, py::arg("n"),
           "Use at most n threads (pyrnn.set_num_threads calls this).");
     m.def("get_num_threads", &pyrnn::get_num_threads, "The kernel's thread budget.");
+
+    // ---- The CPU's arithmetic limit (peak.h): what `pyrnn bench` reports %peak against. ----
+    m.def(
+        "peak_loop",
+        [](const std::string& precision, int threads, int64_t iterations) {
+            py::gil_scoped_release release;
+            return pyrnn::peak_loop(precision, threads, iterations);
+        },
+        arg("precision"), arg("threads"), arg("iterations"),
+        "Run `iterations` of the peak loop of precision 'fp32' (FMAs) or 'bf16' (vdpbf16ps where the "
+        "CPU has it, else FMAs) on each of up to `threads` pool threads; -> FLOP done (time it).");
+    m.def("peak_instruction", &pyrnn::peak_instruction, arg("precision"),
+          "The instruction peak_loop(precision, ...) runs on this CPU, e.g. 'vdpbf16ps zmm'.");
+    // ---- end of the CPU's arithmetic limit ----
 }

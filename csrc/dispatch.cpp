@@ -19,18 +19,32 @@
 namespace pyrnn {
 namespace {
 
-enum class Isa { baseline, avx2, avx512 };
-const char* const isa_names[] = {"baseline", "avx2", "avx512"};
+#define PYRNN_ISA_ENUM(isa, supported) isa,
+#define PYRNN_ISA_NAME(isa, supported) #isa,
+enum class Isa { PYRNN_FOR_EACH_ISA(PYRNN_ISA_ENUM) };
+const char* const isa_names[] = {PYRNN_FOR_EACH_ISA(PYRNN_ISA_NAME)};
+
+// Each ISA's copy of the kernel's entry points, in the order of Isa.
+template <typename F>
+struct Kernels {
+    Status (*forward)(const Forward<F>&);
+    Status (*backward)(const Backward<F>&);
+    void (*tanh)(const F*, F*, int64_t);
+};
+#define PYRNN_KERNELS_OF(isa, supported) {&isa::forward<F>, &isa::backward<F>, &isa::tanh<F>},
+template <typename F>
+const Kernels<F> kernels[] = {PYRNN_FOR_EACH_ISA(PYRNN_KERNELS_OF)};
 
 Isa best_supported() {
 #if defined(PYRNN_X86_ISAS)
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
-        return Isa::avx512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::avx2;
 #endif
-    return Isa::baseline;
+#define PYRNN_CPU(feature) __builtin_cpu_supports(feature)
+#define PYRNN_IF_SUPPORTED(isa, supported) \
+    if (supported) best = Isa::isa;
+    Isa best = Isa::baseline;
+    PYRNN_FOR_EACH_ISA(PYRNN_IF_SUPPORTED)
+    return best;
 }
 
 Isa choose() {
@@ -78,47 +92,32 @@ int get_num_threads() {
     return usable_cores();
 }
 
-// Calls the chosen copy of a kernel function: PYRNN_DISPATCH(forward<F>, args...).
-#if defined(PYRNN_X86_ISAS)
-#define PYRNN_DISPATCH(call)                                \
-    switch (selected()) {                                   \
-        case Isa::avx512: return avx512::call;              \
-        case Isa::avx2: return avx2::call;                  \
-        case Isa::baseline: return baseline::call;          \
-    }
-#else
-#define PYRNN_DISPATCH(call) return baseline::call;
-#endif
-
 template <typename F>
-void forward(const F* x, const F* weight_ih, const F* weight_hh, const F* bias, const F* h0,
-             const int64_t* lengths, F* output, F* h_n, int64_t T, int64_t B, int64_t I, int64_t H) {
-    PYRNN_DISPATCH(forward<F>(x, weight_ih, weight_hh, bias, h0, lengths, output, h_n, T, B, I, H,
-                              get_num_threads()))
+const Kernels<F>& selected_kernels() {
+    return kernels<F>[int(selected())];
 }
 
 template <typename F>
-void backward(const F* grad_output, const F* x, const F* weight_ih, const F* weight_hh,
-              const F* output, const F* h0, const F* grad_h_n, const int64_t* lengths,
-              F* grad_x, F* grad_h0, F* grad_weight_ih, F* grad_weight_hh, F* grad_bias,
-              int64_t T, int64_t B, int64_t I, int64_t H) {
-    PYRNN_DISPATCH(backward<F>(grad_output, x, weight_ih, weight_hh, output, h0, grad_h_n, lengths,
-                               grad_x, grad_h0, grad_weight_ih, grad_weight_hh, grad_bias, T, B, I,
-                               H, get_num_threads()))
+Status forward(Forward<F> call) {
+    if (call.options.max_threads <= 0) call.options.max_threads = get_num_threads();
+    return selected_kernels<F>().forward(call);
+}
+
+template <typename F>
+Status backward(Backward<F> call) {
+    if (call.options.max_threads <= 0) call.options.max_threads = get_num_threads();
+    return selected_kernels<F>().backward(call);
 }
 
 template <typename F>
 void tanh(const F* x, F* y, int64_t n) {
-    PYRNN_DISPATCH(tanh<F>(x, y, n))
+    selected_kernels<F>().tanh(x, y, n);
 }
 
-#define PYRNN_INSTANTIATE(F)                                                                     \
-    template void forward<F>(const F*, const F*, const F*, const F*, const F*, const int64_t*,   \
-                             F*, F*, int64_t, int64_t, int64_t, int64_t);                        \
-    template void backward<F>(const F*, const F*, const F*, const F*, const F*, const F*,        \
-                              const F*, const int64_t*, F*, F*, F*, F*, F*, int64_t, int64_t,    \
-                              int64_t, int64_t);                                                 \
-    template void tanh<F>(const F*, F*, int64_t);
+#define PYRNN_INSTANTIATE(F)                    \
+    template Status forward(Forward<F>);        \
+    template Status backward(Backward<F>);      \
+    template void tanh(const F*, F*, int64_t);
 PYRNN_INSTANTIATE(float)
 PYRNN_INSTANTIATE(double)
 

@@ -7,6 +7,11 @@
 // Block sizes keep a KC×NR panel of B and an MC×KC block of A in L2 (see KC). A and B are strided
 // views, so transposed operands (weight_ihᵀ, grad_aᵀ) cost nothing but B's packing.
 //
+// What the operands are stored as, what they are summed in and how B's panels are laid out is a
+// policy (Plain below: storage and sums in F, panels k-major); a precision that stores bf16 and
+// multiplies k-pairs with vdpbf16ps is another policy with the same members, not another copy of
+// these loops.
+//
 // Each element of C is summed in one fixed order (k ascending, in KC blocks from k = 0) whatever
 // the column range a thread is given, which is what makes the threaded results bitwise
 // independent of the thread count.
@@ -45,61 +50,68 @@ static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 static inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 static inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// tile (R×NR) = Σ_k A(r, k) · b[k·NR + j]: NR columns of B packed k-major, and R rows of A read in
-// place, A(r, k) = a[k·lda + r] (column-major, e.g. grad_aᵀ) or,
+// tile (R×NR) = Σ_k A(r, k) · B(k, j): NR columns of B packed by P (P::pack), and R rows of A
+// read in place, A(r, k) = a[k·lda + r] (column-major, e.g. grad_aᵀ) or,
 // if RowsA, A(r, k) = a[r·lda + k] (row-major: x, h_{t-1}, grad_a; the broadcasts gather R rows).
 // A is never packed: each of its elements is loaded once per NR columns, by a broadcast that
 // does not care about alignment, so a copy would cost more than it saves.
-// A tile of fewer than 8 vectors (R <= 3) cannot cover the FMA latency (4 cycles × 2 units), so
-// its k loop is split into S interleaved partial sums, added in a fixed order at the end.
-template <typename F, int R, bool RowsA>
-static inline void micro_kernel(int64_t K, const F* a, int64_t lda, const F* b, F* tile) {
-    constexpr int NV = Tile<F>::vectors, L = lanes<F>, NR = Tile<F>::NR;
+// One step consumes P::k_group consecutive k. A tile of fewer than 8 vectors (R <= 3) cannot
+// cover the FMA latency (4 cycles × 2 units), so its k loop is split into S interleaved partial
+// sums, added in a fixed order at the end.
+template <typename P, int R, bool RowsA>
+static inline void micro_kernel(int64_t K, const typename P::Stored* a, int64_t lda,
+                                const typename P::Stored* b, typename P::Acc* tile) {
+    using Acc = typename P::Acc;
+    constexpr int NV = Tile<Acc>::vectors, NR = Tile<Acc>::NR, G = P::k_group;
     constexpr int S = R * NV >= 8 ? 1 : (8 + R * NV - 1) / (R * NV);
-    Vec<F> acc[S][R][NV];
+    const int64_t a_k = RowsA ? 1 : lda;  // A's stride along k
+    Vec<Acc> acc[S][R][NV];
 #pragma GCC unroll 4
     for (int s = 0; s < S; ++s)
 #pragma GCC unroll 16
         for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-            for (int v = 0; v < NV; ++v) acc[s][r][v] = Vec<F>{};
-    auto step = [&](Vec<F>(&sum)[R][NV], const F* ak, const F* bk) __attribute__((always_inline)) {
-        Vec<F> bv[NV];
+            for (int v = 0; v < NV; ++v) acc[s][r][v] = Vec<Acc>{};
+    auto step = [&](Vec<Acc>(&sum)[R][NV], const typename P::Stored* ak, const typename P::Stored* bk)
+                    __attribute__((always_inline)) {
+        typename P::PanelVec bv[NV];
 #pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) bv[v] = load(bk + v * L);
+        for (int v = 0; v < NV; ++v) bv[v] = P::load_panel(bk, v);
 #pragma GCC unroll 16
         for (int r = 0; r < R; ++r) {
-            const Vec<F> ar = broadcast(ak[RowsA ? r * lda : r]);
+            const auto ar = P::broadcast_a(ak + (RowsA ? r * lda : r), a_k);
 #pragma GCC unroll 4
-            for (int v = 0; v < NV; ++v) sum[r][v] += ar * bv[v];
+            for (int v = 0; v < NV; ++v) sum[r][v] = P::multiply_add(sum[r][v], ar, bv[v]);
         }
     };
-    int64_t k = 0;
-    for (; k + S <= K; k += S)
+    const int64_t groups = (K + G - 1) / G;  // P::pack zero-pads B's last group
+    int64_t g = 0;
+    for (; g + S <= groups; g += S)
 #pragma GCC unroll 4
-        for (int s = 0; s < S; ++s) step(acc[s], a + (k + s) * (RowsA ? 1 : lda), b + (k + s) * NR);
-    // The last K mod S terms; s stays a compile-time index (unrolled), so acc stays in registers.
+        for (int s = 0; s < S; ++s) step(acc[s], a + (g + s) * G * a_k, b + (g + s) * G * NR);
+    // The last groups mod S; s stays a compile-time index (unrolled), so acc stays in registers.
 #pragma GCC unroll 4
     for (int s = 0; s < S - 1; ++s)
-        if (k + s < K) step(acc[s], a + (k + s) * (RowsA ? 1 : lda), b + (k + s) * NR);
+        if (g + s < groups) step(acc[s], a + (g + s) * G * a_k, b + (g + s) * G * NR);
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
         for (int v = 0; v < NV; ++v) {
 #pragma GCC unroll 4
             for (int s = 1; s < S; ++s) acc[0][r][v] += acc[s][r][v];
-            store(tile + r * NR + v * L, acc[0][r][v]);
+            store(tile + r * NR + v * lanes<Acc>, acc[0][r][v]);
         }
 }
 
 // The micro-kernel for any row count 1..MR: short edges cost no padded rows (B = 1 is a
 // matrix-vector chain and runs the 1-row kernel).
-template <typename F, bool RowsA = false, int R = Tile<F>::MR>
-static inline void micro_kernel_rows(int rows, int64_t K, const F* a, int64_t lda, const F* b, F* tile) {
+template <typename P, bool RowsA = false, int R = Tile<typename P::Acc>::MR>
+static inline void micro_kernel_rows(int rows, int64_t K, const typename P::Stored* a, int64_t lda,
+                                     const typename P::Stored* b, typename P::Acc* tile) {
     if constexpr (R > 1) {
-        if (rows < R) return micro_kernel_rows<F, RowsA, R - 1>(rows, K, a, lda, b, tile);
+        if (rows < R) return micro_kernel_rows<P, RowsA, R - 1>(rows, K, a, lda, b, tile);
     }
-    micro_kernel<F, R, RowsA>(K, a, lda, b, tile);
+    micro_kernel<P, R, RowsA>(K, a, lda, b, tile);
 }
 
 // v[0..L), the rows of an L×L block (L = lanes), becomes its columns: log2(L) rounds in which
@@ -126,78 +138,97 @@ static inline void transpose(Vec<F> (&v)[lanes<F>]) {
     }
 }
 
-// Pack rows [0, k) × columns [0, n) of B into NR-column panels, k-major, zero-padded to NR
-// columns. Panel jr starts at dst + jr·k. B is either row-major (cs == 1: vector copies) or
-// transposed (rs == 1, e.g. weight_ihᵀ: L×L blocks read along B's columns and transposed in
-// registers; gathered element by element they took ~1 µs of a 9 µs tiny call).
+// The plain policy: A, B and C all of type F; B packed into NR-column panels, k-major, one k per
+// multiply-add step.
 template <typename F>
-static void pack_b(int64_t k, int64_t n, View<F> b, F* dst) {
-    constexpr int NR = Tile<F>::NR, L = lanes<F>;
-    for (int64_t jr = 0; jr < n; jr += NR, dst += k * NR) {
-        const int64_t cols = min64(NR, n - jr);
-        if (b.cs == 1) {
-            for (int64_t kk = 0; kk < k; ++kk) {
-                const F* src = &b(kk, jr);
-                if (cols == NR)
-                    for (int v = 0; v < NR; v += L) store(dst + kk * NR + v, load(src + v));
-                else
-                    for (int64_t j = 0; j < NR; ++j) dst[kk * NR + j] = j < cols ? src[j] : F(0);
-            }
-            continue;
-        }
-        int64_t kk = 0;
-        if (b.rs == 1 && cols == NR)
-            for (; kk + L <= k; kk += L)
-                for (int c = 0; c < NR; c += L) {
-                    Vec<F> block[L];
-                    for (int i = 0; i < L; ++i) block[i] = load(&b(kk, jr + c + i));
-                    transpose<F>(block);
-                    for (int i = 0; i < L; ++i) store(dst + (kk + i) * NR + c, block[i]);
+struct Plain {
+    using Stored = F;  // elements of A and of the packed panels
+    using Acc = F;     // elements of C, of the tile and of the B that is packed
+    using PanelVec = Vec<F>;
+    static constexpr int k_group = 1;  // consecutive k per multiply-add step (and per panel row)
+
+    // Elements of a packed k×NR panel.
+    static int64_t panel_size(int64_t k) { return k * Tile<F>::NR; }
+    static PanelVec load_panel(const F* panel_row, int v) { return load(panel_row + v * lanes<F>); }
+    static Vec<F> broadcast_a(const F* a, int64_t /*k stride*/) { return broadcast(*a); }
+    static Vec<F> multiply_add(Vec<F> sum, Vec<F> a, PanelVec b) { return sum + a * b; }
+
+    // Pack rows [0, k) × columns [0, n) of B into NR-column panels, k-major, zero-padded to NR
+    // columns. Panel jr starts at dst + panel_size(k)·jr/NR. B is either row-major (cs == 1: vector
+    // copies) or transposed (rs == 1, e.g. weight_ihᵀ: L×L blocks read along B's columns and
+    // transposed in registers; gathered element by element they took ~1 µs of a 9 µs tiny call).
+    static void pack(int64_t k, int64_t n, View<F> b, F* dst) {
+        constexpr int NR = Tile<F>::NR, L = lanes<F>;
+        for (int64_t jr = 0; jr < n; jr += NR, dst += k * NR) {
+            const int64_t cols = min64(NR, n - jr);
+            if (b.cs == 1) {
+                for (int64_t kk = 0; kk < k; ++kk) {
+                    const F* src = &b(kk, jr);
+                    if (cols == NR)
+                        for (int v = 0; v < NR; v += L) store(dst + kk * NR + v, load(src + v));
+                    else
+                        for (int64_t j = 0; j < NR; ++j) dst[kk * NR + j] = j < cols ? src[j] : F(0);
                 }
-        for (int64_t j = 0; j < NR; ++j)  // the rest, element by element
-            for (int64_t r = kk; r < k; ++r) dst[r * NR + j] = j < cols ? b(r, jr + j) : F(0);
+                continue;
+            }
+            int64_t kk = 0;
+            if (b.rs == 1 && cols == NR)
+                for (; kk + L <= k; kk += L)
+                    for (int c = 0; c < NR; c += L) {
+                        Vec<F> block[L];
+                        for (int i = 0; i < L; ++i) block[i] = load(&b(kk, jr + c + i));
+                        transpose<F>(block);
+                        for (int i = 0; i < L; ++i) store(dst + (kk + i) * NR + c, block[i]);
+                    }
+            for (int64_t j = 0; j < NR; ++j)  // the rest, element by element
+                for (int64_t r = kk; r < k; ++r) dst[r * NR + j] = j < cols ? b(r, jr + j) : F(0);
+        }
     }
-}
+};
 
 // Elements of the buffer one thread's gemm() packs B into, for a K×N operand.
-template <typename F> inline int64_t pack_b_size(int64_t K, int64_t N) {
-    return min64(KC, K) * min64(NC, ceil_div(N, Tile<F>::NR) * Tile<F>::NR);
+template <typename P> inline int64_t pack_b_size(int64_t K, int64_t N) {
+    constexpr int NR = Tile<typename P::Acc>::NR;
+    return P::panel_size(min64(KC, K)) * min64(NC, ceil_div(N, NR) * NR) / NR;
 }
 
 // C[0:M, n0:n1] = bias[n0:n1] (or 0) + A·B, with A (M×K) row-major (A.cs == 1) or column-major
 // (A.rs == 1), B (K×N) strided, C row-major (ldc).
 // One thread's share of a product: threads are given disjoint column ranges starting on NR.
-template <typename F>
-static void gemm(int64_t M, int64_t n0, int64_t n1, int64_t K, View<F> A, View<F> B,
-                 const F* bias, F* C, int64_t ldc, F* pack_b_buf) {
-    constexpr int MR = Tile<F>::MR, NR = Tile<F>::NR;
-    alignas(64) F tile[MR * NR];
+template <typename P>
+static void gemm(int64_t M, int64_t n0, int64_t n1, int64_t K, View<typename P::Stored> A,
+                 View<typename P::Acc> B, const typename P::Acc* bias, typename P::Acc* C, int64_t ldc,
+                 typename P::Stored* pack_b_buf) {
+    using Acc = typename P::Acc;
+    constexpr int MR = Tile<Acc>::MR, NR = Tile<Acc>::NR;
+    alignas(64) Acc tile[MR * NR];
     if (K == 0) {
         for (int64_t i = 0; i < M; ++i)
-            for (int64_t j = n0; j < n1; ++j) C[i * ldc + j] = bias ? bias[j] : F(0);
+            for (int64_t j = n0; j < n1; ++j) C[i * ldc + j] = bias ? bias[j] : Acc(0);
         return;
     }
     for (int64_t jc = n0; jc < n1; jc += NC) {
         const int64_t nc = min64(NC, n1 - jc);
         for (int64_t pc = 0; pc < K; pc += KC) {
             const int64_t kc = min64(KC, K - pc);
-            pack_b(kc, nc, B.shifted(pc, jc), pack_b_buf);
-            for (int64_t ic = 0; ic < M; ic += MC<F>) {
-                const int64_t mc = min64(MC<F>, M - ic);
+            P::pack(kc, nc, B.shifted(pc, jc), pack_b_buf);
+            for (int64_t ic = 0; ic < M; ic += MC<Acc>) {
+                const int64_t mc = min64(MC<Acc>, M - ic);
                 for (int64_t jr = 0; jr < nc; jr += NR) {
                     const int64_t cols = min64(NR, nc - jr);
+                    const typename P::Stored* panel = pack_b_buf + P::panel_size(kc) * (jr / NR);
                     for (int64_t ir = 0; ir < mc; ir += MR) {
                         const int rows = int(min64(MR, mc - ir));
-                        const F* a = &A(ic + ir, pc);
+                        const typename P::Stored* a = &A(ic + ir, pc);
                         if (A.cs == 1)
-                            micro_kernel_rows<F, true>(rows, kc, a, A.rs, pack_b_buf + jr * kc, tile);
+                            micro_kernel_rows<P, true>(rows, kc, a, A.rs, panel, tile);
                         else
-                            micro_kernel_rows<F>(rows, kc, a, A.cs, pack_b_buf + jr * kc, tile);
+                            micro_kernel_rows<P>(rows, kc, a, A.cs, panel, tile);
                         for (int r = 0; r < rows; ++r) {
-                            F* c = C + (ic + ir + r) * ldc + jc + jr;
-                            const F* t = tile + r * NR;
+                            Acc* c = C + (ic + ir + r) * ldc + jc + jr;
+                            const Acc* t = tile + r * NR;
                             if (pc == 0)
-                                for (int64_t j = 0; j < cols; ++j) c[j] = (bias ? bias[jc + jr + j] : F(0)) + t[j];
+                                for (int64_t j = 0; j < cols; ++j) c[j] = (bias ? bias[jc + jr + j] : Acc(0)) + t[j];
                             else
                                 for (int64_t j = 0; j < cols; ++j) c[j] += t[j];
                         }

@@ -1,28 +1,37 @@
-// The kernel entry points of each instruction set: rnn_kernel.cpp compiled once per ISA, each
-// copy in its own namespace (pyrnn::avx512, pyrnn::avx2, pyrnn::baseline). dispatch.cpp picks one
-// at run time. Same arguments as pyrnn::forward/backward (rnn.h) plus the thread budget.
+// The instruction sets the kernel is compiled for, and each copy's entry points.
+//
+// rnn_kernel.cpp is compiled once per ISA (CMakeLists.txt gives each its compiler flags), each
+// copy in its own namespace (pyrnn::avx512, pyrnn::avx2, pyrnn::baseline); dispatch.cpp picks
+// one at run time. Adding an ISA is one line of PYRNN_FOR_EACH_ISA plus its flags in CMake.
 #pragma once
-#include <cstdint>
+#include "rnn.h"
 
-#define PYRNN_DECLARE_KERNELS(isa)                                                               \
-    namespace pyrnn {                                                                            \
-    namespace isa {                                                                              \
-    template <typename F>                                                                        \
-    void forward(const F* x, const F* weight_ih, const F* weight_hh, const F* bias, const F* h0, \
-                 const int64_t* lengths, F* output, F* h_n, int64_t T, int64_t B, int64_t I,     \
-                 int64_t H, int max_threads);                                                    \
-    template <typename F>                                                                        \
-    void backward(const F* grad_output, const F* x, const F* weight_ih, const F* weight_hh,      \
-                  const F* output, const F* h0, const F* grad_h_n, const int64_t* lengths,       \
-                  F* grad_x, F* grad_h0, F* grad_weight_ih, F* grad_weight_hh, F* grad_bias,     \
-                  int64_t T, int64_t B, int64_t I, int64_t H, int max_threads);                  \
-    template <typename F>                                                                        \
-    void tanh(const F* x, F* y, int64_t n);                                                      \
-    }                                                                                            \
-    }
-
-PYRNN_DECLARE_KERNELS(baseline)
+// X(name, whether this CPU has the features its compiler flags rely on), lowest first.
+// PYRNN_CPU(feature) is __builtin_cpu_supports, defined where the list is used (dispatch.cpp).
 #if defined(PYRNN_X86_ISAS)
-PYRNN_DECLARE_KERNELS(avx2)
-PYRNN_DECLARE_KERNELS(avx512)
+#define PYRNN_FOR_EACH_ISA(X)                                                           \
+    X(baseline, true)                                                                   \
+    X(avx2, PYRNN_CPU("avx2") && PYRNN_CPU("fma"))                                      \
+    X(avx512, PYRNN_CPU("avx512f") && PYRNN_CPU("avx512bw") && PYRNN_CPU("avx512dq") && \
+                  PYRNN_CPU("avx512vl") && PYRNN_CPU("avx2") && PYRNN_CPU("fma"))               \
+    X(avx512bf16, PYRNN_CPU("avx512f") && PYRNN_CPU("avx512bw") && PYRNN_CPU("avx512dq") && \
+                      PYRNN_CPU("avx512vl") && PYRNN_CPU("avx2") && PYRNN_CPU("fma") &&       \
+                      PYRNN_CPU("avx512bf16"))
+#else
+#define PYRNN_FOR_EACH_ISA(X) X(baseline, true)
 #endif
+
+// The entry points of each copy: those of rnn.h, with Options::max_threads already filled in.
+#define PYRNN_DECLARE_KERNELS(isa, supported)       \
+    namespace pyrnn {                               \
+    namespace isa {                                 \
+    template <typename F>                           \
+    Status forward(const Forward<F>& call);         \
+    template <typename F>                           \
+    Status backward(const Backward<F>& call);       \
+    template <typename F>                           \
+    void tanh(const F* x, F* y, int64_t n);         \
+    }                                               \
+    }
+PYRNN_FOR_EACH_ISA(PYRNN_DECLARE_KERNELS)
+#undef PYRNN_DECLARE_KERNELS

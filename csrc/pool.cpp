@@ -5,84 +5,101 @@
 
 #include <atomic>
 #include <condition_variable>
+#include <memory>
 #include <mutex>
 #include <system_error>
 #include <thread>
 #include <vector>
 
+#include "rnn.h"
+
 namespace pyrnn {
 namespace {
 
+struct Job {
+    const std::function<void(int, int)>* task;
+    int team;
+    std::atomic<int> pending;  // workers still running it
+};
+
+struct Worker {
+    std::atomic<Job*> job{nullptr};  // set when a call hands it a task, cleared when done
+    const Job* claimed = nullptr;    // (under the pool's mutex) the call it belongs to, if any
+    int tid = 0;
+    std::thread thread;
+};
+
+// Workers are claimed per call: a call takes the idle ones it wants (up to the thread budget in
+// all), so independent pieces of one call (each direction of a layer) and concurrent callers each
+// get a team of their own; a caller that finds none idle runs alone, which changes nothing in the
+// results (they do not depend on the thread count).
 class Pool {
   public:
     void run(int threads, const std::function<void(int)>& prepare,
              const std::function<void(int, int)>& task) {
-        std::unique_lock<std::mutex> in_use(in_use_, std::try_to_lock);
-        const int team = in_use.owns_lock() && threads > 1 ? grow(threads - 1) + 1 : 1;
-        prepare(team);
-        if (team == 1) {
+        Job job{&task, 1, {0}};
+        if (threads > 1) {
+            std::lock_guard<std::mutex> lock(mutex_);
+            grow(get_num_threads() - 1);
+            for (auto& w : workers_)
+                if (job.team < threads && w->claimed == nullptr) {
+                    w->claimed = &job;
+                    w->tid = job.team++;
+                }
+        }
+        prepare(job.team);
+        if (job.team == 1) {
             task(0, 1);
             return;
         }
+        job.pending.store(job.team - 1, std::memory_order_relaxed);
         {
-            std::lock_guard<std::mutex> lock(mutex_);
-            task_ = &task;
-            team_ = team;
-            pending_.store(team - 1, std::memory_order_relaxed);
-            generation_.fetch_add(1, std::memory_order_release);
+            std::lock_guard<std::mutex> lock(mutex_);  // a sleeping worker checks `job` under it
+            for (auto& w : workers_)
+                if (w->claimed == &job) w->job.store(&job, std::memory_order_release);
         }
         wake_.notify_all();
-        task(0, team);
-        while (!spin_until([&] { return pending_.load(std::memory_order_acquire) == 0; },
+        task(0, job.team);
+        while (!spin_until([&] { return job.pending.load(std::memory_order_acquire) == 0; },
                            std::chrono::microseconds(50)))
             std::this_thread::yield();
     }
 
   private:
-    // Starts workers until there are `wanted` (or the system refuses one); -> how many there are.
-    int grow(int wanted) {
+    // Starts workers until there are `wanted` (or the system refuses one). Under mutex_.
+    void grow(int wanted) {
         while (int(workers_.size()) < wanted) {
+            auto w = std::make_unique<Worker>();
             try {
-                const int tid = int(workers_.size()) + 1;
-                workers_.emplace_back([this, tid] { work(tid); });
+                w->thread = std::thread([this, p = w.get()] { work(*p); });
             } catch (const std::system_error&) {
-                break;
+                return;
             }
+            workers_.push_back(std::move(w));
         }
-        return std::min(wanted, int(workers_.size()));
     }
 
-    void work(int tid) {
-        unsigned seen = 0;
+    void work(Worker& w) {
+        const auto called = [&] { return w.job.load(std::memory_order_acquire) != nullptr; };
         for (;;) {
-            const auto called = [&] { return generation_.load(std::memory_order_acquire) != seen; };
             if (!spin_until(called, std::chrono::milliseconds(1))) {
                 std::unique_lock<std::mutex> lock(mutex_);
                 wake_.wait(lock, called);
             }
-            const std::function<void(int, int)>* task;
-            int team;
+            Job* job = w.job.load(std::memory_order_acquire);
+            (*job->task)(w.tid, job->team);
+            w.job.store(nullptr, std::memory_order_relaxed);
             {
-                std::lock_guard<std::mutex> lock(mutex_);  // generation, task and team together
-                seen = generation_.load(std::memory_order_relaxed);
-                task = task_;
-                team = team_;
+                std::lock_guard<std::mutex> lock(mutex_);
+                w.claimed = nullptr;
             }
-            if (tid < team) {
-                (*task)(tid, team);
-                pending_.fetch_sub(1, std::memory_order_release);
-            }
+            job->pending.fetch_sub(1, std::memory_order_release);  // last use of *job (the caller's)
         }
     }
 
-    std::mutex in_use_;  // one call at a time uses the workers
-    std::mutex mutex_;   // guards task_, team_ and changes of generation_
+    std::mutex mutex_;  // guards workers_, Worker::claimed and the handing out of jobs
     std::condition_variable wake_;
-    std::atomic<unsigned> generation_{0};  // one more per call that uses the workers
-    std::atomic<int> pending_{0};          // workers of the current call still running
-    const std::function<void(int, int)>* task_ = nullptr;
-    int team_ = 1;
-    std::vector<std::thread> workers_;  // never joined: the pool lives as long as the process
+    std::vector<std::unique_ptr<Worker>> workers_;  // never joined: the pool lives as long as the process
 };
 
 // Never destroyed (its workers block forever when idle, and joining them at exit could hang). A

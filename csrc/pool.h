@@ -28,8 +28,9 @@ inline bool spin_until(const Ready& ready, Duration patience) {
 
 // Runs task(tid, team) for every tid in [0, team) at once, the calling thread being tid 0, and
 // returns when all are done. team is at most `threads`: smaller when the system refuses a thread
-// or when another call is using the workers (that call runs alone: the kernel's results do not
-// depend on the thread count). prepare(team) runs on the caller before any task starts.
+// or when other calls (or other pieces of this one, which may call run_team from inside a task)
+// hold the workers; the pool never has more than the thread budget minus one. prepare(team)
+// runs on the caller before any task starts.
 void run_team(int threads, const std::function<void(int team)>& prepare,
               const std::function<void(int tid, int team)>& task);
 

@@ -1,38 +1,93 @@
-// pyrnn native kernel: the Elman (tanh) RNN over a whole sequence, forward and BPTT.
+// pyrnn native kernel: the Elman RNN over a whole sequence, forward and BPTT.
 //
 // This is the `cpp` backend. It computes what the NumPy reference computes (pyrnn/reference.py,
-// the math of design.md §1) on clean arrays: C-contiguous, time-major, one floating type, h0
-// present, lengths either null or B integers in [0, T]. The bindings (bindings.cpp) check all of
-// that; the kernel has no Python in it. Design: design.md §3 (hoisted input GEMM, fused recurrent
-// steps over a packed weight_hh, threads owning column blocks with one barrier per step).
+// the math of docs/design.md §1) on clean arrays: one floating type, h0 present, lengths either
+// null or B integers in [0, T]. The bindings (bindings.cpp) check all of that; the kernel has no
+// Python in it. Design: docs/design.md §3 (hoisted input GEMM, fused recurrent steps over a
+// packed weight_hh, threads owning column blocks with one barrier per step).
 //
+// A call is described by one struct per pass (Forward, Backward below) that the bindings fill,
+// dispatch.cpp passes on and rnn_kernel.cpp reads: a new option is one more member.
 // Dimensions: T steps, B batch rows, I input features, H hidden units.
 #pragma once
+#include <atomic>
 #include <cstdint>
 
 namespace pyrnn {
 
-// x (T,B,I), weight_ih (H,I), weight_hh (H,H), bias (H), h0 (B,H), lengths (B) or null
-// -> output (T,B,H): h_t on valid steps, 0 on padding; h_n (B,H): state after each row's last step.
-template <typename F>
-void forward(const F* x, const F* weight_ih, const F* weight_hh, const F* bias, const F* h0,
-             const int64_t* lengths, F* output, F* h_n,
-             int64_t T, int64_t B, int64_t I, int64_t H);
+// φ in h_t = φ(a_t) (docs/design.md §1); its derivative is taken from the saved output h_t.
+enum class Activation { tanh, relu };
 
-// grad_output (T,B,H), x (T,B,I), weight_ih (H,I), weight_hh (H,H), output (T,B,H) from forward,
-// h0 (B,H), grad_h_n (B,H), lengths (B) or null
-// -> grad_x (T,B,I), grad_h0 (B,H), grad_weight_ih (H,I), grad_weight_hh (H,H), grad_bias (H).
+// The arithmetic of the products (docs/design.md §1): fp32 multiplies the arrays' own type (float32
+// or float64); bf16 (float32 arrays only) rounds every operand of every product to bfloat16 and
+// sums in float32, everything else staying float32.
+enum class Precision { fp32, bf16 };
+
+// The rows of a matrix: row r starts at data + r·stride (elements). A stride wider than the row
+// lets a call read or write a slice of a wider buffer (one direction's half of (T, B, 2H)).
+template <typename T>
+struct Rows {
+    T* data;
+    int64_t stride;
+    T* row(int64_t r) const { return data + r * stride; }
+};
+
+// Everything about a call that is not an array.
+struct Options {
+    Activation activation = Activation::tanh;
+    Precision precision = Precision::fp32;
+    // Threads the call may use; 0 means the budget (set_num_threads). dispatch.cpp fills it in.
+    int max_threads = 0;
+    // Optional stop request (issue 15: Ctrl-C). The time loops read it once per step (one relaxed
+    // load); once it is seen set, every thread of the call leaves at the same step (the decision
+    // is made at a barrier, so no thread waits for one that left) and the call returns
+    // Status::stopped with its outputs unspecified. The flag must stay set until the call returns.
+    const std::atomic<bool>* stop = nullptr;
+};
+
+enum class Status { finished, stopped };
+
+// x (T·B rows of I, row t·B + b), weight_ih (H, I), weight_hh (H, H), bias (H), h0 (B rows of H),
+// lengths (B) or null -> output (T·B rows of H): h_t on valid steps, 0 on padding; h_n (B rows
+// of H): the state after each row's last step. Weights and bias are contiguous.
 template <typename F>
-void backward(const F* grad_output, const F* x, const F* weight_ih, const F* weight_hh,
-              const F* output, const F* h0, const F* grad_h_n, const int64_t* lengths,
-              F* grad_x, F* grad_h0, F* grad_weight_ih, F* grad_weight_hh, F* grad_bias,
-              int64_t T, int64_t B, int64_t I, int64_t H);
+struct Forward {
+    int64_t T, B, I, H;
+    Rows<const F> x;
+    const F *weight_ih, *weight_hh, *bias;
+    Rows<const F> h0;
+    const int64_t* lengths;
+    Rows<F> output, h_n;
+    Options options;
+};
+
+// grad_output (T·B rows of H), x (T·B rows of I), weight_ih (H, I), weight_hh (H, H), output
+// (T·B rows of H) from forward, h0 (B rows of H), grad_h_n (B rows of H), lengths (B) or null
+// -> grad_x (T·B rows of I), grad_h0 (B rows of H), grad_weight_ih (H, I), grad_weight_hh (H, H),
+// grad_bias (H), the last three contiguous.
+template <typename F>
+struct Backward {
+    int64_t T, B, I, H;
+    Rows<const F> grad_output, x;
+    const F *weight_ih, *weight_hh;
+    Rows<const F> output, h0, grad_h_n;
+    const int64_t* lengths;
+    Rows<F> grad_x, grad_h0;
+    F *grad_weight_ih, *grad_weight_hh, *grad_bias;
+    Options options;
+};
+
+template <typename F>
+Status forward(Forward<F> call);
+template <typename F>
+Status backward(Backward<F> call);
 
 // y[0:n] = tanh(x[0:n]) with the kernel's vectorised tanh (exposed for its accuracy tests).
 template <typename F>
 void tanh(const F* x, F* y, int64_t n);
 
-// The instruction set in use: "avx512", "avx2" or "baseline". The best one this CPU supports,
+// The instruction set in use: "avx512bf16" (AVX-512 with native bf16 products), "avx512", "avx2"
+// or "baseline" (the lower ones emulate bf16 products). The best one this CPU supports,
 // unless $PYRNN_ISA names a lower one; naming one the CPU lacks, or an unknown one, throws
 // std::runtime_error (the first call, at import, surfaces it).
 const char* isa();

@@ -2,20 +2,28 @@
 // namespace, and PYRNN_VECTOR_BYTES, the vector width). dispatch.cpp chooses the copy to run.
 //
 // forward:  1. pre = x·weight_ihᵀ + bias for all T·B rows at once (gemm), written into output;
-//           2. per step, h_t = tanh(pre_t + h_{t-1}·weight_hhᵀ): the micro-kernel over a
-//              weight_hhᵀ packed once per call, tanh and the store of h_t fused in its epilogue.
+//           2. per step, h_t = φ(pre_t + h_{t-1}·weight_hhᵀ): the micro-kernel over a
+//              weight_hhᵀ packed once per call, φ and the store of h_t fused in its epilogue.
 // backward: 1. the g-chain, per step g = da_{t+1}·weight_hh over a packed weight_hh, with
-//              da_t = (g + grad_output_t)·(1 - h_t²) in the epilogue;
+//              da_t = (g + grad_output_t)·φ'(h_t) in the epilogue;
 //           2. grad_x, grad_weight_ih, grad_weight_hh as single products over all T·B rows.
 // Threads: one team of threads per call (threads.h, plan_threads). Each thread owns a fixed range
 // of NR-wide column panels (of the output in each product, and of H in the recurrence when its
 // steps are big enough to share; else thread 0 runs them) and sums every element it owns in the
 // same order whatever the thread count, so results are bitwise identical across thread counts.
 // Shared steps are separated by one barrier each. Nothing is allocated inside the loops.
+// φ is a policy (activation.h) the passes are templated on; the call's struct (rnn.h) picks it.
+// So is the arithmetic of the products (P: gemm.h's Plain, or bf16.h's Bf16 for precision bf16,
+// where the operands of every product are rounded to bf16 once: weights as they are packed, x once
+// per call, h_{t-1} and dL/da in the epilogue of the step that makes them).
+#include <cstring>
+#include <type_traits>
+
+#include "activation.h"
+#include "bf16.h"
 #include "gemm.h"
 #include "kernels.h"
 #include "scratch.h"
-#include "tanh.h"
 #include "threads.h"
 
 namespace pyrnn {
@@ -36,7 +44,7 @@ class Scratch {
     ScratchBlock block_;
 };
 
-// Row b takes part in step t unless t is past its length (design.md §1: padding).
+// Row b takes part in step t unless t is past its length (docs/design.md §1: padding).
 inline bool valid(const int64_t* lengths, int64_t t, int64_t b) {
     return lengths == nullptr || t < lengths[b];
 }
@@ -95,15 +103,15 @@ inline int64_t row_stride(int64_t H) {
     return (ceil_div(H, per_line) | 1) * per_line;
 }
 
-// out[0:n] = state[0:n] = tanh(out[0:n] + acc[0:n]), n <= NR: out holds the input term on entry.
+// out[0:n] = state[0:n] = φ(out[0:n] + acc[0:n]), n <= NR: out holds the input term on entry.
 // Whole vectors only, so every element goes through exactly the same arithmetic whether or not it
 // sits in a partial panel.
-template <typename F>
-inline void add_tanh_store(const F* acc, F* out, F* state, int64_t n) {
+template <typename F, typename Act>
+inline void add_activate_store(const F* acc, F* out, F* state, int64_t n) {
     constexpr int L = lanes<F>, NR = Tile<F>::NR;
     if (n == NR) {
         for (int v = 0; v < NR; v += L) {
-            const Vec<F> h = tanh<F>(load(acc + v) + load(out + v));
+            const Vec<F> h = Act::template apply<F>(load(acc + v) + load(out + v));
             store(out + v, h);
             store(state + v, h);
         }
@@ -111,9 +119,40 @@ inline void add_tanh_store(const F* acc, F* out, F* state, int64_t n) {
     }
     alignas(64) F pre[NR] = {};
     for (int64_t j = 0; j < n; ++j) pre[j] = out[j];
-    for (int v = 0; v < NR; v += L) store(pre + v, tanh<F>(load(acc + v) + load(pre + v)));
+    for (int v = 0; v < NR; v += L) store(pre + v, Act::template apply<F>(load(acc + v) + load(pre + v)));
     for (int64_t j = 0; j < n; ++j) out[j] = state[j] = pre[j];
 }
+
+// What the products of P read of a float matrix whose rows the kernel writes itself (h_{t-1},
+// dL/da): the rows themselves when P multiplies F, else a copy in P::Stored, rounded row by row
+// as they are made. Its rows have a stride of their own, an even one, with a zero past column H
+// when H is odd, and one zero row more at the end: P's k-pairs may read one element past a row
+// (or past the last row) against a zero in the packed operand, and 0·(an unset NaN) is NaN.
+template <typename F, typename P>
+struct Operand {
+    using S = typename P::Stored;
+    static constexpr bool rounded = !std::is_same_v<S, F>;
+    Scratch<S> copy;
+    const int64_t ld;
+    const S* rows;  // what the products read
+
+    Operand(const F* own_rows, int64_t own_ld, int64_t n_rows, int64_t n_cols)
+        : copy(rounded ? (n_rows + 1) * row_stride<S>(n_cols) : 0),
+          ld(rounded ? row_stride<S>(n_cols) : own_ld) {
+        if constexpr (rounded) {
+            rows = copy.get();
+            std::memset(copy.get() + n_rows * ld, 0, ld * sizeof(S));
+            if (n_cols % 2)
+                for (int64_t r = 0; r < n_rows; ++r) copy.get()[r * ld + n_cols] = S(0);
+        } else {
+            rows = own_rows;
+        }
+    }
+    // Row r, columns [j, j + n), has just been written to `from`: round it into the copy.
+    void update(int64_t r, int64_t j, const F* from, int64_t n) {
+        if constexpr (rounded) round_row(from, copy.get() + r * ld + j, n);
+    }
+};
 
 }  // namespace
 
@@ -130,119 +169,147 @@ void tanh(const F* x, F* y, int64_t n) {
     }
 }
 
-template <typename F>
-void forward(const F* x, const F* weight_ih, const F* weight_hh, const F* bias, const F* h0,
-             const int64_t* lengths, F* output, F* h_n, int64_t T, int64_t B, int64_t I,
-             int64_t H, int max_threads) {
+namespace {
+
+template <typename F, typename Act, typename P>
+Status forward_pass(const Forward<F>& c) {
+    using S = typename P::Stored;
     constexpr int MR = Tile<F>::MR, NR = Tile<F>::NR;
-    const Plan plan = plan_threads<F>(max_threads, T, B, I, H);
+    const int64_t T = c.T, B = c.B, I = c.I, H = c.H;
+    const Plan plan = plan_threads<F>(c.options.max_threads, T, B, I, H);
     const int64_t panels = ceil_div(H, NR);
-    Scratch<F> packed_whh(panels * NR * H);  // weight_hhᵀ in NR-column panels
+    Scratch<S> packed_whh(panels * P::panel_size(H));  // weight_hhᵀ in NR-column panels
     // h_{t-1} and h_t (B×H, row-major). Not output itself: a padding row's state is carried
     // while its output is 0.
     const int64_t ld = row_stride<F>(H);
     Scratch<F> states(2 * B * ld);
-    const int64_t b_size = pack_b_size<F>(I, H);
-    Scratch<F> per_thread(plan.team * b_size);
+    Operand<F, P> x_operand(c.x.data, c.x.stride, T * B, I), state_operand(states.get(), ld, 2 * B, H);
+    const int64_t b_size = pack_b_size<P>(I, H);
+    Scratch<S> per_thread(plan.team * b_size);
+    Status status = Status::finished;  // written by thread 0
 
     in_parallel(plan.team, [&](const int tid, const int nt, Barrier& barrier) {
-        F* pack_b_buf = per_thread.get() + tid * b_size;
+        S* pack_b_buf = per_thread.get() + tid * b_size;
         const Share<F> share(plan, H, tid, nt);
         const Columns<F>& mine = share.mine, &steps = share.steps;
         const int step_threads = share.step_threads;
         alignas(64) F tile[MR * NR];
+        const auto stopped = [&] {
+            if (tid == 0) status = Status::stopped;
+        };
 
-        // 1. output <- x·weight_ihᵀ + bias on my columns, every step at once.
-        gemm<F>(T * B, mine.begin, mine.end, I, View<F>{x, I, 1}, View<F>{weight_ih, 1, I}, bias,
-                output, H, pack_b_buf);
-        pack_b<F>(H, steps.end - steps.begin, View<F>{weight_hh + steps.begin * H, 1, H},
-                  packed_whh.get() + steps.begin * H);
-        for (int64_t b = 0; b < B; ++b)
-            for (int64_t j = steps.begin; j < steps.end; ++j) states.get()[b * ld + j] = h0[b * H + j];
-        barrier.wait();
+        // 1. output <- x·weight_ihᵀ + bias on my columns, every step at once (after x is
+        //    rounded, when P rounds, each thread a share of its rows).
+        if constexpr (Operand<F, P>::rounded) {
+            for (int64_t r = T * B * tid / nt; r < T * B * (tid + 1) / nt; ++r) x_operand.update(r, 0, c.x.row(r), I);
+            if (barrier.wait(c.options.stop)) return stopped();
+        }
+        gemm<P>(T * B, mine.begin, mine.end, I, View<S>{x_operand.rows, x_operand.ld, 1},
+                View<F>{c.weight_ih, 1, I}, c.bias, c.output.data, c.output.stride, pack_b_buf);
+        P::pack(H, steps.end - steps.begin, View<F>{c.weight_hh + steps.begin * H, 1, H},
+                packed_whh.get() + steps.begin / NR * P::panel_size(H));
+        for (int64_t b = 0; b < B; ++b) {
+            for (int64_t j = steps.begin; j < steps.end; ++j) states.get()[b * ld + j] = c.h0.row(b)[j];
+            state_operand.update(b, steps.begin, states.get() + b * ld + steps.begin, steps.end - steps.begin);
+        }
+        if (barrier.wait(c.options.stop)) return stopped();
         if (tid >= step_threads) return;
 
         // 2. The recurrence. Step t reads all of h_{t-1} (states[t % 2]) and writes my columns
-        //    of h_t into output and states[(t + 1) % 2]; one barrier between shared steps.
+        //    of h_t into output and states[(t + 1) % 2]; one barrier between shared steps, which
+        //    also decides whether to stop (alone, thread 0 looks at the flag itself).
         for (int64_t t = 0; t < T; ++t) {
+            if (step_threads == 1 && t > 0 && Barrier::stop_requested(c.options.stop)) return stopped();
             const F* h_prev = states.get() + (t % 2) * B * ld;
             F* h_next = states.get() + ((t + 1) % 2) * B * ld;
+            const int64_t prev = (t % 2) * B, next = ((t + 1) % 2) * B;  // their rows in state_operand
             for (int64_t j = steps.begin; j < steps.end; j += NR) {
                 const int64_t cols = min64(NR, H - j);
+                const S* panel = packed_whh.get() + j / NR * P::panel_size(H);
                 for (int64_t b0 = 0; b0 < B; b0 += MR) {
                     const int rows = int(min64(MR, B - b0));
-                    micro_kernel_rows<F, true>(rows, H, h_prev + b0 * ld, ld, packed_whh.get() + j * H, tile);
+                    micro_kernel_rows<P, true>(rows, H, state_operand.rows + (prev + b0) * state_operand.ld,
+                                               state_operand.ld, panel, tile);
                     for (int r = 0; r < rows; ++r) {
                         const int64_t b = b0 + r;
-                        F* out = output + (t * B + b) * H + j;
-                        if (valid(lengths, t, b)) {
-                            add_tanh_store(tile + r * NR, out, h_next + b * ld + j, cols);
+                        F* out = c.output.row(t * B + b) + j;
+                        if (valid(c.lengths, t, b)) {
+                            add_activate_store<F, Act>(tile + r * NR, out, h_next + b * ld + j, cols);
                         } else {  // padding: output 0, state carried
-                            for (int64_t c = 0; c < cols; ++c) out[c] = F(0);
-                            for (int64_t c = 0; c < cols; ++c) h_next[b * ld + j + c] = h_prev[b * ld + j + c];
+                            for (int64_t k = 0; k < cols; ++k) out[k] = F(0);
+                            for (int64_t k = 0; k < cols; ++k) h_next[b * ld + j + k] = h_prev[b * ld + j + k];
                         }
+                        state_operand.update(next + b, j, h_next + b * ld + j, cols);
                     }
                 }
             }
-            if (step_threads > 1) barrier.wait();
+            if (step_threads > 1 && barrier.wait(c.options.stop)) return stopped();
         }
         const F* h_last = states.get() + (T % 2) * B * ld;
         for (int64_t b = 0; b < B; ++b)
-            for (int64_t j = steps.begin; j < steps.end; ++j) h_n[b * H + j] = h_last[b * ld + j];
+            for (int64_t j = steps.begin; j < steps.end; ++j) c.h_n.row(b)[j] = h_last[b * ld + j];
     });
+    return status;
 }
 
-template <typename F>
-void backward(const F* grad_output, const F* x, const F* weight_ih, const F* weight_hh,
-              const F* output, const F* h0, const F* grad_h_n, const int64_t* lengths,
-              F* grad_x, F* grad_h0, F* grad_weight_ih, F* grad_weight_hh, F* grad_bias,
-              int64_t T, int64_t B, int64_t I, int64_t H, int max_threads) {
+template <typename F, typename Act, typename P>
+Status backward_pass(const Backward<F>& c) {
+    using S = typename P::Stored;
     constexpr int MR = Tile<F>::MR, NR = Tile<F>::NR;
-    const Plan plan = plan_threads<F>(max_threads, T, B, I, H);
+    const int64_t T = c.T, B = c.B, I = c.I, H = c.H;
+    const Plan plan = plan_threads<F>(c.options.max_threads, T, B, I, H);
     const int64_t panels = ceil_div(H, NR), TB = T * B;
-    Scratch<F> packed_whh(panels * NR * H);  // weight_hh in NR-column panels
+    Scratch<S> packed_whh(panels * P::panel_size(H));  // weight_hh in NR-column panels
     const int64_t ld = row_stride<F>(H);
     Scratch<F> grad_a(TB * ld);              // dL/da_t (row stride ld), 0 on padding
+    Operand<F, P> grad_a_operand(grad_a.get(), ld, TB, H);  // what the products read of it
     Scratch<F> h_prev(TB * H);               // h_{t-1} of every valid row, 0 on padding
-    Scratch<F> x_valid(lengths ? TB * I : 0);  // x with padding rows zeroed (a NaN there must not leak)
-    const F* x_rows = lengths ? x_valid.get() : x;
-    const int64_t b_size = max64(pack_b_size<F>(H, I), max64(pack_b_size<F>(TB, I), pack_b_size<F>(TB, H)));
-    Scratch<F> per_thread(plan.team * b_size);
+    // x with padding rows zeroed (a NaN there must not leak), contiguous.
+    const bool copy_x = c.lengths != nullptr || c.x.stride != I;
+    Scratch<F> x_valid(copy_x ? TB * I : 0);
+    const F* x_rows = copy_x ? x_valid.get() : c.x.data;
+    const int64_t b_size = max64(pack_b_size<P>(H, I), max64(pack_b_size<P>(TB, I), pack_b_size<P>(TB, H)));
+    Scratch<S> per_thread(plan.team * b_size);
+    Status status = Status::finished;  // written by thread 0
 
     in_parallel(plan.team, [&](const int tid, const int nt, Barrier& barrier) {
-        F* pack_b_buf = per_thread.get() + tid * b_size;
+        S* pack_b_buf = per_thread.get() + tid * b_size;
         const Share<F> share(plan, H, tid, nt);
         const Columns<F>& mine = share.mine, &steps = share.steps;
         const int step_threads = share.step_threads;
         alignas(64) F tile[MR * NR];
         const F no_g[NR] = {};
+        const int64_t lda = grad_a_operand.ld;
 
-        pack_b<F>(H, steps.end - steps.begin, View<F>{weight_hh + steps.begin, H, 1},
-                  packed_whh.get() + steps.begin * H);
+        P::pack(H, steps.end - steps.begin, View<F>{c.weight_hh + steps.begin, H, 1},
+                packed_whh.get() + steps.begin / NR * P::panel_size(H));
         for (int64_t t = 0; t < T; ++t)
             for (int64_t b = 0; b < B; ++b) {
-                const F* h = t == 0 ? h0 + b * H : output + ((t - 1) * B + b) * H;
-                const bool ok = valid(lengths, t, b);
+                const F* h = t == 0 ? c.h0.row(b) : c.output.row((t - 1) * B + b);
+                const bool ok = valid(c.lengths, t, b);
                 for (int64_t j = mine.begin; j < mine.end; ++j) h_prev.get()[(t * B + b) * H + j] = ok ? h[j] : F(0);
             }
-        if (lengths)
+        if (copy_x)
             for (int64_t r = TB * tid / nt; r < TB * (tid + 1) / nt; ++r)
                 for (int64_t i = 0; i < I; ++i)
-                    x_valid.get()[r * I + i] = valid(lengths, r / B, r % B) ? x[r * I + i] : F(0);
+                    x_valid.get()[r * I + i] = valid(c.lengths, r / B, r % B) ? c.x.row(r)[i] : F(0);
 
         // 1. The g-chain, s = T-1 .. -1: g_s = da_{s+1}·weight_hh (+ grad_h_n where s is the row's
         //    last step; padding rows have da = 0, so g reaches that step unchanged), then
-        //    da_s = (g_s + grad_output_s)·(1 - h_s²) on valid rows; g_{-1} is grad_h0.
+        //    da_s = (g_s + grad_output_s)·φ'(h_s) on valid rows; g_{-1} is grad_h0. Shared steps
+        //    end in a barrier that also decides whether to stop; alone, thread 0 looks itself.
         if (tid < step_threads)
             for (int64_t s = T - 1; s >= -1; --s) {
+                if (step_threads == 1 && Barrier::stop_requested(c.options.stop)) break;
                 const bool has_next = s + 1 <= T - 1;
-                const F* da_next = grad_a.get() + (s + 1) * B * ld;  // read only if has_next
+                const S* da_next = grad_a_operand.rows + (s + 1) * B * lda;  // read only if has_next
                 for (int64_t j = steps.begin; j < steps.end; j += NR) {
                     const int64_t cols = min64(NR, H - j);
+                    const S* panel = packed_whh.get() + j / NR * P::panel_size(H);
                     for (int64_t b0 = 0; b0 < B; b0 += MR) {
                         const int rows = int(min64(MR, B - b0));
                         if (has_next)
-                            micro_kernel_rows<F, true>(rows, H, da_next + b0 * ld, ld, packed_whh.get() + j * H, tile);
+                            micro_kernel_rows<P, true>(rows, H, da_next + b0 * lda, lda, panel, tile);
                         else
                             for (int i = 0; i < MR * NR; ++i) tile[i] = F(0);
                         for (int r = 0; r < rows; ++r) {
@@ -250,49 +317,83 @@ void backward(const F* grad_output, const F* x, const F* weight_ih, const F* wei
                             // Past the row's length da_{s+1} is 0 and so is g, exactly: not
                             // 0·weight_hh, NaN where weight_hh holds inf or NaN (the reference
                             // multiplies no padding row).
-                            const F* g = has_next && !valid(lengths, s + 1, b) ? no_g : tile + r * NR;
-                            const F* g_end = grad_h_n + b * H + j;  // enters at the row's last step
-                            const bool last = s == length(lengths, T, b) - 1;
+                            const F* g = has_next && !valid(c.lengths, s + 1, b) ? no_g : tile + r * NR;
+                            const F* g_end = c.grad_h_n.row(b) + j;  // enters at the row's last step
+                            const bool last = s == length(c.lengths, T, b) - 1;
                             if (s < 0) {
-                                for (int64_t c = 0; c < cols; ++c) grad_h0[b * H + j + c] = g[c] + (last ? g_end[c] : F(0));
+                                F* grad_h0 = c.grad_h0.row(b) + j;
+                                for (int64_t k = 0; k < cols; ++k) grad_h0[k] = g[k] + (last ? g_end[k] : F(0));
                                 continue;
                             }
                             F* da = grad_a.get() + (s * B + b) * ld + j;
-                            const F* go = grad_output + (s * B + b) * H + j;
-                            const F* h = output + (s * B + b) * H + j;
-                            if (valid(lengths, s, b))
-                                for (int64_t c = 0; c < cols; ++c)
-                                    da[c] = (g[c] + (last ? g_end[c] : F(0)) + go[c]) * (F(1) - h[c] * h[c]);
+                            const F* go = c.grad_output.row(s * B + b) + j;
+                            const F* h = c.output.row(s * B + b) + j;
+                            if (valid(c.lengths, s, b))
+                                for (int64_t k = 0; k < cols; ++k)
+                                    da[k] = (g[k] + (last ? g_end[k] : F(0)) + go[k]) * Act::derivative(h[k]);
                             else
-                                for (int64_t c = 0; c < cols; ++c) da[c] = F(0);
+                                for (int64_t k = 0; k < cols; ++k) da[k] = F(0);
+                            grad_a_operand.update(s * B + b, j, da, cols);
                         }
                     }
                 }
-                if (step_threads > 1) barrier.wait();
+                if (step_threads > 1 && barrier.wait(c.options.stop)) {
+                    if (tid == 0) status = Status::stopped;
+                    return;
+                }
             }
-        if (step_threads == 1) barrier.wait();  // the products read all of grad_a
+        // The products read all of grad_a; after shared steps the last one's barrier said so.
+        if (step_threads == 1 && barrier.wait(c.options.stop)) {
+            if (tid == 0) status = Status::stopped;
+            return;
+        }
 
         // 2. The products over all T·B rows, each thread on its own output columns.
         const Columns<F> mine_i(I, tid, nt);
-        gemm<F>(TB, mine_i.begin, mine_i.end, H, View<F>{grad_a.get(), ld, 1}, View<F>{weight_ih, I, 1},
-                nullptr, grad_x, I, pack_b_buf);
-        gemm<F>(H, mine_i.begin, mine_i.end, TB, View<F>{grad_a.get(), 1, ld}, View<F>{x_rows, I, 1},
-                nullptr, grad_weight_ih, I, pack_b_buf);
-        gemm<F>(H, mine.begin, mine.end, TB, View<F>{grad_a.get(), 1, ld}, View<F>{h_prev.get(), H, 1},
-                nullptr, grad_weight_hh, H, pack_b_buf);
-        for (int64_t j = mine.begin; j < mine.end; ++j) grad_bias[j] = F(0);
+        const S* da_rows = grad_a_operand.rows;
+        gemm<P>(TB, mine_i.begin, mine_i.end, H, View<S>{da_rows, lda, 1}, View<F>{c.weight_ih, I, 1},
+                nullptr, c.grad_x.data, c.grad_x.stride, pack_b_buf);
+        gemm<P>(H, mine_i.begin, mine_i.end, TB, View<S>{da_rows, 1, lda}, View<F>{x_rows, I, 1},
+                nullptr, c.grad_weight_ih, I, pack_b_buf);
+        gemm<P>(H, mine.begin, mine.end, TB, View<S>{da_rows, 1, lda}, View<F>{h_prev.get(), H, 1},
+                nullptr, c.grad_weight_hh, H, pack_b_buf);
+        for (int64_t j = mine.begin; j < mine.end; ++j) c.grad_bias[j] = F(0);
         for (int64_t r = 0; r < TB; ++r)
-            for (int64_t j = mine.begin; j < mine.end; ++j) grad_bias[j] += grad_a.get()[r * ld + j];
+            for (int64_t j = mine.begin; j < mine.end; ++j) c.grad_bias[j] += grad_a.get()[r * ld + j];
+    });
+    return status;
+}
+
+}  // namespace
+
+// run(Plain<F>{}) or, for precision bf16 (float only: the bindings refuse float64), run(Bf16{}).
+template <typename F, typename Run>
+inline Status with_products(Precision precision, const Run& run) {
+    if constexpr (std::is_same_v<F, float>)
+        if (precision == Precision::bf16) return run(Bf16{});
+    return run(Plain<F>{});
+}
+
+template <typename F>
+Status forward(const Forward<F>& call) {
+    return with_activation(call.options.activation, [&](auto act) {
+        return with_products<F>(call.options.precision,
+                                [&](auto p) { return forward_pass<F, decltype(act), decltype(p)>(call); });
     });
 }
 
-#define PYRNN_INSTANTIATE(F)                                                                     \
-    template void forward<F>(const F*, const F*, const F*, const F*, const F*, const int64_t*,   \
-                             F*, F*, int64_t, int64_t, int64_t, int64_t, int);                   \
-    template void backward<F>(const F*, const F*, const F*, const F*, const F*, const F*,        \
-                              const F*, const int64_t*, F*, F*, F*, F*, F*, int64_t, int64_t,    \
-                              int64_t, int64_t, int);                                            \
-    template void tanh<F>(const F*, F*, int64_t);
+template <typename F>
+Status backward(const Backward<F>& call) {
+    return with_activation(call.options.activation, [&](auto act) {
+        return with_products<F>(call.options.precision,
+                                [&](auto p) { return backward_pass<F, decltype(act), decltype(p)>(call); });
+    });
+}
+
+#define PYRNN_INSTANTIATE(F)                           \
+    template Status forward(const Forward<F>&);        \
+    template Status backward(const Backward<F>&);      \
+    template void tanh(const F*, F*, int64_t);
 PYRNN_INSTANTIATE(float)
 PYRNN_INSTANTIATE(double)
 

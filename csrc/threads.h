@@ -1,5 +1,5 @@
 // The kernel's threads: a team from the worker pool (pool.h) per call, and the barrier that ends
-// each recurrent step.
+// each recurrent step (and decides, for all threads at once, whether a stop request ends the call).
 //
 // Why not OpenMP: the module would link the system's libgomp.so.1, and whichever libgomp.so.1 a
 // process loads first serves every library asking for that name. Imported before torch, ours
@@ -25,23 +25,33 @@ class Barrier {
   public:
     explicit Barrier(int threads = 1) : threads_(threads) {}
     void set_threads(int threads) { threads_ = threads; }  // before anyone waits
-    void wait() {
-        if (threads_ == 1) return;
+
+    // Waits for every thread; -> whether `stop` (if any) was set when the last one arrived. All
+    // threads get the same answer, so they can all leave at the same step.
+    bool wait(const std::atomic<bool>* stop = nullptr) {
+        if (threads_ == 1) return stop_requested(stop);
         const unsigned generation = generation_.load(std::memory_order_acquire);
         if (arrived_.fetch_add(1, std::memory_order_acq_rel) == threads_ - 1) {
             arrived_.store(0, std::memory_order_relaxed);
+            stopping_ = stop_requested(stop);
             generation_.fetch_add(1, std::memory_order_release);  // publishes every thread's writes
-            return;
+            return stopping_;
         }
         while (!spin_until([&] { return generation_.load(std::memory_order_acquire) != generation; },
                            std::chrono::microseconds(50)))
             std::this_thread::yield();
+        return stopping_;  // written before the generation changed, read before anyone can arrive again
+    }
+
+    static bool stop_requested(const std::atomic<bool>* stop) {
+        return stop != nullptr && stop->load(std::memory_order_relaxed);
     }
 
   private:
     int threads_;
     std::atomic<int> arrived_{0};
     std::atomic<unsigned> generation_{0};
+    bool stopping_ = false;
 };
 
 // body(tid, nt, barrier) on a team of at most nt threads (this one is tid 0), or straight on

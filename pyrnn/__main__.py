@@ -4,7 +4,7 @@ import sys
 
 import numpy as np
 
-from . import _backends
+from . import __version__, _backends
 from .gradcheck import GradcheckError, gradcheck
 
 
@@ -60,6 +60,13 @@ def _add_bench_parser(commands):
     bench.add_argument("--backends", help="comma-separated contestants (default: every available backend "
                        "and torch)")
     bench.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    bench.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                       help="bf16: every contestant also in bf16 products, side by side with its float32 "
+                       "run (torch: under torch.autocast); %%peak against each precision's CPU limit")
+    bench.add_argument("--layers", type=int, default=1, help="time a stack of this many layers: "
+                       "pyrnn.RNN against torch.nn.RNN(num_layers=...) (default: %(default)s, the kernel alone)")
+    bench.add_argument("--bidirectional", action="store_true", help="both directions in every layer "
+                       "(pyrnn.RNN against torch.nn.RNN(bidirectional=True))")
     bench.add_argument("--repeat", type=int, default=5, help="at least this many samples per contestant "
                        "(default: %(default)s)")
     bench.add_argument("--budget", type=float, default=2.0, help="keep sampling while a (shape, mode, "
@@ -71,6 +78,7 @@ def _add_bench_parser(commands):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="pyrnn", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"pyrnn {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("backends", help="list the backends and why any is unavailable"
                         ).set_defaults(run=_backends_command)

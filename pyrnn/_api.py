@@ -1,22 +1,48 @@
 """pyrnn.forward and pyrnn.backward: validate and normalise once, then hand clean arrays to a backend.
 
-Everything the backends may assume (design.md §2) is established here: C-contiguous time-major
+Everything the backends may assume (docs/design.md §2) is established here: C-contiguous time-major
 arrays of one float dtype, ``h0``/``bias``/``grad_h_n`` materialised, ``lengths`` int64 in
 [0, T]. Inputs are never modified: backends only read them. The checks are cheap on purpose:
 for the smallest shapes this file's overhead is a visible part of a call.
 """
 import functools
-from collections import namedtuple
 from numbers import Integral
+from typing import NamedTuple
 
 import numpy as np
 
-from . import _backends
+from . import _backends, reference
 
-Grads = namedtuple("Grads", ["x", "h0", "weight_ih", "weight_hh", "bias"])
-Grads.__doc__ = "Gradients of the loss with respect to each input of pyrnn.forward, shaped as that input."
+class Grads(NamedTuple):
+    """Gradients of the loss with respect to each input of pyrnn.forward, shaped as that input."""
+
+    x: np.ndarray
+    h0: np.ndarray
+    weight_ih: np.ndarray
+    weight_hh: np.ndarray
+    bias: np.ndarray
+
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+NONLINEARITIES = tuple(reference.ACTIVATIONS)  # ("tanh", "relu")
+PRECISIONS = tuple(reference.PRODUCTS)  # ("fp32", "bf16")
+
+
+def _check_nonlinearity(nonlinearity):
+    if not isinstance(nonlinearity, str) or nonlinearity not in NONLINEARITIES:
+        raise ValueError(f"nonlinearity must be one of {', '.join(map(repr, NONLINEARITIES))}, "
+                         f"got {nonlinearity!r}")
+
+
+def _check_precision(precision):
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}, got {precision!r}")
+
+
+def _check_precision_dtype(precision, dtype):
+    if precision == "bf16" and dtype != np.float32:
+        raise TypeError(f"precision='bf16' needs float32 arrays, got {dtype}: bf16 products "
+                        "round float32 operands (use precision='fp32' for float64)")
 
 
 def _shape_str(shape):
@@ -41,12 +67,27 @@ def _dtype_error(name, array):
     raise TypeError(f"{name} has dtype {array.dtype}; expected float32 or float64")
 
 
+def _has_array_interface(value):  # a torch tensor, an xarray, ...: it has a dtype of its own
+    return not isinstance(value, np.ndarray) and hasattr(value, "__array__")
+
+
+def _as_ndarray(name, value):
+    try:
+        return np.asarray(value)
+    except Exception as error:  # e.g. a torch tensor that requires grad
+        raise TypeError(f"{name} cannot be converted to a NumPy array: {error}") from error
+
+
 def _float_arrays(arrays):
     """({name: ndarray or None}, dtype): every argument as an array of one float dtype.
 
-    NumPy arrays decide the dtype and must all share it; Python sequences take that dtype
-    (float64 when no argument is an array).
+    Arrays (NumPy's, and anything with ``__array__``: a torch tensor keeps its float32) decide
+    the dtype and must all share it; Python sequences take that dtype (float64 when no argument
+    is an array).
     """
+    if any(_has_array_interface(value) for value in arrays.values()):
+        arrays = {name: _as_ndarray(name, value) if _has_array_interface(value) else value
+                  for name, value in arrays.items()}
     dtype = first = None
     sequences = []
     for name, value in arrays.items():
@@ -182,52 +223,63 @@ def _expected_shapes(T, B, I, H, batch_first):
 
 
 def forward(x, weight_ih, weight_hh, bias=None, h0=None, *, lengths=None, batch_first=False,
-            backend=None):
-    """Run the tanh RNN over a whole sequence: h_t = tanh(x_t·weight_ihᵀ + h_{t-1}·weight_hhᵀ + bias).
+            backend=None, nonlinearity="tanh", precision="fp32"):
+    """Run the RNN over a whole sequence: h_t = φ(x_t·weight_ihᵀ + h_{t-1}·weight_hhᵀ + bias).
 
     x: (T, B, I), or (B, T, I) with batch_first. weight_ih: (H, I). weight_hh: (H, H).
     bias: (H,) or None (no bias). h0: (B, H) or None (zeros). lengths: B integers in [0, T] or
     None; steps past a row's length are padding (output 0, state carried, as torch's packed
     sequences). backend: "cpp", "numba", "numpy" or None (``$PYRNN_BACKEND``, else the fastest).
+    nonlinearity: φ, "tanh" or "relu" (torch.nn.RNN's). precision: "fp32" (the arrays' own
+    arithmetic) or "bf16" (float32 arrays only): every operand of every product rounded to
+    bfloat16, summed in float32; bias, φ, the outputs and the gradients stay float32
+    (docs/precision.md says what that costs in accuracy).
 
     Returns (output, h_n): output (T, B, H) (batch_first: (B, T, H)) and h_n (B, H), the state
     after each row's last valid step.
     """
+    _check_nonlinearity(nonlinearity)
+    _check_precision(precision)
     name, impl = _backends.resolve(backend)
     if name == "cpp" and batch_first is False:
         try:  # arrays that are already clean run as they are: see _NATIVE_ERRORS
-            return impl.forward(x, weight_ih, weight_hh, bias, h0, lengths)
+            return impl.forward(x, weight_ih, weight_hh, bias, h0, lengths, nonlinearity, precision)
         except _NATIVE_ERRORS:
             pass
     a, (T, B, I, H) = _normalise(
         {"x": x, "weight_ih": weight_ih, "weight_hh": weight_hh, "bias": bias, "h0": h0},
         batch_first)
+    _check_precision_dtype(precision, a["x"].dtype)
     output, h_n = impl.forward(a["x"], a["weight_ih"], a["weight_hh"], a["bias"], a["h0"],
-                               _lengths(lengths, T, B))
+                               _lengths(lengths, T, B), nonlinearity, precision)
     return _time_major(output, batch_first), h_n
 
 
 def backward(grad_output, x, weight_ih, weight_hh, output, h0=None, *, grad_h_n=None,
-             lengths=None, batch_first=False, backend=None):
+             lengths=None, batch_first=False, backend=None, nonlinearity="tanh", precision="fp32"):
     """Backpropagation through time for pyrnn.forward.
 
     grad_output: dL/doutput, shaped as output. output: what forward returned for these inputs.
     grad_h_n: dL/dh_n (B, H) or None (zeros). Other arguments as for forward (the bias is not
-    needed). Returns Grads(x, h0, weight_ih, weight_hh, bias), each shaped as that input
-    (grads.bias is (H,) and grads.h0 is (B, H) even when they were None in forward).
+    needed; nonlinearity and precision must be forward's). Returns Grads(x, h0, weight_ih,
+    weight_hh, bias), each shaped as that input (grads.bias is (H,) and grads.h0 is (B, H) even
+    when they were None in forward).
     """
+    _check_nonlinearity(nonlinearity)
+    _check_precision(precision)
     name, impl = _backends.resolve(backend)
     if name == "cpp" and batch_first is False:
         try:  # arrays that are already clean run as they are: see _NATIVE_ERRORS
             return Grads(*impl.backward(grad_output, x, weight_ih, weight_hh, output, h0,
-                                        grad_h_n, lengths))
+                                        grad_h_n, lengths, nonlinearity, precision))
         except _NATIVE_ERRORS:
             pass
     a, (T, B, I, H) = _normalise(
         {"x": x, "weight_ih": weight_ih, "weight_hh": weight_hh, "h0": h0, "output": output,
          "grad_output": grad_output, "grad_h_n": grad_h_n}, batch_first)
+    _check_precision_dtype(precision, a["x"].dtype)
     grad_x, grad_h0, grad_weight_ih, grad_weight_hh, grad_bias = impl.backward(
         a["grad_output"], a["x"], a["weight_ih"], a["weight_hh"], a["output"], a["h0"],
-        a["grad_h_n"], _lengths(lengths, T, B))
+        a["grad_h_n"], _lengths(lengths, T, B), nonlinearity, precision)
     return Grads(_time_major(grad_x, batch_first), grad_h0, grad_weight_ih, grad_weight_hh,
                  grad_bias)

@@ -15,7 +15,7 @@ from . import _threads
 NAMES = ("cpp", "numba", "numpy")  # fastest first
 ENV_VAR = "PYRNN_BACKEND"  # forces the backend used when backend=None, e.g. for a whole CI run
 
-_MODULES = {"cpp": "pyrnn._cpp", "numba": "pyrnn.numba_kernel", "numpy": "pyrnn.reference"}
+_MODULES = {"cpp": "pyrnn._cpp", "numba": "pyrnn.numba", "numpy": "pyrnn.reference"}
 _WHY_MISSING = {
     "cpp": "the native module pyrnn._cpp was not built (install the package with `pip install .`)",
     "numba": "numba cannot be imported",
@@ -29,11 +29,27 @@ def _load(name):
         try:
             module = importlib.import_module(_MODULES[name])
         except Exception as error:  # ImportError, or a broken install failing at import
-            _unavailable[name] = f"{_WHY_MISSING.get(name, 'import failed')}: {error}{_shadowed()}"
+            built_without = name == "cpp" and native_missing()
+            _unavailable[name] = (_built_without_native(built_without) if built_without else
+                                  f"{_WHY_MISSING.get(name, 'import failed')}: {error}{_shadowed()}")
         else:
             _threads.apply(name, module)
             _loaded[name] = module
     return _loaded.get(name)
+
+
+def native_missing():
+    """Why this installation was built without pyrnn._cpp (CMakeLists.txt records it), or None."""
+    try:
+        return (Path(__file__).parent / "_native_missing.txt").read_text().strip()
+    except OSError:
+        return None
+
+
+def _built_without_native(reason):
+    return (f"pyrnn was built without the native module pyrnn._cpp ({reason}); to get it, install "
+            "a C++17 compiler (g++ or clang++) and reinstall pyrnn from source: "
+            "pip install --force-reinstall --no-cache-dir .")
 
 
 def _shadowed():

@@ -5,6 +5,7 @@ threadpoolctl; numba's "omp" threading layer brings its own libgomp).
 ``pyrnn.set_num_threads(n)`` (or ``$PYRNN_NUM_THREADS`` at import) bounds them all; by default
 each pool keeps its own default (all cores).
 """
+import contextlib
 import functools
 import os
 
@@ -46,16 +47,42 @@ def set_num_threads(n):
     _limit_pools(n)
 
 
-def apply(name, module):
-    """Give a freshly loaded backend module the current thread count."""
-    if _num_threads is None:
+def apply(name, module, default=False):
+    """Give a freshly loaded backend module the current thread count (with default: its own
+    default count, as if none had ever been set)."""
+    if _num_threads is None and not default:
         return
     if name == "cpp" and hasattr(module, "set_num_threads"):
-        module.set_num_threads(_num_threads)
+        module.set_num_threads(_num_threads or _cores())  # the kernel's default: these cores
     elif name == "numba":
         import numba
 
-        numba.set_num_threads(min(_num_threads, numba.config.NUMBA_NUM_THREADS))
+        most = numba.config.NUMBA_NUM_THREADS
+        numba.set_num_threads(min(_num_threads, most) if _num_threads else most)
+
+
+@contextlib.contextmanager
+def limited_to(n):
+    """set_num_threads(n) inside the block; after it, exactly the state before it: the previous
+    count, or, if there was none, every pool back to its own default with no threadpoolctl limit
+    left behind (for tests and benchmarks, which must not change the rest of the process)."""
+    global _num_threads, _pool_limiter
+    previous = _num_threads
+    set_num_threads(n)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            set_num_threads(previous)
+        else:
+            _num_threads = None
+            if _pool_limiter is not None:
+                _pool_limiter.restore_original_limits()
+                _pool_limiter = None
+            from . import _backends
+
+            for name, module in _backends.loaded().items():
+                apply(name, module, default=True)
 
 
 def _limit_pools(n):

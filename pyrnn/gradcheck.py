@@ -29,7 +29,8 @@ def numerical_gradient(f, array, eps=1e-6):
 
 
 def gradcheck(x, weight_ih, weight_hh, bias=None, h0=None, *, lengths=None, batch_first=False,
-              backend=None, eps=1e-6, atol=1e-6, rtol=1e-5, seed=0, raise_on_failure=True):
+              backend=None, nonlinearity="tanh", eps=1e-6, atol=1e-6, rtol=1e-5, seed=0,
+              raise_on_failure=True):
     """Check pyrnn.backward against central differences of pyrnn.forward for one backend.
 
     Arguments as for pyrnn.forward; they are copied to float64 (an absent bias or h0 becomes
@@ -37,7 +38,8 @@ def gradcheck(x, weight_ih, weight_hh, bias=None, h0=None, *, lengths=None, batc
     random R and S, so every output and the final state enter with their own weight. Each
     element of x, h0, weight_ih, weight_hh and bias is moved by ±eps; the analytic gradient must
     satisfy |analytic - numerical| <= atol + rtol·|numerical| everywhere. That costs two forward
-    passes per element: use small shapes.
+    passes per element: use small shapes. With relu, keep every pre-activation farther than eps
+    from 0 (the kink, where the derivative jumps).
 
     Returns {name: largest |analytic - numerical|}; raises GradcheckError on a mismatch unless
     raise_on_failure is False.
@@ -52,7 +54,8 @@ def gradcheck(x, weight_ih, weight_hh, bias=None, h0=None, *, lengths=None, batc
     rng = np.random.default_rng(seed)
     out_shape = (B, T, H) if batch_first else (T, B, H)
     weight_output, weight_h_n = rng.standard_normal(out_shape), rng.standard_normal((B, H))
-    options = dict(lengths=lengths, batch_first=batch_first, backend=backend)
+    options = dict(lengths=lengths, batch_first=batch_first, backend=backend,
+                   nonlinearity=nonlinearity)
 
     def loss():
         output, h_n = _api.forward(params["x"], params["weight_ih"], params["weight_hh"],

@@ -5,17 +5,18 @@ A layer's ``forward`` caches what its ``backward`` needs; ``backward`` returns t
 respect to the layer's input and writes the parameter gradients into ``.grads`` (same keys and
 shapes as ``.params``). Each backward overwrites ``.grads`` (it does not accumulate), and the
 arrays in ``.params``/``.grads`` keep their identity for the layer's lifetime, so an optimizer can
-hold on to them. Every recurrence runs through pyrnn.forward/pyrnn.backward on whichever backend
-is selected; nothing here depends on which one.
+hold on to them. The recurrence runs as one pyrnn.stack_forward/stack_backward call on whichever
+backend is selected; nothing here depends on which one.
 
     RNN:    x (T, B, I) [batch_first: (B, T, I)]   h0, h_n (num_layers·D, B, H)   output (T, B, D·H)
     Linear: x (..., in_features) -> (..., out_features)
 """
-from numbers import Integral
+import warnings
+from numbers import Integral, Real
 
 import numpy as np
 
-from . import _api
+from . import _api, _stack
 from ._api import _FLOAT_DTYPES
 
 
@@ -50,21 +51,6 @@ def _as_array(name, value, dtype, shape, dims):
     return array
 
 
-def reverse_within_lengths(x, lengths):
-    """x (T, B, ...) with each row's first lengths[b] steps in reverse order; padding stays in place.
-
-    This is how the reverse direction reads a padded batch (torch's packed sequences): row b's
-    last valid step comes first. It is its own inverse, so it also maps the reverse direction's
-    outputs and gradients back to the original time order.
-    """
-    if lengths is None:
-        return x[::-1]
-    T, B = x.shape[:2]
-    t = np.arange(T)[:, None]
-    source = np.where(t < lengths, lengths - 1 - t, t)  # (T, B): step read at (t, b)
-    return x[source, np.arange(B)]
-
-
 def select_last(output, lengths=None, batch_first=False):
     """output (T, B, F) -> (B, F): each row's last valid step (step lengths[b] - 1; T - 1 without
     lengths). This is the many-to-one read-out."""
@@ -95,47 +81,70 @@ def _last_steps(lengths, T, B):
 
 
 class RNN:
-    """Multi-layer, optionally bidirectional Elman (tanh) RNN, with torch.nn.RNN's conventions.
+    """Multi-layer, optionally bidirectional Elman RNN (tanh or relu), with torch.nn.RNN's conventions.
 
     Parameters are named and shaped as torch's (``weight_ih_l0`` (H, I), ``weight_hh_l0`` (H, H),
     ``bias_ih_l0``/``bias_hh_l0`` (H,), and ``..._reverse`` for the second direction; layer k > 0
     reads D·H inputs) and drawn from U(-1/√H, 1/√H) as torch does. ``seed`` is an int or a
-    numpy Generator; the same seed gives the same parameters.
+    numpy Generator; the same seed gives the same parameters and the same dropout masks.
 
-    The two biases only ever enter as their sum, so the kernel gets ``bias_ih + bias_hh`` and both
-    receive the same gradient. Layer k > 0 reads the concatenated outputs of both directions of
-    layer k - 1. The reverse direction reads each row reversed within its own length.
+    The whole stack runs as one pyrnn.stack_forward / stack_backward call. The two biases only
+    ever enter as their sum, so the kernel gets ``bias_ih + bias_hh`` and both receive the same
+    gradient. ``dropout`` is torch's: in training mode (``train()``, the default; ``eval()``
+    turns it off) each layer's output but the last is multiplied by a mask of {0, 1/(1 - p)},
+    drawn from this layer's generator at each forward. ``precision="bf16"`` (float32 only) runs
+    every product in bfloat16 (pyrnn.forward's precision).
     """
 
-    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
-                 bidirectional=False, dtype=np.float32, backend=None, seed=None):
+    def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
+                 batch_first=False, dropout=0.0, bidirectional=False, dtype=np.float32,
+                 backend=None, seed=None, precision="fp32"):
         self.input_size = _positive_int("input_size", input_size)
         self.hidden_size = _positive_int("hidden_size", hidden_size)
         self.num_layers = _positive_int("num_layers", num_layers)
+        _api._check_nonlinearity(nonlinearity)
+        self.nonlinearity = nonlinearity
         self.bias = bool(bias)
         self.batch_first = bool(batch_first)
+        if isinstance(dropout, bool) or not isinstance(dropout, Real) or not 0 <= dropout <= 1:
+            raise ValueError(f"dropout must be a number in [0, 1], got {dropout!r}")
+        if dropout > 0 and num_layers == 1:  # as torch: dropout acts between layers only
+            warnings.warn(f"dropout={dropout} has no effect with num_layers=1: it applies to "
+                          "every layer's output but the last", UserWarning, stacklevel=2)
+        self.dropout = float(dropout)
         self.bidirectional = bool(bidirectional)
         self.num_directions = 2 if bidirectional else 1
         self.dtype = _float_dtype(dtype)
         self.backend = backend
-        self._suffixes = ("", "_reverse")[: self.num_directions]
+        _api._check_precision(precision)
+        _api._check_precision_dtype(precision, self.dtype)
+        self.precision = precision
+        self.training = True
+        # parameter names per layer and direction (the stack's order, torch's): ``weight_ih_l0``,
+        # ``weight_hh_l0``, ``bias_ih_l0``, ``bias_hh_l0``, then ``..._l0_reverse`` and so on
+        self._keys = [tuple(f"{kind}_l{layer}{suffix}" for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+                      for layer in range(self.num_layers) for suffix in ("", "_reverse")[: self.num_directions]]
 
         H = self.hidden_size
         bound = 1 / np.sqrt(H)
-        rng = np.random.default_rng(seed)
+        self.generator = np.random.default_rng(seed)  # the parameters, then the dropout masks
         self.params = {}
-        for layer in range(self.num_layers):  # torch's order: per layer, per direction
-            layer_inputs = self.input_size if layer == 0 else self.num_directions * H
-            for suffix in self._suffixes:
-                shapes = {f"weight_ih_l{layer}{suffix}": (H, layer_inputs),
-                          f"weight_hh_l{layer}{suffix}": (H, H)}
-                if self.bias:
-                    shapes.update({f"bias_ih_l{layer}{suffix}": (H,), f"bias_hh_l{layer}{suffix}": (H,)})
-                for name, shape in shapes.items():
-                    self.params[name] = rng.uniform(-bound, bound, shape).astype(self.dtype)
+        for k, names in enumerate(self._keys):  # torch's order: per layer, per direction
+            shapes = (H, self.input_size if k < self.num_directions else self.num_directions * H), (H, H), (H,), (H,)
+            for name, shape in list(zip(names, shapes))[: 4 if self.bias else 2]:
+                self.params[name] = self.generator.uniform(-bound, bound, shape).astype(self.dtype)
         self.grads = {name: np.zeros_like(value) for name, value in self.params.items()}
         self.grad_h0 = None  # (num_layers·D, B, H) after backward
         self._cache = None
+
+    def train(self, mode=True):
+        """Training mode (dropout on) or, with mode=False, evaluation mode; returns self."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        """Evaluation mode: no dropout. Returns self."""
+        return self.train(False)
 
     def state_dict(self):
         """{name: copy of the parameter}, keyed as torch.nn.RNN's state_dict."""
@@ -157,16 +166,31 @@ class RNN:
         for name, array in arrays.items():  # only once everything has been checked
             self.params[name][...] = array
 
-    def _direction(self, layer, direction):
-        """(weight_ih, weight_hh, bias or None) of one layer and direction."""
-        suffix = f"_l{layer}{self._suffixes[direction]}"
-        bias = (self.params["bias_ih" + suffix] + self.params["bias_hh" + suffix]) if self.bias else None
-        return self.params["weight_ih" + suffix], self.params["weight_hh" + suffix], bias
+    def _layers(self):
+        """[(weight_ih, weight_hh, bias or None)] per layer and direction, the stack's order."""
+        p = self.params
+        if not self.bias:
+            return [(p[weight_ih], p[weight_hh], None) for weight_ih, weight_hh, _, _ in self._keys]
+        return [(p[weight_ih], p[weight_hh], p[bias_ih] + p[bias_hh])
+                for weight_ih, weight_hh, bias_ih, bias_hh in self._keys]
+
+    def _dropout_masks(self, T, B):
+        """(L - 1, T, B, D·H) masks of {0, 1/(1 - p)} ((L - 1, B, T, D·H) with batch_first), or None
+        when no dropout applies."""
+        if not self.training or self.dropout == 0 or self.num_layers == 1:
+            return None
+        shape = ((self.num_layers - 1,) + ((B, T) if self.batch_first else (T, B))
+                 + (self.num_directions * self.hidden_size,))
+        if self.dropout == 1:
+            return np.zeros(shape, dtype=self.dtype)
+        keep = self.generator.random(shape) >= self.dropout
+        return keep.astype(self.dtype) / self.dtype.type(1 - self.dropout)
 
     def _states(self, name, value, B):
-        shape = (self.num_layers * self.num_directions, B, self.hidden_size)
+        """value as an (num_layers·D, B, H) array of the layer's dtype, or None (zeros)."""
         if value is None:
-            return np.zeros(shape, dtype=self.dtype)
+            return None
+        shape = (self.num_layers * self.num_directions, B, self.hidden_size)
         return _as_array(name, value, self.dtype, shape, "num_layers·directions, B, H")
 
     def forward(self, x, h0=None, lengths=None):
@@ -176,28 +200,16 @@ class RNN:
         batch_first), h_n (num_layers·D, B, H))."""
         dims = "B, T, I" if self.batch_first else "T, B, I"
         x = _as_array("x", x, self.dtype, (None, None, self.input_size), dims)
-        if self.batch_first:
-            x = x.swapaxes(0, 1)
-        T, B = x.shape[:2]
+        T, B = x.shape[1::-1] if self.batch_first else x.shape[:2]
         lengths = _api._lengths(lengths, T, B)
         h0 = self._states("h0", h0, B)
-
-        h_n = np.empty_like(h0)
-        steps = []  # (kernel input, kernel output) per layer and direction, for backward
-        layer_input = x
-        for layer in range(self.num_layers):
-            outputs = []
-            for direction in range(self.num_directions):
-                k = layer * self.num_directions + direction
-                sequence = layer_input if direction == 0 else reverse_within_lengths(layer_input, lengths)
-                output, h_n[k] = _api.forward(sequence, *self._direction(layer, direction), h0[k],
-                                              lengths=lengths, backend=self.backend)
-                steps.append((sequence, output))
-                outputs.append(output if direction == 0 else reverse_within_lengths(output, lengths))
-            layer_input = np.concatenate(outputs, axis=2) if len(outputs) > 1 else outputs[0]
-        self._cache = (steps, h0, lengths)
-        output = layer_input
-        return (output.swapaxes(0, 1) if self.batch_first else output), h_n
+        layers, masks = self._layers(), self._dropout_masks(T, B)
+        output, h_n, layer_outputs = _stack.stack_forward(
+            x, layers, h0, lengths=lengths, batch_first=self.batch_first,
+            bidirectional=self.bidirectional, dropout_masks=masks, nonlinearity=self.nonlinearity,
+            backend=self.backend, precision=self.precision)
+        self._cache = (x, B, layers, layer_outputs, h0, lengths, masks)
+        return output, h_n
 
     __call__ = forward
 
@@ -207,45 +219,29 @@ class RNN:
         .grad_h0 (dL/dh0)."""
         if self._cache is None:
             raise RuntimeError("RNN.backward called before RNN.forward")
-        steps, h0, lengths = self._cache
-        B, H, D = h0.shape[1], self.hidden_size, self.num_directions
-        T = steps[0][0].shape[0]
+        x, B, layers, layer_outputs, h0, lengths, masks = self._cache
         dims = "B, T, D·H" if self.batch_first else "T, B, D·H"
-        shape = (B, T, D * H) if self.batch_first else (T, B, D * H)
-        grad = _as_array("grad_output", grad_output, self.dtype, shape, dims)
-        if self.batch_first:
-            grad = grad.swapaxes(0, 1)
+        grad = _as_array("grad_output", grad_output, self.dtype, layer_outputs.shape[1:], dims)
         grad_h_n = self._states("grad_h_n", grad_h_n, B)
-
-        grad_h0 = np.empty_like(h0)
-        for layer in reversed(range(self.num_layers)):
-            grad_input = 0
-            for direction in range(D):
-                k = layer * D + direction
-                sequence, output = steps[k]
-                grad_direction = grad[:, :, direction * H:(direction + 1) * H]
-                if direction == 1:
-                    grad_direction = reverse_within_lengths(grad_direction, lengths)
-                weight_ih, weight_hh, _ = self._direction(layer, direction)
-                grads = _api.backward(grad_direction, sequence, weight_ih, weight_hh, output, h0[k],
-                                      grad_h_n=grad_h_n[k], lengths=lengths, backend=self.backend)
-                grad_input = grad_input + (grads.x if direction == 0
-                                           else reverse_within_lengths(grads.x, lengths))
-                grad_h0[k] = grads.h0
-                suffix = f"_l{layer}{self._suffixes[direction]}"
-                self.grads["weight_ih" + suffix][...] = grads.weight_ih
-                self.grads["weight_hh" + suffix][...] = grads.weight_hh
-                if self.bias:  # bias_ih and bias_hh enter as one sum: the same gradient
-                    self.grads["bias_ih" + suffix][...] = grads.bias
-                    self.grads["bias_hh" + suffix][...] = grads.bias
-            grad = grad_input
-        self.grad_h0 = grad_h0
-        return grad.swapaxes(0, 1) if self.batch_first else grad
+        grads = _stack.stack_backward(
+            grad, x, layers, layer_outputs, h0, grad_h_n=grad_h_n, lengths=lengths,
+            batch_first=self.batch_first, bidirectional=self.bidirectional, dropout_masks=masks,
+            nonlinearity=self.nonlinearity, backend=self.backend, precision=self.precision)
+        for (weight_ih, weight_hh, bias_ih, bias_hh), layer_grads in zip(self._keys, grads.layers):
+            self.grads[weight_ih][...] = layer_grads.weight_ih
+            self.grads[weight_hh][...] = layer_grads.weight_hh
+            if self.bias:  # bias_ih and bias_hh enter as one sum: the same gradient
+                self.grads[bias_ih][...] = layer_grads.bias
+                self.grads[bias_hh][...] = layer_grads.bias
+        self.grad_h0 = grads.h0
+        return grads.x
 
     def __repr__(self):
         return (f"RNN({self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "
-                f"bias={self.bias}, batch_first={self.batch_first}, "
-                f"bidirectional={self.bidirectional}, dtype={self.dtype.name})")
+                f"nonlinearity={self.nonlinearity!r}, bias={self.bias}, "
+                f"batch_first={self.batch_first}, dropout={self.dropout}, "
+                f"bidirectional={self.bidirectional}, dtype={self.dtype.name}"
+                + (f", precision={self.precision!r})" if self.precision != "fp32" else ")"))
 
 
 class Linear:

@@ -1,7 +1,7 @@
 """Shared fixtures: the backends under test.
 
 Every test that takes ``backend`` runs once per available backend, or only for the one
-$PYRNN_BACKEND names: CI runs the whole suite once per backend that way.
+$PYRNN_BACKEND names: CI runs the backend-dependent modules once per backend that way.
 """
 import os
 
@@ -16,6 +16,20 @@ BACKENDS = (FORCED_BACKEND,) if FORCED_BACKEND else pyrnn.available_backends()
 @pytest.fixture(params=BACKENDS, scope="session")
 def backend(request):
     return request.param
+
+
+# Modules whose tests name the backend they run (or run none), so that their results do not depend
+# on $PYRNN_BACKEND: CI runs them once, and each forced-backend run skips them with
+# `-m "not backend_independent"`. A module not listed runs in every forced run.
+BACKEND_INDEPENDENT = {"test_native_kernel.py", "test_native_bindings.py", "test_native_tanh.py",
+                       "test_native_peak.py", "test_numba_kernel.py", "test_bench.py", "test_optim.py",
+                       "test_design.py", "test_packaging.py"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.path.name in BACKEND_INDEPENDENT:
+            item.add_marker(pytest.mark.backend_independent)
 
 
 def pytest_terminal_summary(terminalreporter):

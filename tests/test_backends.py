@@ -26,6 +26,8 @@ def test_an_installed_package_has_its_native_module():
         importlib.metadata.distribution("pyrnn")
     except importlib.metadata.PackageNotFoundError:
         pytest.skip("pyrnn runs from a source tree that was never installed")
+    if _backends.native_missing():
+        pytest.skip(f"installed without the native module on purpose: {_backends.native_missing()}")
     assert "cpp" in pyrnn.available_backends(), pyrnn.unavailable_backends().get("cpp")
     assert "numba" in pyrnn.available_backends(), pyrnn.unavailable_backends().get("numba")
 
@@ -103,7 +105,35 @@ def test_a_source_tree_shadowing_the_installed_package_says_so(tmp_path):
     import shutil
 
     shutil.copytree(os.path.dirname(pyrnn.__file__), tmp_path / "pyrnn",
-                    ignore=shutil.ignore_patterns("_cpp*", "__pycache__"))
+                    ignore=shutil.ignore_patterns("_cpp*", "_native_missing.txt", "__pycache__"))  # as in git
     out = subprocess.run([sys.executable, "-c", "import pyrnn; print(pyrnn.unavailable_backends()['cpp'])"],
                          capture_output=True, text=True, cwd=tmp_path, check=True).stdout
     assert f"imported from the source tree {tmp_path / 'pyrnn'}" in out
+
+
+def _blas_threads():
+    from threadpoolctl import threadpool_info
+
+    return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+
+
+def test_a_limited_thread_count_leaves_the_state_before_it():
+    """Tests and benchmarks change the thread count for a while: afterwards every pool must be as
+    it was, with no threadpoolctl limit left behind when no count had been set."""
+    from pyrnn import _threads
+
+    if _threads._num_threads is not None:
+        pytest.skip("$PYRNN_NUM_THREADS sets a count for the whole process")
+    pyrnn.available_backends()  # every backend loaded, so each gets the count
+    blas_before, cores = _blas_threads(), pyrnn.get_num_threads()
+    with _threads.limited_to(1):
+        assert pyrnn.get_num_threads() == 1 and set(_blas_threads()) == {1}
+        with _threads.limited_to(2):
+            assert pyrnn.get_num_threads() == 2
+        assert pyrnn.get_num_threads() == 1 and set(_blas_threads()) == {1}
+    assert _threads._num_threads is None and pyrnn.get_num_threads() == cores
+    assert _blas_threads() == blas_before
+    if "cpp" in pyrnn.available_backends():
+        from pyrnn import _cpp
+
+        assert _cpp.get_num_threads() == cores

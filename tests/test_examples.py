@@ -56,10 +56,10 @@ def test_examples_save_plots(tmp_path, monkeypatch):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_readme_models_example_runs(capsys):
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
-    example = re.search(r"## Models and examples\n.*?```python\n(.*?)```", readme, re.S).group(1)
-    exec(compile(example, "README.md", "exec"), {})
+def test_the_guides_training_loop_learns(capsys):
+    guide = (Path(__file__).resolve().parent.parent / "docs" / "getting-started.md").read_text(encoding="utf-8")
+    example = re.search(r"## A first training loop\n.*?```python\n(.*?)```", guide, re.S).group(1)
+    exec(compile(example, "docs/getting-started.md", "exec"), {})
     losses = [float(v) for v in re.findall(r"loss (\d+\.\d+)", capsys.readouterr().out)]
     assert len(losses) == 3 and losses[-1] < losses[0]
 
@@ -70,3 +70,19 @@ def test_example_runs_repeat_from_their_seed(backend, monkeypatch):
     first = forecast.main(arguments + ["--seed", "5"])["losses"]
     assert forecast.main(arguments + ["--seed", "5"])["losses"] == first
     assert forecast.main(arguments + ["--seed", "6"])["losses"] != first
+
+
+def test_gradient_flow_vanishes_below_radius_one_and_explodes_above(backend, tmp_path, monkeypatch):
+    arguments = ["--steps", "60", "--hidden", "64", "--batch", "4", "--backend", backend] + COMMON_ARGUMENTS
+    result = load("gradient_flow", monkeypatch).main(arguments + ["--plot", str(tmp_path / "flow.png")]
+                                                     if importlib.util.find_spec("matplotlib") else arguments)
+    last = {radius: norms[-1] for (radius, _), norms in result["per_step"].items()}
+    first = {(radius, scale): norms[0] for (radius, scale), norms in result["per_step"].items()}
+    scale = min(s for _, s in first)
+    assert first[0.5, scale] < 1e-12 * last[0.5]              # 0.5 per step over 59 steps: ~1e-18
+    assert first[1.5, scale] > 10 * last[1.5]                 # grows backwards out of saturation
+    assert first[1.5, 10 * scale] < first[1.5, scale] / 100   # saturated by a strong input, it does not
+    assert np.all(result["norm_after"] <= 100 * (1 + 1e-9))
+    unclipped = result["norm_before"] <= 100
+    assert unclipped.any() and not unclipped.all()
+    np.testing.assert_allclose(result["norm_after"][unclipped], result["norm_before"][unclipped])

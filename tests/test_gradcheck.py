@@ -5,18 +5,23 @@ import pytest
 import pyrnn
 import pyrnn.reference
 
-from problems import make_problem, random_lengths
+from problems import make_problem, make_problem_away_from_relus_kink, random_lengths
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (4, 3, 2, 5), (6, 2, 3, 1), (3, 1, 4, 3)],
                          ids=lambda s: "T{}-B{}-I{}-H{}".format(*s))
 @pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
-def test_gradcheck_passes(backend, shape, with_lengths):
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+def test_gradcheck_passes(backend, shape, with_lengths, nonlinearity):
     rng = np.random.default_rng(sum(shape))
     T, B, I, H = shape
-    problem = make_problem(rng, T, B, I, H)
     lengths = random_lengths(rng, T, B) if with_lengths else None
-    errors = pyrnn.gradcheck(**problem, lengths=lengths, backend=backend)
+    if nonlinearity == "relu":
+        problem = make_problem_away_from_relus_kink(rng, T, B, I, H, lengths)
+    else:
+        problem = make_problem(rng, T, B, I, H)
+    errors = pyrnn.gradcheck(**problem, lengths=lengths, backend=backend,
+                             nonlinearity=nonlinearity)
     assert set(errors) == {"x", "h0", "weight_ih", "weight_hh", "bias"}
     assert max(errors.values()) < 1e-6
 

@@ -2,7 +2,10 @@
 import numpy as np
 import pytest
 
-_cpp = pytest.importorskip("pyrnn._cpp")  # required when installed: see test_backends.py
+import pyrnn
+
+# Skipped only where pyrnn was installed without it on purpose: test_backends.py fails otherwise.
+_cpp = pytest.importorskip("pyrnn._cpp", reason=str(pyrnn.unavailable_backends().get("cpp")))
 
 from forking import forked_child_agrees  # noqa: E402
 
@@ -169,3 +172,22 @@ def test_a_forked_child_can_use_threads(tmp_path):
     setup = ("import pyrnn._cpp as cpp\nfrom test_native_bindings import medium_problem\n"
              "cpp.set_num_threads(2)\ninputs = medium_problem()")
     assert forked_child_agrees(setup, "cpp.forward(*inputs)[0]", tmp_path)
+
+
+def test_the_stub_matches_the_module():
+    """pyrnn/_cpp.pyi declares exactly the module's functions, with the parameters pybind11 reports."""
+    import ast
+    import pathlib
+    import re
+
+    import pyrnn
+
+    stub = ast.parse(pathlib.Path(pyrnn.__file__).with_name("_cpp.pyi").read_text())
+    declared = {f.name: f.args for f in stub.body if isinstance(f, ast.FunctionDef)}
+    assert set(declared) == {name for name in dir(_cpp) if not name.startswith("_")}
+    for name, arguments in declared.items():
+        # pybind11's docstring: "name(a: type, b: type = default) -> ..." (numbered when overloaded)
+        doc = getattr(_cpp, name).__doc__
+        signature = re.search(rf"^(?:\d+\. )?{name}\((\w.*?)?\) ->", doc, re.MULTILINE).group(1) or ""
+        assert re.findall(r"(?:^|, )(\w+):", signature) == [a.arg for a in arguments.args], (name, signature)
+        assert signature.count(" = ") == len(arguments.defaults), (name, signature)

@@ -15,13 +15,14 @@ import numpy as np
 import pytest
 
 import pyrnn
-from pyrnn import _cpp, reference
-from pyrnn.testing import accumulated_terms, relative_error, tolerance
+from pyrnn import _threads, reference
+from pyrnn.testing import RESULT_NAMES, accumulated_terms, relative_error, tolerance
 
-GRAD_NAMES = ("grad_x", "grad_h0", "grad_weight_ih", "grad_weight_hh", "grad_bias")
+# Skipped only where pyrnn was installed without it on purpose: test_backends.py fails otherwise.
+_cpp = pytest.importorskip("pyrnn._cpp", reason=str(pyrnn.unavailable_backends().get("cpp")))
 
 
-def make_problem(T, B, I, H, dtype, seed=0, lengths=None):
+def make_problem(T, B, I, H, dtype, seed=0, lengths=None, nonlinearity="tanh"):
     """A contracting RNN (|weight_hh| < 1) with random data, as the clean arrays backends get."""
     rng = np.random.default_rng(seed)
     arrays = dict(
@@ -35,29 +36,35 @@ def make_problem(T, B, I, H, dtype, seed=0, lengths=None):
     )
     arrays = {k: np.ascontiguousarray(v, dtype=dtype) for k, v in arrays.items()}
     arrays["lengths"] = None if lengths is None else np.asarray(lengths, dtype=np.int64)
+    arrays["nonlinearity"] = nonlinearity
     return arrays
 
 
 def run(module, p, output=None):
-    """(output, h_n, *grads) of one backend; the backward uses `output` (else its own)."""
-    out, h_n = module.forward(p["x"], p["weight_ih"], p["weight_hh"], p["bias"], p["h0"], p["lengths"])
+    """{name: result} of one backend's forward and backward (the latter fed `output`, else its own)."""
+    options = () if p["nonlinearity"] == "tanh" else (p["nonlinearity"],)
+    out, h_n = module.forward(p["x"], p["weight_ih"], p["weight_hh"], p["bias"], p["h0"], p["lengths"],
+                              *options)
     grads = module.backward(p["grad_output"], p["x"], p["weight_ih"], p["weight_hh"],
-                            out if output is None else output, p["h0"], p["grad_h_n"], p["lengths"])
-    return (out, h_n) + tuple(grads)
+                            out if output is None else output, p["h0"], p["grad_h_n"], p["lengths"],
+                            *options)
+    return dict(zip(RESULT_NAMES, (out, h_n) + tuple(grads)))
 
 
 def as64(p):
-    return {k: (v if v is None or v.dtype == np.int64 else v.astype(np.float64)) for k, v in p.items()}
+    return {k: (v.astype(np.float64) if isinstance(v, np.ndarray) and v.dtype != np.int64 else v)
+            for k, v in p.items()}
 
 
 def assert_close_to_reference(p):
     """cpp on p against the float64 reference on the same values; the backward of both is fed the
     reference's output, so each gradient is checked on its own."""
     expected = run(reference, as64(p))
-    got = run(_cpp, p, output=expected[0].astype(p["x"].dtype))
+    got = run(_cpp, p, output=expected["output"].astype(p["x"].dtype))
     T, B, I = p["x"].shape
     terms_forward, terms_backward = accumulated_terms(T, B, I, p["weight_hh"].shape[0])
-    for name, g, e in zip(("output", "h_n") + GRAD_NAMES, got, expected):
+    for name in RESULT_NAMES:
+        g, e = got[name], expected[name]
         assert g.dtype == p["x"].dtype and g.shape == e.shape, name
         tol = tolerance(g.dtype, terms_forward if name in ("output", "h_n") else terms_backward)
         err = relative_error(g, e)
@@ -65,8 +72,8 @@ def assert_close_to_reference(p):
                            f"expected {e.ravel()[:4]}"
 
 
-# Sizes that do not divide the vector width (4/8/16 lanes), the NR = 2 vectors column panels, the
-# MR = 6 or 12 row tiles, or the KC = 256 / MC cache blocks.
+# Sizes that do not divide the vector width (4/8/16 lanes), the NR = 2 vectors column panels or
+# the MR = 6 or 12 row tiles.
 ODD_SHAPES = [(1, 1, 1, 1), (5, 1, 3, 1), (3, 3, 17, 63), (4, 17, 65, 65), (2, 13, 1, 3),
               (3, 63, 5, 17), (2, 65, 300, 33), (3, 2, 7, 130), (2, 1, 257, 520), (0, 2, 3, 4),
               (3, 0, 3, 4)]
@@ -76,6 +83,47 @@ ODD_SHAPES = [(1, 1, 1, 1), (5, 1, 3, 1), (3, 3, 17, 63), (4, 17, 65, 65), (2, 1
 @pytest.mark.parametrize("shape", ODD_SHAPES, ids=lambda s: "T{}B{}I{}H{}".format(*s))
 def test_matches_reference_on_odd_shapes(shape, dtype):
     assert_close_to_reference(make_problem(*shape, dtype))
+
+
+# Each side of every cache block of csrc/gemm.h (KC = 512 along k, MC = 8·MR = 96 (AVX-512) or
+# 48 rows, NC = 1024 columns), in every product that blocks: the input product (M = T·B, K = I,
+# N = H), grad_x (M = T·B, K = H, N = I) and the weight gradients (K = T·B, N = I or H); the
+# recurrence's micro-kernel runs over K = H unblocked. Below, at and above each boundary.
+BLOCK_SHAPES = [
+    (2, 3, 511, 9), (2, 3, 512, 9), (2, 3, 513, 9), (1, 2, 1025, 5),   # K = I across KC, N = I across NC
+    (2, 3, 5, 511), (2, 3, 5, 512), (2, 3, 5, 513),                    # K = H across KC
+    (1, 2, 3, 1023), (1, 2, 3, 1024), (1, 2, 3, 1025),                 # N = H across NC
+    (1, 47, 4, 9), (1, 48, 4, 9), (1, 95, 4, 9), (1, 96, 4, 9), (3, 65, 4, 9),  # M = T·B across MC
+    (1, 511, 3, 5), (1, 512, 3, 5), (3, 171, 3, 5), (5, 205, 2, 3),    # K = T·B across KC (1025)
+]
+
+
+@pytest.mark.parametrize("shape", BLOCK_SHAPES, ids=lambda s: "T{}B{}I{}H{}".format(*s))
+def test_matches_reference_across_cache_blocks(shape):
+    assert_close_to_reference(make_problem(*shape, np.float64))
+
+
+def test_relu_keeps_nan_and_passes_no_gradient_where_it_is_zero():
+    """relu(NaN) = NaN as torch.relu; where h_t = 0 (a ≤ 0, the kink included) relu' = 0."""
+    p = make_problem(1, 1, 1, 3, np.float64, nonlinearity="relu")
+    p["x"][:] = np.nan
+    assert np.isnan(run(_cpp, p)["output"]).all()
+    # a = w - |w| for weight_ih = w: exactly 0 (the kink) where w > 0, negative elsewhere
+    p["x"][:], p["h0"][:], p["bias"][:] = 1.0, 0.0, -np.abs(p["weight_ih"][:, 0])
+    assert (p["weight_ih"] > 0).any() and (p["weight_ih"] < 0).any()
+    got = run(_cpp, p)
+    assert (got["output"] == 0).all()
+    for name in ("grad_x", "grad_h0", "grad_weight_ih", "grad_weight_hh", "grad_bias"):
+        assert (got[name] == 0).all(), name
+
+
+def test_unknown_nonlinearity_is_a_value_error_naming_it():
+    p = make_problem(2, 1, 3, 4, np.float32)
+    with pytest.raises(ValueError, match="nonlinearity must be 'tanh' or 'relu', got 'sigmoid'"):
+        _cpp.forward(p["x"], p["weight_ih"], p["weight_hh"], None, None, None, "sigmoid")
+    with pytest.raises(ValueError, match="nonlinearity must be 'tanh' or 'relu', got None"):
+        _cpp.backward(p["grad_output"], p["x"], p["weight_ih"], p["weight_hh"], p["grad_output"],
+                      None, None, None, None)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -94,8 +142,9 @@ def test_nan_in_padding_does_not_leak():
     p["x"][:, 2] = np.inf
     p["grad_output"][2:, 1] = np.nan
     got = run(_cpp, p)
-    assert all(np.isfinite(g).all() for g in got[1:] if g.size and g is not got[2])
-    assert np.isfinite(got[0][:, :2][np.arange(5)[:, None] < [5, 2]]).all()
+    assert all(np.isfinite(got[name]).all()
+               for name in ("h_n", "grad_h0", "grad_weight_ih", "grad_weight_hh", "grad_bias"))
+    assert np.isfinite(got["output"][:, :2][np.arange(5)[:, None] < [5, 2]]).all()
 
 
 def test_scratch_kept_from_an_earlier_call_does_not_leak():
@@ -112,7 +161,7 @@ def test_scratch_kept_from_an_earlier_call_does_not_leak():
 
 def test_inputs_are_not_modified():
     p = make_problem(4, 5, 6, 7, np.float32, lengths=[4, 1, 0, 3, 2])
-    before = {k: v.copy() for k, v in p.items() if v is not None}
+    before = {k: v.copy() for k, v in p.items() if isinstance(v, np.ndarray)}
     run(_cpp, p)
     for k, v in before.items():
         np.testing.assert_array_equal(p[k], v, err_msg=k)
@@ -144,8 +193,8 @@ def test_bitwise_identical_across_calls_and_thread_counts(dtype, T, B, I, H, len
         _cpp.set_num_threads(n)
         results.append(run(_cpp, p))
     for other in results[1:]:
-        for name, a, b in zip(("output", "h_n") + GRAD_NAMES, results[0], other):
-            assert np.array_equal(a.view(np.uint8), b.view(np.uint8)), name
+        for name in RESULT_NAMES:
+            assert np.array_equal(results[0][name].view(np.uint8), other[name].view(np.uint8)), name
     assert_close_to_reference(p)  # on 2 threads, the last count set
 
 
@@ -153,10 +202,8 @@ def test_thread_budget(restore_threads):
     _cpp.set_num_threads(3)
     assert _cpp.get_num_threads() == 3
     assert "cpp" in pyrnn.available_backends()  # loaded, so pyrnn.set_num_threads reaches it
-    before = pyrnn.get_num_threads()
-    pyrnn.set_num_threads(1)
-    assert _cpp.get_num_threads() == 1
-    pyrnn.set_num_threads(before)
+    with _threads.limited_to(1):
+        assert _cpp.get_num_threads() == 1
     with pytest.raises(ValueError):
         _cpp.set_num_threads(0)
 
@@ -174,36 +221,45 @@ def test_bad_arrays_raise_instead_of_crashing():
 # --- instruction sets ------------------------------------------------------------------------
 
 def test_uses_the_best_instruction_set_unless_told_otherwise():
-    assert _cpp.isa() in ("avx512", "avx2", "baseline")
+    assert _cpp.isa() in ("avx512bf16", "avx512", "avx2", "baseline")
     if not os.environ.get("PYRNN_ISA"):
         if not os.path.exists("/proc/cpuinfo"):
             return
         with open("/proc/cpuinfo") as cpuinfo:
-            flags = cpuinfo.read()
-        if " avx512bw " in flags and " avx512vl " in flags:
+            flags = set(next(line for line in cpuinfo if line.startswith("flags")).split(":")[1].split())
+        # every feature csrc/kernels.h requires of each ISA (its compiler flags in CMakeLists.txt)
+        avx512 = {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx2", "fma"}
+        if avx512 | {"avx512_bf16"} <= flags:
+            assert _cpp.isa() == "avx512bf16"
+        elif avx512 <= flags:
             assert _cpp.isa() == "avx512"
-        elif " avx2 " in flags and " fma " in flags:
+        elif {"avx2", "fma"} <= flags:
             assert _cpp.isa() == "avx2"
+        else:
+            assert _cpp.isa() == "baseline"
 
 
-LOWER_ISAS = {"avx512": ["avx2", "baseline"], "avx2": ["baseline"], "baseline": []}[_cpp.isa()]
+ISAS = ["avx512bf16", "avx512", "avx2", "baseline"]  # best first
+LOWER_ISAS = ISAS[ISAS.index(_cpp.isa()) + 1:]
 
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
 def run_python(args, isa):
-    """python args with $PYRNN_ISA=isa, from tests/ so that the installed pyrnn is imported."""
-    return subprocess.run([sys.executable] + args, env=dict(os.environ, PYRNN_ISA=isa), cwd=TESTS,
-                          capture_output=True, text=True)
+    """python args with $PYRNN_ISA=isa, from tests/ so that the installed pyrnn is imported, and
+    $PYRNN_BACKEND=cpp: backend-parametrised tests run on the native kernel only."""
+    return subprocess.run([sys.executable] + args, env=dict(os.environ, PYRNN_ISA=isa, PYRNN_BACKEND="cpp"),
+                          cwd=TESTS, capture_output=True, text=True)
 
 
 @pytest.mark.parametrize("isa", LOWER_ISAS)
 def test_lower_instruction_set_paths(isa):
-    """The same checks (reference, tanh bound, determinism) on the copy of the kernel for `isa`."""
+    """The same checks (reference, tanh bound, determinism, bf16 against its reference) on the
+    copy of the kernel for `isa` (below avx512bf16, bf16 products are emulated)."""
     result = run_python(["-m", "pytest", "-q", "-p", "no:cacheprovider", "-k",
                          "not lower_instruction_set and not best_instruction_set and not unknown_instruction_set",
-                         "test_native_kernel.py", "test_native_tanh.py"], isa)
+                         "test_native_kernel.py", "test_native_tanh.py", "test_bf16.py"], isa)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert run_python(["-c", "from pyrnn import _cpp; print(_cpp.isa())"], isa).stdout.strip() == isa
 

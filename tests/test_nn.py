@@ -1,31 +1,36 @@
 """pyrnn.nn: RNN and Linear against finite differences (float64) and against torch (when importable)."""
+import copy
+
 import numpy as np
 import pytest
 
 import pyrnn
-from pyrnn.nn import Linear, RNN, reverse_within_lengths, select_last, select_last_backward
+from pyrnn.nn import Linear, RNN, select_last, select_last_backward
+from pyrnn.reference import reverse_within_lengths
 from pyrnn.testing import accumulated_terms, relative_error, tolerance
 
-# (num_layers, bidirectional, bias, batch_first, with lengths)
+# (num_layers, bidirectional, bias, batch_first, with lengths, nonlinearity)
 CONFIGS = [
-    (1, False, True, False, False),
-    (2, False, True, False, True),
-    (1, True, True, True, True),
-    (2, True, True, False, True),
-    (2, True, False, True, False),
+    (1, False, True, False, False, "tanh"),
+    (2, False, True, False, True, "tanh"),
+    (1, True, True, True, True, "tanh"),
+    (2, True, True, False, True, "tanh"),
+    (2, True, False, True, False, "tanh"),
+    (1, False, True, False, True, "relu"),
+    (3, True, True, True, True, "relu"),
 ]
 
 
 def config_id(config):
-    layers, bidirectional, bias, batch_first, lengths = config
+    layers, bidirectional, bias, batch_first, lengths, nonlinearity = config
     return (f"L{layers}" + ("-bi" if bidirectional else "") + ("" if bias else "-nobias")
-            + ("-bf" if batch_first else "") + ("-lengths" if lengths else ""))
+            + ("-bf" if batch_first else "") + ("-lengths" if lengths else "") + f"-{nonlinearity}")
 
 
-def make_rnn(config, backend, dtype=np.float64, seed=0, I=3, H=4):
-    layers, bidirectional, bias, batch_first, _ = config
-    return RNN(I, H, layers, bias=bias, batch_first=batch_first, bidirectional=bidirectional,
-               dtype=dtype, backend=backend, seed=seed)
+def make_rnn(config, backend, dtype=np.float64, seed=0, I=3, H=4, **options):
+    layers, bidirectional, bias, batch_first, _, nonlinearity = config
+    return RNN(I, H, layers, nonlinearity=nonlinearity, bias=bias, batch_first=batch_first,
+               bidirectional=bidirectional, dtype=dtype, backend=backend, seed=seed, **options)
 
 
 def make_inputs(rnn, rng, T=5, B=4, with_lengths=True, shortest=0):
@@ -49,7 +54,8 @@ def test_parameter_names_shapes_and_initialisation():
     assert np.abs(values).max() <= 0.5 and np.abs(values).max() > 0.4  # U(-1/sqrt(4), 1/sqrt(4))
     assert all(np.array_equal(p, q) for p, q in zip(rnn.params.values(),
                                                     RNN(3, 4, 2, bidirectional=True, seed=1).params.values()))
-    assert not np.array_equal(rnn.params["weight_hh_l0"], RNN(3, 4, 2, bidirectional=True, seed=2).params["weight_hh_l0"])
+    other = RNN(3, 4, 2, bidirectional=True, seed=2)
+    assert not np.array_equal(rnn.params["weight_hh_l0"], other.params["weight_hh_l0"])
     assert list(RNN(3, 4, bias=False).params) == ["weight_ih_l0", "weight_hh_l0"]
 
 
@@ -195,17 +201,25 @@ def test_inputs_are_not_modified(backend):
     assert np.all(grad_output == 1) and np.all(grad_h_n == 1)
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=config_id)
+# dropout in evaluation mode is none, in torch as here; it applies between layers only
+TORCH_CASES = [(config, 0.0) for config in CONFIGS] + [(config, 0.5) for config in CONFIGS if config[0] > 1]
+
+
+@pytest.mark.parametrize("config,dropout", TORCH_CASES,
+                         ids=lambda v: config_id(v) if isinstance(v, tuple) else f"dropout{v}")
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_matches_torch(backend, config, dtype):
+def test_matches_torch(backend, config, dtype, dropout):
     """A torch.nn.RNN state dict loaded into pyrnn.RNN gives torch's outputs and gradients,
-    lengths handled as torch's packed sequences."""
+    lengths handled as torch's packed sequences; with dropout, both in evaluation mode."""
     torch = pytest.importorskip("torch")
-    layers, bidirectional, bias, batch_first, with_lengths = config
+    layers, bidirectional, bias, batch_first, with_lengths, nonlinearity = config
     torch.manual_seed(0)
-    reference = torch.nn.RNN(3, 4, layers, nonlinearity="tanh", bias=bias, batch_first=batch_first,
-                             bidirectional=bidirectional).to(torch.float64)
-    rnn = make_rnn(config, backend, dtype=dtype)
+    reference = torch.nn.RNN(3, 4, layers, nonlinearity=nonlinearity, bias=bias, batch_first=batch_first,
+                             dropout=dropout, bidirectional=bidirectional).to(torch.float64)
+    rnn = make_rnn(config, backend, dtype=dtype, dropout=dropout)
+    if dropout:
+        reference.eval()
+        rnn.eval()
     rnn.load_state_dict({k: v.detach().numpy() for k, v in reference.state_dict().items()})
     rng = np.random.default_rng(5)
     # torch's packed sequences refuse empty rows (pyrnn gives them h_n = h0, tested above)
@@ -239,3 +253,73 @@ def test_matches_torch(backend, config, dtype):
     assert expected.keys() == actual.keys()
     errors = {name: relative_error(actual[name], expected[name].detach().numpy()) for name in expected}
     assert max(errors.values()) <= allowed, (errors, allowed)
+
+
+def test_dropout_in_training_uses_the_generators_masks(backend):
+    """In training mode each forward draws (L - 1, T, B, D·H) masks of {0, 1/(1 - p)} from the
+    layer's generator and runs the stack with them, forward and backward; eval() turns it off."""
+    rng = np.random.default_rng(6)
+    p = 0.3
+    rnn = RNN(3, 4, 3, bidirectional=True, batch_first=True, dropout=p, dtype=np.float64,
+              backend=backend, seed=np.random.default_rng(9))
+    x, h0, lengths = make_inputs(rnn, rng)
+    generator = copy.deepcopy(rnn.generator)  # what the next forward will draw from
+    output, h_n = rnn(x, h0, lengths)
+    masks = (generator.random((2, 4, 5, 8)) >= p) / (1 - p)  # (L - 1, B, T, D·H): batch_first
+    layers = [(rnn.params[f"weight_ih{s}"], rnn.params[f"weight_hh{s}"],
+               rnn.params[f"bias_ih{s}"] + rnn.params[f"bias_hh{s}"])
+              for s in ("_l0", "_l0_reverse", "_l1", "_l1_reverse", "_l2", "_l2_reverse")]
+    options = dict(lengths=lengths, batch_first=True, bidirectional=True, dropout_masks=masks,
+                   backend="numpy")
+    expected = pyrnn.stack_forward(x, layers, h0, **options)
+    np.testing.assert_allclose(output, expected.output, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(h_n, expected.h_n, rtol=0, atol=1e-12)
+    grad_output, grad_h_n = rng.standard_normal(output.shape), rng.standard_normal(h_n.shape)
+    grad_x = rnn.backward(grad_output, grad_h_n)
+    grads = pyrnn.stack_backward(grad_output, x, layers, expected.layer_outputs, h0,
+                                 grad_h_n=grad_h_n, **options)
+    np.testing.assert_allclose(grad_x, grads.x, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(rnn.grads["weight_ih_l2_reverse"], grads.layers[5].weight_ih, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(rnn.grads["bias_hh_l1"], grads.layers[2].bias, rtol=0, atol=1e-12)
+
+    assert not np.array_equal(rnn(x, h0, lengths)[0], output)  # new masks at every forward
+    evaluated = rnn.eval()(x, h0, lengths)
+    no_dropout = pyrnn.stack_forward(x, layers, h0, **dict(options, dropout_masks=None))
+    np.testing.assert_allclose(evaluated[0], no_dropout.output, rtol=0, atol=1e-12)
+    assert rnn.train().training and not rnn.eval().training
+
+
+def test_dropout_masks_are_torchs():
+    """Masks keep each value with probability 1 - p, scaled by 1/(1 - p) (torch.nn.Dropout);
+    the same seed draws the same masks; p = 1 drops everything."""
+    rnn = RNN(2, 50, 3, bidirectional=True, dropout=0.25, seed=1)
+    masks = rnn._dropout_masks(40, 20)
+    assert masks.shape == (2, 40, 20, 100) and masks.dtype == np.float32
+    assert set(np.unique(masks)) == {0, np.float32(1 / 0.75)}
+    assert abs(np.mean(masks == 0) - 0.25) < 0.01  # 160000 draws: the standard error is 0.001
+    np.testing.assert_array_equal(masks, RNN(2, 50, 3, bidirectional=True, dropout=0.25, seed=1)._dropout_masks(40, 20))
+    assert not RNN(2, 3, 2, dropout=1.0)._dropout_masks(4, 2).any()
+    assert RNN(2, 3, 2, dropout=0.5).eval()._dropout_masks(4, 2) is None
+    assert RNN(2, 3, 2)._dropout_masks(4, 2) is None
+
+
+def test_relu_rnn_is_relu():
+    """nonlinearity="relu": outputs are max(a, 0), so with negative biases and zero input every
+    output is 0; tanh's would be negative."""
+    x = np.zeros((3, 2, 2))
+    for nonlinearity, check in (("relu", lambda out: np.all(out == 0)), ("tanh", lambda out: np.all(out < 0))):
+        rnn = RNN(2, 3, 2, nonlinearity=nonlinearity, dtype=np.float64, seed=0)
+        for name in rnn.params:
+            if name.startswith("bias"):
+                rnn.params[name][...] = -0.5
+        assert check(rnn(x)[0]), nonlinearity
+
+
+def test_bad_options_are_named():
+    with pytest.raises(ValueError, match="nonlinearity must be one of 'tanh', 'relu', got 'gelu'"):
+        RNN(3, 4, nonlinearity="gelu")
+    for dropout in (-0.1, 1.5, "0.5", True):
+        with pytest.raises(ValueError, match=r"dropout must be a number in \[0, 1\]"):
+            RNN(3, 4, 2, dropout=dropout)
+    with pytest.warns(UserWarning, match="dropout=0.5 has no effect with num_layers=1"):
+        RNN(3, 4, dropout=0.5)

@@ -4,33 +4,37 @@ thread's, within the thread budget, BLAS kept single-threaded meanwhile, errors 
 handled), lazy compilation and the on-disk cache. Agreement of the whole backend with the
 reference is tested for every backend in test_agreement.py.
 """
+import re
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 numba = pytest.importorskip("numba", reason="numba is not installed")
-from pyrnn import numba_kernel  # noqa: E402
+from pyrnn.numba import activations, kernel, products, threads  # noqa: E402
 
 from forking import forked_child_agrees  # noqa: E402
+from tanh_accuracy import assert_within_stated_bound, float32_sweep  # noqa: E402
 from problems import make_problem, random_lengths  # noqa: E402
 
 import pyrnn  # noqa: E402
+from pyrnn import _threads  # noqa: E402
 from pyrnn.testing import accumulated_terms, relative_error, tolerance  # noqa: E402
 
 
 def _packed(w):
-    """w (K, J) in the panels _matmul_columns reads."""
-    packed = numba_kernel._empty_packed(*w.shape, w.dtype)
+    """w (K, J) in the panels products.matmul_columns reads."""
+    packed = products.empty_packed(*w.shape, w.dtype)
     _pack_all(w, packed)
     return packed
 
 
 @numba.njit
 def _pack_all(w, packed):
-    numba_kernel._pack(w, packed, 0, w.shape[1])
+    products.pack(w, packed, 0, w.shape[1])
 
 
 # B and J around the tile (4 rows by a panel of 64 float32 or 32 float64 columns): full tiles,
@@ -45,7 +49,7 @@ def test_product_matches_numpy(B, J, K, dtype):
     a = rng.standard_normal((B, K)).astype(dtype)
     w = rng.standard_normal((J, K)).astype(dtype)
     out = np.full((B, J), np.nan, dtype)
-    numba_kernel._matmul_columns(a, _packed(w.T), out, 0, J)
+    products.matmul_columns(a, _packed(w.T), out, 0, J)
     expected = a.astype(np.float64) @ w.T.astype(np.float64)
     # Sums of K products in another order: a few roundoffs of the terms' size (~sqrt(K)).
     tolerance = 1e-13 if dtype == np.float64 else 8 * np.sqrt(K) * np.finfo(np.float32).eps
@@ -56,7 +60,7 @@ def test_product_writes_only_its_columns():
     rng = np.random.default_rng(0)
     a, w = rng.standard_normal((9, 7)), rng.standard_normal((7, 100))
     out = np.full((9, 100), 7.0)
-    numba_kernel._matmul_columns(a, _packed(w), out, 32, 80)  # panels 1 and 2
+    products.matmul_columns(a, _packed(w), out, 32, 80)  # panels 1 and 2
     np.testing.assert_allclose(out[:, 32:80], a @ w[:, 32:80], rtol=1e-13)
     assert (out[:, :32] == 7.0).all() and (out[:, 80:] == 7.0).all()
 
@@ -97,35 +101,57 @@ def test_time_loops_at_sizes_around_the_tile_match_the_reference(H, B, dtype):
 @numba.njit
 def _tanh_all(x, out):
     for i in range(x.size):
-        out[i] = numba_kernel._tanh(x[i])  # in x's own precision
+        out[i] = activations.tanh(x[i])  # in x's own precision
 
 
-def _tanh_grid():
-    tiny = np.geomspace(1e-300, 30, 20_000)
-    return np.concatenate([np.linspace(-30, 30, 200_001), tiny, -tiny])
-
-
-def test_tanh_float64_within_a_few_ulp_of_numpy():
-    x = _tanh_grid()
+def _tanh(x):
     out = np.empty_like(x)
     _tanh_all(x, out)
-    expected = np.tanh(x)
-    ulps = np.abs(out - expected) / np.spacing(np.abs(expected))
-    assert ulps.max() <= 8, f"max {ulps.max():.1f} ulp at x = {x[np.argmax(ulps)]!r}"
+    return out
 
 
-def test_tanh_float32_within_2_ulp_of_correctly_rounded():
-    """The bound stated in numba_kernel (measured there on every float32 in [0, 12]), checked
-    on every 37th, all binades down to the subnormals; past 9.01 tanh rounds to 1."""
-    x = np.arange(0, np.float32(12).view(np.int32), 37, dtype=np.int32).view(np.float32)
-    out = np.empty_like(x)
-    _tanh_all(x, out)
-    correctly_rounded = np.tanh(x.astype(np.float64)).astype(np.float32)
-    ulps = np.abs(out.view(np.int32).astype(np.int64) - correctly_rounded.view(np.int32))
-    assert ulps.max() <= 2, f"{ulps.max()} ulp at x = {x[np.argmax(ulps)]!r}"
-    negated = np.empty_like(x)
-    _tanh_all(-x, negated)
-    np.testing.assert_array_equal(negated, -out)  # odd, bitwise
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_tanh_within_the_stated_bound(dtype):
+    assert_within_stated_bound(_tanh, dtype)
+
+
+def test_tanh_float32_is_odd_bitwise():
+    x = float32_sweep(stride=1009)
+    np.testing.assert_array_equal(_tanh(-x).view(np.int32), (-_tanh(x)).view(np.int32))
+
+
+def _native_float32_tanh_constants():
+    """{name: value} of TanhConstants<float> and the constants of tanh() in csrc/tanh.h."""
+    source = (Path(__file__).parents[1] / "csrc" / "tanh.h").read_text()
+    block = re.search(r"struct TanhConstants<float> \{(.*?)\n\};", source, re.S).group(1)
+    body = source[source.index("static inline Vec<F> tanh("):]
+
+    def number(pattern, text):
+        return float(re.search(pattern, text).group(1).rstrip("f"))
+
+    series = re.search(r"series\[\d+\] = \{(.*?)\}", block, re.S).group(1)
+    return {
+        "series": [float(c.strip().rstrip("f")) for c in series.split(",")],
+        "ln2_hi": number(r"ln2_hi = ([-\d.e]+f)", block),
+        "ln2_lo": number(r"ln2_lo = ([-\d.e]+f)", block),
+        "round_shift": number(r"round_shift = ([\d.e]+f)", block),
+        "exp_degree": int(number(r"exp_degree = (\d+)", block)),
+        "log2_e": number(r"y \* F\(([\d.]+)\)", body),
+        "series_below": number(r"ax < F\(([\d.]+)\)", body),
+        "exp_above": number(r"y < F\((-[\d.]+)\)", body),
+    }
+
+
+def test_float32_tanh_has_the_native_kernels_constants():
+    """numba's tanh32 is csrc/tanh.h's algorithm by hand: the same numbers, read from the header
+    (each compared as the float32 both compute with)."""
+    native = _native_float32_tanh_constants()
+    ours = {"series": activations.TANH_SERIES_32, "ln2_hi": activations.LN2_HI_32,
+            "ln2_lo": activations.LN2_LO_32, "round_shift": activations.ROUNDING_32,
+            "exp_degree": activations.EXP_DEGREE_32, "log2_e": activations.LOG2_E_32,
+            "series_below": activations.SERIES_BELOW_32, "exp_above": activations.EXP_ABOVE_32}
+    for name, value in native.items():
+        np.testing.assert_array_equal(np.float32(ours[name]), np.float32(value), err_msg=name)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -144,15 +170,11 @@ def test_tanh_special_values(dtype):
 
 def _run_numba(problem, grad_output, lengths, threads):
     """(output, h_n, *grads) of the numba backend with set_num_threads(threads)."""
-    before = pyrnn.get_num_threads()
-    pyrnn.set_num_threads(threads)
-    try:
+    with _threads.limited_to(threads):
         output, h_n = pyrnn.forward(**problem, lengths=lengths, backend="numba")
         grads = pyrnn.backward(grad_output, problem["x"], problem["weight_ih"],
                                problem["weight_hh"], output, problem["h0"], lengths=lengths,
                                backend="numba")
-    finally:
-        pyrnn.set_num_threads(before)
     return (output, h_n) + tuple(grads)
 
 
@@ -160,18 +182,18 @@ def _run_numba(problem, grad_output, lengths, threads):
 def split_always(monkeypatch):
     """Split every time loop between threads, whatever its size; record which threads ran which
     columns: {loop name: [(thread index, first column, end column, OS thread id)]}."""
-    monkeypatch.setattr(numba_kernel, "_SPLIT_MIN_WORK", 1)
+    monkeypatch.setattr(threads, "SPLIT_MIN_WORK", 1)
     calls = {}
-    for name in ("_forward_columns", "_backward_columns"):
-        loop = getattr(numba_kernel, name)
+    for name in ("forward_columns", "backward_columns"):
+        loop = getattr(kernel, name)
 
         def recording(*arguments, loop=loop, name=name):
             # (..., thread, j0, j1) forward, (..., thread, k0, k1, i0, i1) backward
-            thread, j0, j1 = arguments[-3:] if name == "_forward_columns" else arguments[-5:-2]
+            thread, j0, j1 = arguments[-3:] if name == "forward_columns" else arguments[-5:-2]
             calls.setdefault(name, []).append((thread, j0, j1, threading.get_ident()))
             return loop(*arguments)
 
-        monkeypatch.setattr(numba_kernel, name, recording)
+        monkeypatch.setattr(kernel, name, recording)
     return calls
 
 
@@ -186,7 +208,7 @@ def test_threads_split_the_columns_and_agree_with_one_thread(
     or over all rows at once. Results agree with one thread's within roundoff, bitwise for the
     forward pass when it computes the input term itself."""
     limit = 1 << 40 if weight_ih_in_loop else 0
-    monkeypatch.setattr(numba_kernel, "_IN_LOOP_MAX_WEIGHT_IH_BYTES", limit)
+    monkeypatch.setattr(kernel, "IN_LOOP_MAX_WEIGHT_IH_BYTES", limit)
     rng = np.random.default_rng(threads)
     T, B, I, H = 7, 5, 37, 200  # 1 and 4 panels of float32, 2 and 7 of float64, the last partial
     p = make_problem(rng, T, B, I, H, dtype)
@@ -215,7 +237,7 @@ def test_nan_and_inf_raise_no_warning_on_any_thread(split_always, monkeypatch, t
     """The NumPy products (input term, grad_x, weight gradients) run on every thread, and
     np.errstate holds only for the thread that entered it: a worker thread's warning would be
     an error here (filterwarnings = error) re-raised on the caller."""
-    monkeypatch.setattr(numba_kernel, "_IN_LOOP_MAX_WEIGHT_IH_BYTES", 0)  # products by BLAS
+    monkeypatch.setattr(kernel, "IN_LOOP_MAX_WEIGHT_IH_BYTES", 0)  # products by BLAS
     rng = np.random.default_rng(6)
     p = make_problem(rng, 5, 4, 6, 64)
     p["x"][1, 2, :2] = np.inf, -np.inf  # inf - inf in the input term: an "invalid" warning
@@ -223,7 +245,7 @@ def test_nan_and_inf_raise_no_warning_on_any_thread(split_always, monkeypatch, t
     grad_output = rng.standard_normal((5, 4, 64))
     grad_output[3, 1, 5:7] = np.inf, -np.inf
     results = _run_numba(p, grad_output, None, threads)
-    assert len({ident for *_, ident in split_always["_forward_columns"]}) == threads
+    assert len({ident for *_, ident in split_always["forward_columns"]}) == threads
     output, h_n = pyrnn.forward(**p, backend="numpy")
     expected = (output, h_n) + tuple(pyrnn.backward(grad_output, p["x"], p["weight_ih"],
                                                     p["weight_hh"], output, p["h0"],
@@ -237,17 +259,17 @@ def test_threads_never_exceed_set_num_threads(split_always):
     rng = np.random.default_rng(3)
     p = make_problem(rng, 4, 6, 3, 100)
     grad_output = rng.standard_normal((4, 6, 100))
-    for threads in (1, 2):
+    for count in (1, 2):
         split_always.clear()
-        _run_numba(p, grad_output, None, threads)
+        _run_numba(p, grad_output, None, count)
         for calls in split_always.values():
-            assert len({ident for *_, ident in calls}) == len(calls) == threads
+            assert len({ident for *_, ident in calls}) == len(calls) == count
 
 
 def test_small_steps_stay_on_one_thread():
     """Below _SPLIT_MIN_WORK multiply-adds per step, a second thread would only wait."""
-    assert numba_kernel._thread_count(128, 16 * 128 * 192, 64) == 1  # small: 0.4M per step
-    medium = numba_kernel._thread_count(256, 64 * 256 * 512, 64)  # 8.4M per step
+    assert threads.thread_count(128, 16 * 128 * 192, 64) == 1  # small: 0.4M per step
+    medium = threads.thread_count(256, 64 * 256 * 512, 64)  # 8.4M per step
     assert medium == min(2, pyrnn.get_num_threads())
 
 
@@ -260,10 +282,8 @@ def _blas_threads():
 def test_blas_runs_on_one_thread_inside_split_calls_and_is_restored_after(split_always):
     """Inside a split call NumPy's BLAS is limited to the calling thread; leaving it restores
     set_num_threads' count, also when the call raised."""
-    before = pyrnn.get_num_threads()
-    pyrnn.set_num_threads(2)
-    try:
-        seen = numba_kernel._on_threads(2, lambda i: _blas_threads(), np.zeros(2, np.int64))
+    with _threads.limited_to(2):
+        seen = threads.on_threads(2, lambda i: _blas_threads(), np.zeros(2, np.int64))
         assert all(counts and set(counts) == {1} for counts in seen)
         assert set(_blas_threads()) == {2}
 
@@ -271,20 +291,18 @@ def test_blas_runs_on_one_thread_inside_split_calls_and_is_restored_after(split_
             raise RuntimeError("task failed")
 
         with pytest.raises(RuntimeError, match="task failed"):
-            numba_kernel._on_threads(2, failing, np.zeros(2, np.int64))
+            threads.on_threads(2, failing, np.zeros(2, np.int64))
         assert set(_blas_threads()) == {2}
         rng = np.random.default_rng(4)
         p = make_problem(rng, 3, 5, 2, 64)  # 2 panels of float64 columns: one per thread
         _run_numba(p, rng.standard_normal((3, 5, 64)), None, 2)
         assert set(_blas_threads()) == {2}
-    finally:
-        pyrnn.set_num_threads(before)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_arrays_threads_write_start_at_a_cache_line(dtype):
     for shape in [(3, 5, 7), (1,), (2, 64, 256)]:  # (an empty array has nothing to share)
-        array = numba_kernel._empty(shape, dtype, 2)
+        array = threads.empty(shape, dtype, 2)
         assert array.shape == shape and array.dtype == dtype and array.flags.c_contiguous
         assert array.ctypes.data % 64 == 0
 
@@ -296,15 +314,15 @@ def test_an_error_on_a_worker_thread_is_raised_on_the_caller():
         return i
 
     with pytest.raises(RuntimeError, match="worker failed"):
-        numba_kernel._on_threads(2, task, np.zeros(2, np.int64))
-    assert numba_kernel._on_threads(3, lambda i: i * i, np.zeros(3, np.int64)) == [0, 1, 4]
+        threads.on_threads(2, task, np.zeros(2, np.int64))
+    assert threads.on_threads(3, lambda i: i * i, np.zeros(3, np.int64)) == [0, 1, 4]
 
 
 def test_a_thread_failing_before_its_time_loop_does_not_leave_the_others_waiting(
         split_always, monkeypatch):
     """The hoisted input term is a NumPy product on each thread; if one of them raises, the
     threads already in the time loop must not wait for that thread at the barrier forever."""
-    monkeypatch.setattr(numba_kernel, "_IN_LOOP_MAX_WEIGHT_IH_BYTES", 0)  # the input term by BLAS
+    monkeypatch.setattr(kernel, "IN_LOOP_MAX_WEIGHT_IH_BYTES", 0)  # the input term by BLAS
     rng = np.random.default_rng(5)
     p = make_problem(rng, 6, 5, 4, 64)  # 2 panels of float64 columns: one per thread
     matmul = np.matmul
@@ -314,16 +332,12 @@ def test_a_thread_failing_before_its_time_loop_does_not_leave_the_others_waiting
             raise MemoryError("no memory for the input term")
         return matmul(*arguments, **keywords)
 
-    before = pyrnn.get_num_threads()
-    pyrnn.set_num_threads(2)
-    try:
+    with _threads.limited_to(2):
         monkeypatch.setattr(np, "matmul", failing_on_a_worker)
         with pytest.raises(MemoryError, match="input term"):
             pyrnn.forward(**p, backend="numba")
         monkeypatch.setattr(np, "matmul", matmul)
         _run_numba(p, rng.standard_normal((6, 5, 64)), None, 2)  # the workers are fine after it
-    finally:
-        pyrnn.set_num_threads(before)
 
 
 def test_a_thread_failing_in_its_time_loop_does_not_leave_the_others_waiting(
@@ -332,28 +346,24 @@ def test_a_thread_failing_in_its_time_loop_does_not_leave_the_others_waiting(
     thread, the others, already at the barrier, must finish and the call raise."""
     rng = np.random.default_rng(7)
     p = make_problem(rng, 6, 5, 4, 64)
-    loop = numba_kernel._forward_columns
+    loop = kernel.forward_columns
 
     def failing_on_a_worker(*arguments):
         if threading.current_thread() is not threading.main_thread():
             raise MemoryError("no memory for the packed weights")
         return loop(*arguments)
 
-    before = pyrnn.get_num_threads()
-    pyrnn.set_num_threads(2)
-    try:
-        monkeypatch.setattr(numba_kernel, "_forward_columns", failing_on_a_worker)
+    with _threads.limited_to(2):
+        monkeypatch.setattr(kernel, "forward_columns", failing_on_a_worker)
         with pytest.raises(MemoryError, match="packed weights"):
             pyrnn.forward(**p, backend="numba")
-    finally:
-        pyrnn.set_num_threads(before)
 
 
 def test_a_forked_child_starts_its_own_workers(tmp_path):
     setup = """
 import pyrnn
-from pyrnn import numba_kernel
-numba_kernel._SPLIT_MIN_WORK = 1
+from pyrnn.numba import threads
+threads.SPLIT_MIN_WORK = 1
 pyrnn.set_num_threads(2)
 rng = np.random.default_rng(0)
 arguments = (rng.standard_normal((4, 5, 3)), rng.standard_normal((64, 3)),
@@ -368,17 +378,17 @@ def _run(code):
 
 def test_import_compiles_nothing():
     out = _run("import sys, pyrnn; print('numba' in sys.modules); "
-               "from pyrnn import numba_kernel as k; "
-               "steps = (k._forward_columns, k._backward_columns, k._matmul_columns); "
+               "from pyrnn.numba import kernel as k, products as p; "
+               "steps = (k.forward_columns, k.backward_columns, p.matmul_columns); "
                "print(sum(len(f.signatures) for f in steps))")
     assert out.split() == ["False", "0"]
 
 
 def test_second_process_loads_compiled_code_from_the_cache():
-    code = ("import numpy as np, pyrnn; from pyrnn import numba_kernel as k; "
+    code = ("import numpy as np, pyrnn; from pyrnn.numba import kernel as k; "
             "x = np.ones((3, 2, 4)); out, h = pyrnn.forward(x, np.ones((5, 4)), np.eye(5), backend='numba'); "
             "pyrnn.backward(out, x, np.ones((5, 4)), np.eye(5), out, backend='numba'); "
-            "print(sum(f.stats.cache_misses[s] for f in (k._forward_columns, k._backward_columns) "
+            "print(sum(f.stats.cache_misses[s] for f in (k.forward_columns, k.backward_columns) "
             "for s in f.stats.cache_misses))")
     _run(code)  # compiles, unless an earlier run did
     assert _run(code).split() == ["0"]

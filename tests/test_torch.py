@@ -1,4 +1,4 @@
-"""The reference against torch.nn.RNN(nonlinearity="tanh"): same weights (torch's two biases sum
+"""The reference against torch.nn.RNN (nonlinearity "tanh" and "relu"): same weights (torch's two biases sum
 to ours), packed sequences for lengths, autograd for the gradients. Skipped without torch."""
 import numpy as np
 import pytest
@@ -12,11 +12,12 @@ pack_padded_sequence = torch.nn.utils.rnn.pack_padded_sequence
 pad_packed_sequence = torch.nn.utils.rnn.pad_packed_sequence
 
 
-def torch_rnn(problem, bias_ih, bias_hh, lengths, batch_first):
+def torch_rnn(problem, bias_ih, bias_hh, lengths, batch_first, nonlinearity):
     """(output, h_n, grads) from torch, with the loss Σ output·R + Σ h_n·S."""
     T, B = problem["x"].shape[:2] if not batch_first else problem["x"].shape[1::-1]
     H, I = problem["weight_ih"].shape
-    rnn = torch.nn.RNN(I, H, nonlinearity="tanh", batch_first=batch_first, dtype=torch.float64)
+    rnn = torch.nn.RNN(I, H, nonlinearity=nonlinearity, batch_first=batch_first,
+                       dtype=torch.float64)
     with torch.no_grad():
         rnn.weight_ih_l0.copy_(torch.from_numpy(problem["weight_ih"]))
         rnn.weight_hh_l0.copy_(torch.from_numpy(problem["weight_hh"]))
@@ -40,11 +41,12 @@ def torch_rnn(problem, bias_ih, bias_hh, lengths, batch_first):
             weight_output.numpy(), weight_h_n.numpy())
 
 
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
 @pytest.mark.parametrize("batch_first", [False, True], ids=["time-major", "batch-first"])
 @pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "packed"])
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (5, 4, 3, 6), (9, 6, 2, 4)],
                          ids=lambda s: "T{}-B{}-I{}-H{}".format(*s))
-def test_reference_matches_torch(shape, with_lengths, batch_first):
+def test_reference_matches_torch(shape, with_lengths, batch_first, nonlinearity):
     rng = np.random.default_rng(sum(shape))
     T, B, I, H = shape
     problem = make_problem(rng, T, B, I, H)
@@ -56,10 +58,11 @@ def test_reference_matches_torch(shape, with_lengths, batch_first):
         lengths = np.maximum(lengths, 1)  # torch packs no empty sequence; length 0 is tested below
     if batch_first:
         problem["x"] = np.ascontiguousarray(problem["x"].swapaxes(0, 1))
-    options = dict(lengths=lengths, batch_first=batch_first, backend="numpy")
+    options = dict(lengths=lengths, batch_first=batch_first, backend="numpy",
+                   nonlinearity=nonlinearity)
 
     output_torch, h_n_torch, grads_torch, weight_output, weight_h_n = torch_rnn(
-        problem, bias_ih, bias_hh, lengths, batch_first)
+        problem, bias_ih, bias_hh, lengths, batch_first, nonlinearity)
     output, h_n = pyrnn.forward(**problem, **options)
     np.testing.assert_allclose(output, output_torch, rtol=0, atol=1e-12)
     np.testing.assert_allclose(h_n, h_n_torch, rtol=0, atol=1e-12)
@@ -76,3 +79,13 @@ def test_length_zero_keeps_h0_like_a_torch_rnn_that_never_ran():
     output, h_n = pyrnn.forward(**problem, lengths=[0, 3], backend="numpy")
     np.testing.assert_array_equal(h_n[0], problem["h0"][0])
     assert not output[:, 0].any()
+
+
+def test_float32_tensors_are_computed_in_float32(backend):
+    """A torch tensor is an array with a dtype of its own: float32 stays float32."""
+    torch.manual_seed(0)
+    x, weight_ih, weight_hh = torch.randn(5, 2, 3), torch.randn(4, 3), torch.randn(4, 4)
+    output, h_n = pyrnn.forward(x, weight_ih, weight_hh, backend=backend)
+    assert output.dtype == h_n.dtype == np.float32
+    expected, _ = pyrnn.forward(x.numpy(), weight_ih.numpy(), weight_hh.numpy(), backend=backend)
+    np.testing.assert_array_equal(output, expected)

@@ -50,6 +50,12 @@ FORWARD_CASES = {
     "unknown backend": (dict(backend="cuda"), ValueError, r"backend='cuda' is not a backend; choose one of"),
     "backend not a string": (dict(backend=1), TypeError, "backend must be a string"),
     "batch_first not a bool": (dict(batch_first="yes"), TypeError, "batch_first must be a bool"),
+    "unknown nonlinearity": (dict(nonlinearity="sigmoid"), ValueError,
+                             "nonlinearity must be one of 'tanh', 'relu', got 'sigmoid'"),
+    "nonlinearity not a string": (dict(nonlinearity=None), ValueError,
+                                  "nonlinearity must be one of 'tanh', 'relu', got None"),
+    "nonlinearity torch's capitalised": (dict(nonlinearity="Tanh"), ValueError,
+                                         "nonlinearity must be one of"),
 }
 
 
@@ -78,6 +84,8 @@ BACKWARD_CASES = {
     "grad_output dtype": (dict(grad_output=np.zeros((T, B, H), np.float32)), TypeError,
                           "grad_output has dtype float32"),
     "lengths too long": (dict(lengths=[T + 1, 0, 0]), ValueError, r"lengths\[0\]"),
+    "unknown nonlinearity": (dict(nonlinearity="gelu"), ValueError,
+                             "nonlinearity must be one of 'tanh', 'relu', got 'gelu'"),
 }
 
 
@@ -97,6 +105,42 @@ def test_backward_rejects(problem, case, backend):
 def test_set_num_threads_rejects_non_positive_integers(count):
     with pytest.raises(ValueError, match="n must be a positive integer"):
         pyrnn.set_num_threads(count)
+
+
+class Float32ArrayLike:
+    """Not an ndarray, but convertible to one that is float32 (as a torch tensor is)."""
+
+    def __init__(self, array):
+        self.array = array
+
+    def __array__(self, dtype=None, copy=None):
+        return self.array if dtype is None else self.array.astype(dtype)
+
+
+def test_array_likes_keep_their_float32(backend):
+    problem = make_problem(np.random.default_rng(1), T, B, I, H, np.float32)
+    output, h_n = pyrnn.forward(**{k: Float32ArrayLike(v) for k, v in problem.items()},
+                                backend=backend)
+    assert output.dtype == h_n.dtype == np.float32
+    expected = pyrnn.forward(**problem, backend=backend)
+    np.testing.assert_array_equal(output, expected[0])
+    grads = pyrnn.backward(Float32ArrayLike(np.ones_like(output)), Float32ArrayLike(problem["x"]),
+                           problem["weight_ih"], problem["weight_hh"], output, backend=backend)
+    assert all(g.dtype == np.float32 for g in grads)
+
+
+def test_nested_lists_are_float64_and_take_an_arrays_dtype(backend):
+    problem = make_problem(np.random.default_rng(2), T, B, I, H, np.float32)
+    as_lists = {k: v.tolist() for k, v in problem.items()}
+    assert pyrnn.forward(**as_lists, backend=backend)[0].dtype == np.float64
+    beside_an_array = dict(as_lists, weight_hh=problem["weight_hh"])
+    assert pyrnn.forward(**beside_an_array, backend=backend)[0].dtype == np.float32
+
+
+def test_array_likes_of_different_dtypes_are_rejected(problem):
+    with pytest.raises(TypeError, match="weight_hh has dtype float32 but x has float64"):
+        pyrnn.forward(problem["x"], problem["weight_ih"],
+                      Float32ArrayLike(problem["weight_hh"].astype(np.float32)))
 
 
 def test_unaligned_arrays_are_copied_not_read_as_they_are(backend):
