@@ -245,6 +245,145 @@ py::tuple backward_any(py::handle grad_output, py::handle x, py::handle weight_i
     throw py::type_error("x must be a C-contiguous float32 or float64 array");
 }
 
+// ---- Stacks: L layers × D directions in one call (rnn.h: StackForward, StackBackward). ----
+
+// The layers of a stack, L·D (weight_ih, weight_hh, bias) entries checked against each other and x.
+template <typename F>
+struct StackLayers {
+    int64_t L, H;
+    std::vector<Array<F>> arrays;  // held for the call
+    std::vector<pyrnn::Weights<F>> weights;
+};
+
+template <typename F>
+StackLayers<F> stack_layers(py::handle object, int64_t D, int64_t I) {
+    if (!py::isinstance<py::list>(object) && !py::isinstance<py::tuple>(object))
+        throw py::type_error("layers must be a list of (weight_ih, weight_hh, bias) tuples");
+    const auto layers = py::reinterpret_borrow<py::sequence>(object);
+    const int64_t n = int64_t(py::len(layers));
+    if (n == 0 || n % D != 0)
+        throw py::value_error("layers has " + std::to_string(n) + " entries, expected num_layers × " +
+                              std::to_string(D) + (D == 2 ? " (bidirectional)" : "") + ", at least one");
+    StackLayers<F> stack{n / D, 0, {}, {}};
+    for (int64_t u = 0; u < n; ++u) {
+        const std::string name = "layers[" + std::to_string(u) + "]";
+        const py::object layer = layers[size_t(u)];
+        if (!(py::isinstance<py::tuple>(layer) || py::isinstance<py::list>(layer)) || py::len(layer) != 3)
+            throw py::type_error(name + " must be a (weight_ih, weight_hh, bias) tuple");
+        const auto entry = py::reinterpret_borrow<py::sequence>(layer);
+        const std::string weight_hh_name = name + ".weight_hh";
+        const Array<F> weight_hh = array_arg<F>(entry[1], weight_hh_name.c_str());
+        if (u == 0) {
+            if (weight_hh.ndim() != 2) throw py::value_error(weight_hh_name + " must be 2-D (H, H)");
+            stack.H = weight_hh.shape(0);
+        }
+        const int64_t H = stack.H, width = u < D ? I : D * H;  // layer 0 reads x, the others D·H features
+        check_shape(weight_hh, weight_hh_name.c_str(), {H, H});
+        const Array<F> weight_ih = array_arg<F>(entry[0], (name + ".weight_ih").c_str(), {H, width}),
+                       bias = optional_arg<F>(entry[2], (name + ".bias").c_str(), {H});
+        stack.weights.push_back({weight_ih.data(), weight_hh.data(), bias.data()});
+        stack.arrays.insert(stack.arrays.end(), {weight_ih, weight_hh, bias});
+    }
+    return stack;
+}
+
+int64_t directions_arg(py::handle bidirectional) {
+    if (!py::isinstance<py::bool_>(bidirectional)) throw py::type_error("bidirectional must be True or False");
+    return bidirectional.cast<bool>() ? 2 : 1;
+}
+
+template <typename F>
+const F* masks_arg(py::handle object, int64_t L, int64_t T, int64_t B, int64_t DH) {
+    if (object.is_none()) return nullptr;
+    return array_arg<F>(object, "dropout_masks", {L - 1, T, B, DH}).data();  // the caller holds it
+}
+
+template <typename F>
+py::tuple stack_forward(py::handle x_object, py::handle layers_object, py::handle h0_object,
+                        py::handle lengths_object, py::handle masks_object, py::handle bidirectional,
+                        py::handle nonlinearity, py::handle precision) {
+    const Array<F> x = array_arg<F>(x_object, "x");
+    if (x.ndim() != 3)
+        throw py::value_error("x must be 3-D (T, B, I), got shape " + shape_str({x.shape(), x.shape() + x.ndim()}));
+    const int64_t T = x.shape(0), B = x.shape(1), I = x.shape(2), D = directions_arg(bidirectional);
+    const StackLayers<F> layers = stack_layers<F>(layers_object, D, I);
+    const int64_t L = layers.L, H = layers.H;
+    const Array<F> h0 = optional_arg<F>(h0_object, "h0", {L * D, B, H});
+    const int64_t* lens = checked_lengths(lengths_object, T, B);
+    const F* masks = masks_arg<F>(masks_object, L, T, B, D * H);
+
+    Array<F> layer_outputs({L, T, B, D * H}), h_n({L * D, B, H});
+    pyrnn::StackForward<F> call{L, D, T, B, I, H, x.data(), layers.weights.data(), h0.data(), lens, masks,
+                                layer_outputs.mutable_data(), h_n.mutable_data(), {}};
+    call.options.activation = activation_arg(nonlinearity);
+    call.options.precision = precision_arg<F>(precision);
+    {
+        py::gil_scoped_release release;
+        pyrnn::stack_forward<F>(call);
+    }
+    return py::make_tuple(layer_outputs, h_n);
+}
+
+template <typename F>
+py::tuple stack_backward(py::handle grad_output_object, py::handle x_object, py::handle layers_object,
+                         py::handle layer_outputs_object, py::handle h0_object, py::handle grad_h_n_object,
+                         py::handle lengths_object, py::handle masks_object, py::handle bidirectional,
+                         py::handle nonlinearity, py::handle precision) {
+    const Array<F> x = array_arg<F>(x_object, "x");
+    if (x.ndim() != 3)
+        throw py::value_error("x must be 3-D (T, B, I), got shape " + shape_str({x.shape(), x.shape() + x.ndim()}));
+    const int64_t T = x.shape(0), B = x.shape(1), I = x.shape(2), D = directions_arg(bidirectional);
+    const StackLayers<F> layers = stack_layers<F>(layers_object, D, I);
+    const int64_t L = layers.L, H = layers.H;
+    const Array<F> grad_output = array_arg<F>(grad_output_object, "grad_output", {T, B, D * H}),
+                   layer_outputs = array_arg<F>(layer_outputs_object, "layer_outputs", {L, T, B, D * H}),
+                   h0 = optional_arg<F>(h0_object, "h0", {L * D, B, H}),
+                   grad_h_n = optional_arg<F>(grad_h_n_object, "grad_h_n", {L * D, B, H});
+    const int64_t* lens = checked_lengths(lengths_object, T, B);
+    const F* masks = masks_arg<F>(masks_object, L, T, B, D * H);
+
+    Array<F> grad_x({T, B, I}), grad_h0({L * D, B, H});
+    py::list grad_layers;
+    std::vector<pyrnn::WeightGrads<F>> grads;
+    for (int64_t u = 0; u < L * D; ++u) {
+        Array<F> weight_ih({H, u < D ? I : D * H}), weight_hh({H, H}), bias({H});
+        grads.push_back({weight_ih.mutable_data(), weight_hh.mutable_data(), bias.mutable_data()});
+        grad_layers.append(py::make_tuple(weight_ih, weight_hh, bias));
+    }
+    pyrnn::StackBackward<F> call{L, D, T, B, I, H, grad_output.data(), x.data(), layers.weights.data(),
+                                 layer_outputs.data(), h0.data(), grad_h_n.data(), lens, masks,
+                                 grad_x.mutable_data(), grad_h0.mutable_data(), grads.data(), {}};
+    call.options.activation = activation_arg(nonlinearity);
+    call.options.precision = precision_arg<F>(precision);
+    {
+        py::gil_scoped_release release;
+        pyrnn::stack_backward<F>(call);
+    }
+    return py::make_tuple(grad_x, grad_h0, grad_layers);
+}
+
+py::tuple stack_forward_any(py::handle x, py::handle layers, py::handle h0, py::handle lengths,
+                            py::handle masks, py::handle bidirectional, py::handle nonlinearity,
+                            py::handle precision) {
+    if (Array<float>::check_(x))
+        return stack_forward<float>(x, layers, h0, lengths, masks, bidirectional, nonlinearity, precision);
+    if (Array<double>::check_(x))
+        return stack_forward<double>(x, layers, h0, lengths, masks, bidirectional, nonlinearity, precision);
+    throw py::type_error("x must be a C-contiguous float32 or float64 array");
+}
+
+py::tuple stack_backward_any(py::handle grad_output, py::handle x, py::handle layers, py::handle layer_outputs,
+                             py::handle h0, py::handle grad_h_n, py::handle lengths, py::handle masks,
+                             py::handle bidirectional, py::handle nonlinearity, py::handle precision) {
+    if (Array<float>::check_(x))
+        return stack_backward<float>(grad_output, x, layers, layer_outputs, h0, grad_h_n, lengths, masks,
+                                     bidirectional, nonlinearity, precision);
+    if (Array<double>::check_(x))
+        return stack_backward<double>(grad_output, x, layers, layer_outputs, h0, grad_h_n, lengths, masks,
+                                      bidirectional, nonlinearity, precision);
+    throw py::type_error("x must be a C-contiguous float32 or float64 array");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_cpp, m) {
@@ -261,6 +400,17 @@ PYBIND11_MODULE(_cpp, m) {
           arg("lengths") = py::none(), arg("nonlinearity") = "tanh", arg("precision") = "fp32",
           "(grad_x, grad_h0, grad_weight_ih, grad_weight_hh, grad_bias) by BPTT; see "
           "pyrnn.backward.");
+    m.def("stack_forward", &stack_forward_any, arg("x"), arg("layers"), arg("h0") = py::none(),
+          arg("lengths") = py::none(), arg("dropout_masks") = py::none(), arg("bidirectional") = false,
+          arg("nonlinearity") = "tanh", arg("precision") = "fp32",
+          "(layer_outputs (L, T, B, D·H), h_n (L·D, B, H)) of a whole stack in one call; see "
+          "pyrnn.stack_forward.");
+    m.def("stack_backward", &stack_backward_any, arg("grad_output"), arg("x"), arg("layers"),
+          arg("layer_outputs"), arg("h0") = py::none(), arg("grad_h_n") = py::none(),
+          arg("lengths") = py::none(), arg("dropout_masks") = py::none(), arg("bidirectional") = false,
+          arg("nonlinearity") = "tanh", arg("precision") = "fp32",
+          "(grad_x, grad_h0, [(grad_weight_ih, grad_weight_hh, grad_bias) per layer and direction]) by "
+          "BPTT through a whole stack; see pyrnn.stack_backward.");
     m.def("tanh", &tanh_any, arg("x"),
           "Elementwise tanh by the kernel's vectorised approximation (exposed for its tests).");
     pyrnn::isa();  // choose the instruction set now: a bad $PYRNN_ISA fails the import, not a call

@@ -29,9 +29,11 @@ template <typename F>
 struct Kernels {
     Status (*forward)(const Forward<F>&);
     Status (*backward)(const Backward<F>&);
+    Status (*stack_forward)(const StackForward<F>&);
+    Status (*stack_backward)(const StackBackward<F>&);
     void (*tanh)(const F*, F*, int64_t);
 };
-#define PYRNN_KERNELS_OF(isa, supported) {&isa::forward<F>, &isa::backward<F>, &isa::tanh<F>},
+#define PYRNN_KERNELS_OF(isa, supported) {&isa::forward<F>, &isa::backward<F>, &isa::stack_forward<F>, &isa::stack_backward<F>, &isa::tanh<F>},
 template <typename F>
 const Kernels<F> kernels[] = {PYRNN_FOR_EACH_ISA(PYRNN_KERNELS_OF)};
 
@@ -110,6 +112,18 @@ Status backward(Backward<F> call) {
 }
 
 template <typename F>
+Status stack_forward(StackForward<F> call) {
+    if (call.options.max_threads <= 0) call.options.max_threads = get_num_threads();
+    return selected_kernels<F>().stack_forward(call);
+}
+
+template <typename F>
+Status stack_backward(StackBackward<F> call) {
+    if (call.options.max_threads <= 0) call.options.max_threads = get_num_threads();
+    return selected_kernels<F>().stack_backward(call);
+}
+
+template <typename F>
 void tanh(const F* x, F* y, int64_t n) {
     selected_kernels<F>().tanh(x, y, n);
 }
@@ -117,6 +131,8 @@ void tanh(const F* x, F* y, int64_t n) {
 #define PYRNN_INSTANTIATE(F)                    \
     template Status forward(Forward<F>);        \
     template Status backward(Backward<F>);      \
+    template Status stack_forward(StackForward<F>); \
+    template Status stack_backward(StackBackward<F>); \
     template void tanh(const F*, F*, int64_t);
 PYRNN_INSTANTIATE(float)
 PYRNN_INSTANTIATE(double)

@@ -30,6 +30,10 @@
     template <typename F>                           \
     Status backward(const Backward<F>& call);       \
     template <typename F>                           \
+    Status stack_forward(const StackForward<F>& call); \
+    template <typename F>                           \
+    Status stack_backward(const StackBackward<F>& call); \
+    template <typename F>                           \
     void tanh(const F* x, F* y, int64_t n);         \
     }                                               \
     }

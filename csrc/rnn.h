@@ -77,10 +77,56 @@ struct Backward {
     Options options;
 };
 
+// A stack (torch.nn.RNN's num_layers × bidirectional; docs/design.md §1) in one call: L layers of D
+// directions (1 or 2), unit u = l·D + d. Layer 0 reads x (T, B, I); layer l > 0 reads
+// layer_outputs[l - 1] (T, B, D·H, the forward direction's features first) times
+// dropout_masks[l - 1] if given. The reverse direction reads each row reversed within its own
+// length and writes its output back in time order. All arrays contiguous.
+template <typename F>
+struct Weights {
+    const F *weight_ih, *weight_hh, *bias;  // (H, I) for l = 0, else (H, D·H); (H, H); (H)
+};
+template <typename F>
+struct WeightGrads {
+    F *weight_ih, *weight_hh, *bias;
+};
+
+// -> layer_outputs (L, T, B, D·H): every layer's output before dropout; h_n (L·D, B, H).
+template <typename F>
+struct StackForward {
+    int64_t L, D, T, B, I, H;
+    const F* x;
+    const Weights<F>* layers;  // L·D
+    const F* h0;               // (L·D, B, H)
+    const int64_t* lengths;    // (B) or null
+    const F* dropout_masks;    // (L - 1, T, B, D·H) or null
+    F *layer_outputs, *h_n;
+    Options options;
+};
+
+// grad_output (T, B, D·H) = dL/d(layer_outputs[L - 1]), layer_outputs from StackForward,
+// grad_h_n (L·D, B, H) -> grad_x (T, B, I), grad_h0 (L·D, B, H), grads[u] of each unit's weights.
+template <typename F>
+struct StackBackward {
+    int64_t L, D, T, B, I, H;
+    const F *grad_output, *x;
+    const Weights<F>* layers;
+    const F *layer_outputs, *h0, *grad_h_n;
+    const int64_t* lengths;
+    const F* dropout_masks;
+    F *grad_x, *grad_h0;
+    const WeightGrads<F>* grads;  // L·D
+    Options options;
+};
+
 template <typename F>
 Status forward(Forward<F> call);
 template <typename F>
 Status backward(Backward<F> call);
+template <typename F>
+Status stack_forward(StackForward<F> call);
+template <typename F>
+Status stack_backward(StackBackward<F> call);
 
 // y[0:n] = tanh(x[0:n]) with the kernel's vectorised tanh (exposed for its accuracy tests).
 template <typename F>

@@ -18,6 +18,7 @@
 // per call, h_{t-1} and dL/da in the epilogue of the step that makes them).
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #include "activation.h"
 #include "bf16.h"
@@ -30,12 +31,15 @@ namespace pyrnn {
 namespace PYRNN_ISA {
 namespace {
 
-// Scratch memory for one call (scratch.h: kept for the next call), 64-byte aligned.
+// Scratch memory for one call (scratch.h: kept for the next call), 64-byte aligned; none (null)
+// for n = 0, which costs nothing (a block costs two locks of the kept blocks' list).
 template <typename F>
 class Scratch {
   public:
-    explicit Scratch(int64_t n) : block_(acquire_scratch(size_t(n > 0 ? n : 1) * sizeof(F))) {}
-    ~Scratch() { release_scratch(block_); }
+    explicit Scratch(int64_t n) : block_(n > 0 ? acquire_scratch(size_t(n) * sizeof(F)) : ScratchBlock{nullptr, 0}) {}
+    ~Scratch() {
+        if (block_.data) release_scratch(block_);
+    }
     Scratch(const Scratch&) = delete;
     Scratch& operator=(const Scratch&) = delete;
     F* get() const { return static_cast<F*>(block_.data); }
@@ -171,11 +175,45 @@ void tanh(const F* x, F* y, int64_t n) {
 
 namespace {
 
+// How a layer of a stack runs inside the stack's call; a single-layer call has the defaults.
+// Its time order, masks, and the point-to-point signals with the layers it reads and feeds.
+template <typename F>
+struct LayerForward {
+    bool reverse = false;                  // row b's step s is time step_time(s, b)
+    Rows<const F> input_mask{nullptr, 0};  // the input is x ⊙ mask (rows as x's)
+    const Progress* input_ready = nullptr;  // steps of x written so far (x is the layer below's output)
+    Progress* done = nullptr;               // steps of output written so far
+};
+
+template <typename F>
+struct LayerBackward {
+    bool reverse = false;
+    Rows<const F> input_mask{nullptr, 0};     // the forward's input was x ⊙ mask
+    Rows<const F> grad_output_2{nullptr, 0};  // added to grad_output (the layer above's other direction)
+    Rows<const F> output_mask{nullptr, 0};    // then ⊙ mask: the layer above read output ⊙ mask
+    const Progress* grad_output_ready = nullptr;  // steps of grad_output written so far, from T - 1 down
+    Progress* grad_x_done = nullptr;              // steps of grad_x written so far, from T - 1 down
+};
+
+// The time of row b's step s: s, or in the reverse direction the row's own steps backwards
+// (docs/design.md §1: step 0 reads time lengths[b] - 1); padding steps stay where they are.
+inline int64_t step_time(bool reverse, const int64_t* lengths, int64_t T, int64_t s, int64_t b) {
+    if (!reverse) return s;
+    const int64_t n = length(lengths, T, b);
+    return s < n ? n - 1 - s : s;
+}
+
+// Steps per chunk of a layer that runs behind another (a stack's wavefront): its input product
+// (forward) or grad_x product (backward) runs a chunk at a time. >= 96 rows keeps that product
+// efficient; the lag between successive layers is one chunk.
+inline int64_t chunk_steps(int64_t B) { return ceil_div(96, max64(B, 1)); }
+
 template <typename F, typename Act, typename P>
-Status forward_pass(const Forward<F>& c) {
+Status forward_pass(const Forward<F>& c, const LayerForward<F>& w = {}) {
     using S = typename P::Stored;
     constexpr int MR = Tile<F>::MR, NR = Tile<F>::NR;
     const int64_t T = c.T, B = c.B, I = c.I, H = c.H;
+    const std::atomic<bool>* stop = c.options.stop;
     const Plan plan = plan_threads<F>(c.options.max_threads, T, B, I, H);
     const int64_t panels = ceil_div(H, NR);
     Scratch<S> packed_whh(panels * P::panel_size(H));  // weight_hhᵀ in NR-column panels
@@ -183,7 +221,13 @@ Status forward_pass(const Forward<F>& c) {
     // while its output is 0.
     const int64_t ld = row_stride<F>(H);
     Scratch<F> states(2 * B * ld);
-    Operand<F, P> x_operand(c.x.data, c.x.stride, T * B, I), state_operand(states.get(), ld, 2 * B, H);
+    // The input product covers every step at once, or a chunk at a time behind the layer below.
+    // It reads x, or x ⊙ mask, and that rounded when P rounds: its rows are prepared first.
+    const int64_t chunk = w.input_ready ? chunk_steps(B) : max64(T, 1);
+    Scratch<F> masked_x(w.input_mask.data ? T * B * I : 0);
+    const Rows<const F> input = w.input_mask.data ? Rows<const F>{masked_x.get(), I} : c.x;
+    const bool prepare = w.input_mask.data || Operand<F, P>::rounded;
+    Operand<F, P> x_operand(input.data, input.stride, T * B, I), state_operand(states.get(), ld, 2 * B, H);
     const int64_t b_size = pack_b_size<P>(I, H);
     Scratch<S> per_thread(plan.team * b_size);
     Status status = Status::finished;  // written by thread 0
@@ -197,29 +241,57 @@ Status forward_pass(const Forward<F>& c) {
         const auto stopped = [&] {
             if (tid == 0) status = Status::stopped;
         };
+        // Rows [r0, r1) of the input product's operand: x ⊙ input_mask, rounded when P rounds.
+        const auto prepare_input = [&](int64_t r0, int64_t r1) {
+            for (int64_t r = r0; r < r1; ++r) {
+                if (w.input_mask.data) {
+                    const F *xr = c.x.row(r), *m = w.input_mask.row(r);
+                    for (int64_t i = 0; i < I; ++i) masked_x.get()[r * I + i] = xr[i] * m[i];
+                }
+                x_operand.update(r, 0, input.row(r), I);
+            }
+        };
+        // output rows of steps [t0, t1) <- x·weight_ihᵀ + bias, on columns `cols`
+        const auto input_product = [&](int64_t t0, int64_t t1, const Columns<F>& cols) {
+            gemm<P>((t1 - t0) * B, cols.begin, cols.end, I,
+                    View<S>{x_operand.rows + t0 * B * x_operand.ld, x_operand.ld, 1}, View<F>{c.weight_ih, 1, I},
+                    c.bias, c.output.row(t0 * B), c.output.stride, pack_b_buf);
+        };
 
-        // 1. output <- x·weight_ihᵀ + bias on my columns, every step at once (after x is
-        //    rounded, when P rounds, each thread a share of its rows).
-        if constexpr (Operand<F, P>::rounded) {
-            for (int64_t r = T * B * tid / nt; r < T * B * (tid + 1) / nt; ++r) x_operand.update(r, 0, c.x.row(r), I);
-            if (barrier.wait(c.options.stop)) return stopped();
-        }
-        gemm<P>(T * B, mine.begin, mine.end, I, View<S>{x_operand.rows, x_operand.ld, 1},
-                View<F>{c.weight_ih, 1, I}, c.bias, c.output.data, c.output.stride, pack_b_buf);
         P::pack(H, steps.end - steps.begin, View<F>{c.weight_hh + steps.begin * H, 1, H},
                 packed_whh.get() + steps.begin / NR * P::panel_size(H));
         for (int64_t b = 0; b < B; ++b) {
             for (int64_t j = steps.begin; j < steps.end; ++j) states.get()[b * ld + j] = c.h0.row(b)[j];
             state_operand.update(b, steps.begin, states.get() + b * ld + steps.begin, steps.end - steps.begin);
         }
-        if (barrier.wait(c.options.stop)) return stopped();
+        // 1. output <- x·weight_ihᵀ + bias on my columns, every step at once (its operand
+        //    prepared first, each thread a share of the rows).
+        if (!w.input_ready) {
+            if (prepare) {
+                prepare_input(T * B * tid / nt, T * B * (tid + 1) / nt);
+                if (barrier.wait(stop)) return stopped();
+            }
+            input_product(0, T, mine);
+        }
+        if (barrier.wait(stop)) return stopped();
         if (tid >= step_threads) return;
 
         // 2. The recurrence. Step t reads all of h_{t-1} (states[t % 2]) and writes my columns
         //    of h_t into output and states[(t + 1) % 2]; one barrier between shared steps, which
         //    also decides whether to stop (alone, thread 0 looks at the flag itself).
         for (int64_t t = 0; t < T; ++t) {
-            if (step_threads == 1 && t > 0 && Barrier::stop_requested(c.options.stop)) return stopped();
+            if (w.input_ready && t % chunk == 0) {  // the next chunk of step 1, on my step columns
+                const int64_t t1 = min64(T, t + chunk);
+                w.input_ready->wait_for(t1, stop);
+                if (step_threads > 1 ? barrier.wait(stop) : Barrier::stop_requested(stop)) return stopped();
+                if (prepare) {
+                    prepare_input(t * B + (t1 - t) * B * tid / step_threads, t * B + (t1 - t) * B * (tid + 1) / step_threads);
+                    if (step_threads > 1) barrier.wait();
+                }
+                input_product(t, t1, steps);
+            } else if (step_threads == 1 && t > 0 && Barrier::stop_requested(stop)) {
+                return stopped();
+            }
             const F* h_prev = states.get() + (t % 2) * B * ld;
             F* h_next = states.get() + ((t + 1) % 2) * B * ld;
             const int64_t prev = (t % 2) * B, next = ((t + 1) % 2) * B;  // their rows in state_operand
@@ -232,7 +304,7 @@ Status forward_pass(const Forward<F>& c) {
                                                state_operand.ld, panel, tile);
                     for (int r = 0; r < rows; ++r) {
                         const int64_t b = b0 + r;
-                        F* out = c.output.row(t * B + b) + j;
+                        F* out = c.output.row(step_time(w.reverse, c.lengths, T, t, b) * B + b) + j;
                         if (valid(c.lengths, t, b)) {
                             add_activate_store<F, Act>(tile + r * NR, out, h_next + b * ld + j, cols);
                         } else {  // padding: output 0, state carried
@@ -243,7 +315,8 @@ Status forward_pass(const Forward<F>& c) {
                     }
                 }
             }
-            if (step_threads > 1 && barrier.wait(c.options.stop)) return stopped();
+            if (step_threads > 1 && barrier.wait(stop)) return stopped();
+            if (w.done && tid == 0) w.done->publish(t + 1);
         }
         const F* h_last = states.get() + (T % 2) * B * ld;
         for (int64_t b = 0; b < B; ++b)
@@ -253,21 +326,28 @@ Status forward_pass(const Forward<F>& c) {
 }
 
 template <typename F, typename Act, typename P>
-Status backward_pass(const Backward<F>& c) {
+Status backward_pass(const Backward<F>& c, const LayerBackward<F>& w = {}) {
     using S = typename P::Stored;
     constexpr int MR = Tile<F>::MR, NR = Tile<F>::NR;
     const int64_t T = c.T, B = c.B, I = c.I, H = c.H;
+    const std::atomic<bool>* stop = c.options.stop;
     const Plan plan = plan_threads<F>(c.options.max_threads, T, B, I, H);
     const int64_t panels = ceil_div(H, NR), TB = T * B;
     Scratch<S> packed_whh(panels * P::panel_size(H));  // weight_hh in NR-column panels
+    // Rows in step order (row s·B + b is row b's step s; time order unless reverse).
     const int64_t ld = row_stride<F>(H);
-    Scratch<F> grad_a(TB * ld);              // dL/da_t (row stride ld), 0 on padding
+    Scratch<F> grad_a(TB * ld);  // dL/da (row stride ld), 0 on padding
     Operand<F, P> grad_a_operand(grad_a.get(), ld, TB, H);  // what the products read of it
-    Scratch<F> h_prev(TB * H);               // h_{t-1} of every valid row, 0 on padding
-    // x with padding rows zeroed (a NaN there must not leak), contiguous.
-    const bool copy_x = c.lengths != nullptr || c.x.stride != I;
+    Scratch<F> h_prev(TB * H);   // h_{s-1} of every valid row, 0 on padding
+    // x (⊙ input_mask) with padding rows zeroed (a NaN there must not leak), unless x is that already.
+    const bool copy_x = c.lengths || c.x.stride != I || w.input_mask.data || w.reverse;
     Scratch<F> x_valid(copy_x ? TB * I : 0);
     const F* x_rows = copy_x ? x_valid.get() : c.x.data;
+    // grad_x is computed in step order: in the reverse direction into here, then put in time order.
+    Scratch<F> grad_x_steps(w.reverse ? TB * I : 0);
+    const Rows<F> grad_x_rows = w.reverse ? Rows<F>{grad_x_steps.get(), I} : c.grad_x;
+    // grad_x all at once after the chain, or a chunk at a time for the layer below.
+    const int64_t chunk = w.grad_output_ready || w.grad_x_done ? chunk_steps(B) : max64(T, 1);
     const int64_t b_size = max64(pack_b_size<P>(H, I), max64(pack_b_size<P>(TB, I), pack_b_size<P>(TB, H)));
     Scratch<S> per_thread(plan.team * b_size);
     Status status = Status::finished;  // written by thread 0
@@ -277,22 +357,36 @@ Status backward_pass(const Backward<F>& c) {
         const Share<F> share(plan, H, tid, nt);
         const Columns<F>& mine = share.mine, &steps = share.steps;
         const int step_threads = share.step_threads;
-        alignas(64) F tile[MR * NR];
+        alignas(64) F tile[MR * NR], dy[NR];
         const F no_g[NR] = {};
         const int64_t lda = grad_a_operand.ld;
+        const auto time = [&](int64_t s, int64_t b) { return step_time(w.reverse, c.lengths, T, s, b); };
+        // grad_x rows of steps [s0, s1) <- grad_a·weight_ih, on columns `cols` of I
+        const auto grad_x_product = [&](int64_t s0, int64_t s1, const Columns<F>& cols) {
+            gemm<P>((s1 - s0) * B, cols.begin, cols.end, H, View<S>{grad_a_operand.rows + s0 * B * lda, lda, 1},
+                    View<F>{c.weight_ih, I, 1}, nullptr, grad_x_rows.row(s0 * B), grad_x_rows.stride, pack_b_buf);
+        };
 
         P::pack(H, steps.end - steps.begin, View<F>{c.weight_hh + steps.begin, H, 1},
                 packed_whh.get() + steps.begin / NR * P::panel_size(H));
-        for (int64_t t = 0; t < T; ++t)
+        for (int64_t s = 0; s < T; ++s)
             for (int64_t b = 0; b < B; ++b) {
-                const F* h = t == 0 ? c.h0.row(b) : c.output.row((t - 1) * B + b);
-                const bool ok = valid(c.lengths, t, b);
-                for (int64_t j = mine.begin; j < mine.end; ++j) h_prev.get()[(t * B + b) * H + j] = ok ? h[j] : F(0);
+                const F* h = s == 0 ? c.h0.row(b) : c.output.row(time(s - 1, b) * B + b);
+                const bool ok = valid(c.lengths, s, b);
+                for (int64_t j = mine.begin; j < mine.end; ++j) h_prev.get()[(s * B + b) * H + j] = ok ? h[j] : F(0);
             }
         if (copy_x)
-            for (int64_t r = TB * tid / nt; r < TB * (tid + 1) / nt; ++r)
-                for (int64_t i = 0; i < I; ++i)
-                    x_valid.get()[r * I + i] = valid(c.lengths, r / B, r % B) ? c.x.row(r)[i] : F(0);
+            for (int64_t r = TB * tid / nt; r < TB * (tid + 1) / nt; ++r) {
+                const int64_t s = r / B, b = r % B, source = time(s, b) * B + b;
+                const F *xr = c.x.row(source), *m = w.input_mask.data ? w.input_mask.row(source) : nullptr;
+                F* out = x_valid.get() + r * I;
+                if (!valid(c.lengths, s, b))
+                    for (int64_t i = 0; i < I; ++i) out[i] = F(0);
+                else if (m)
+                    for (int64_t i = 0; i < I; ++i) out[i] = xr[i] * m[i];
+                else
+                    for (int64_t i = 0; i < I; ++i) out[i] = xr[i];
+            }
 
         // 1. The g-chain, s = T-1 .. -1: g_s = da_{s+1}·weight_hh (+ grad_h_n where s is the row's
         //    last step; padding rows have da = 0, so g reaches that step unchanged), then
@@ -300,7 +394,14 @@ Status backward_pass(const Backward<F>& c) {
         //    end in a barrier that also decides whether to stop; alone, thread 0 looks itself.
         if (tid < step_threads)
             for (int64_t s = T - 1; s >= -1; --s) {
-                if (step_threads == 1 && Barrier::stop_requested(c.options.stop)) break;
+                if (w.grad_output_ready && s >= 0 && (T - 1 - s) % chunk == 0) {  // a chunk begins
+                    w.grad_output_ready->wait_for(T - max64(0, s + 1 - chunk), stop);
+                    if (step_threads > 1 && barrier.wait(stop)) {
+                        if (tid == 0) status = Status::stopped;
+                        return;
+                    }
+                }
+                if (step_threads == 1 && Barrier::stop_requested(stop)) break;
                 const bool has_next = s + 1 <= T - 1;
                 const S* da_next = grad_a_operand.rows + (s + 1) * B * lda;  // read only if has_next
                 for (int64_t j = steps.begin; j < steps.end; j += NR) {
@@ -326,33 +427,58 @@ Status backward_pass(const Backward<F>& c) {
                                 continue;
                             }
                             F* da = grad_a.get() + (s * B + b) * ld + j;
-                            const F* go = c.grad_output.row(s * B + b) + j;
-                            const F* h = c.output.row(s * B + b) + j;
-                            if (valid(c.lengths, s, b))
-                                for (int64_t k = 0; k < cols; ++k)
-                                    da[k] = (g[k] + (last ? g_end[k] : F(0)) + go[k]) * Act::derivative(h[k]);
-                            else
+                            if (!valid(c.lengths, s, b)) {
                                 for (int64_t k = 0; k < cols; ++k) da[k] = F(0);
+                                grad_a_operand.update(s * B + b, j, da, cols);
+                                continue;
+                            }
+                            const int64_t row = time(s, b) * B + b;
+                            const F* go = c.grad_output.row(row) + j;  // repointed at dy if combined
+                            const F* go_2 = w.grad_output_2.data ? w.grad_output_2.row(row) + j : nullptr;
+                            const F* mask = w.output_mask.data ? w.output_mask.row(row) + j : nullptr;
+                            const F* h = c.output.row(row) + j;
+                            if (go_2 || mask) {  // dL/dh_s from above: the two directions' sum, masked
+                                for (int64_t k = 0; k < cols; ++k) dy[k] = go[k];
+                                if (go_2)
+                                    for (int64_t k = 0; k < cols; ++k) dy[k] += go_2[k];
+                                if (mask)
+                                    for (int64_t k = 0; k < cols; ++k) dy[k] *= mask[k];
+                                go = dy;
+                            }
+                            for (int64_t k = 0; k < cols; ++k)
+                                da[k] = (g[k] + (last ? g_end[k] : F(0)) + go[k]) * Act::derivative(h[k]);
                             grad_a_operand.update(s * B + b, j, da, cols);
                         }
                     }
                 }
-                if (step_threads > 1 && barrier.wait(c.options.stop)) {
+                if (step_threads > 1 && barrier.wait(stop)) {
                     if (tid == 0) status = Status::stopped;
                     return;
                 }
+                if (w.grad_x_done && s >= 0 && (s == 0 || (T - s) % chunk == 0)) {  // a chunk ends
+                    const int64_t top = T - (T - 1 - s) / chunk * chunk;
+                    grad_x_product(s, top, Columns<F>(I, tid, step_threads));
+                    if (step_threads > 1) barrier.wait();
+                    if (tid == 0) w.grad_x_done->publish(T - s);
+                }
             }
         // The products read all of grad_a; after shared steps the last one's barrier said so.
-        if (step_threads == 1 && barrier.wait(c.options.stop)) {
+        if (step_threads == 1 && barrier.wait(stop)) {
             if (tid == 0) status = Status::stopped;
             return;
         }
 
         // 2. The products over all T·B rows, each thread on its own output columns.
         const Columns<F> mine_i(I, tid, nt);
+        if (!w.grad_x_done) grad_x_product(0, T, mine_i);
+        if (w.reverse)  // my columns of grad_x into time order
+            for (int64_t s = 0; s < T; ++s)
+                for (int64_t b = 0; b < B; ++b) {
+                    const F* from = grad_x_rows.row(s * B + b);
+                    F* to = c.grad_x.row(time(s, b) * B + b);
+                    for (int64_t i = mine_i.begin; i < mine_i.end; ++i) to[i] = from[i];
+                }
         const S* da_rows = grad_a_operand.rows;
-        gemm<P>(TB, mine_i.begin, mine_i.end, H, View<S>{da_rows, lda, 1}, View<F>{c.weight_ih, I, 1},
-                nullptr, c.grad_x.data, c.grad_x.stride, pack_b_buf);
         gemm<P>(H, mine_i.begin, mine_i.end, TB, View<S>{da_rows, 1, lda}, View<F>{x_rows, I, 1},
                 nullptr, c.grad_weight_ih, I, pack_b_buf);
         gemm<P>(H, mine.begin, mine.end, TB, View<S>{da_rows, 1, lda}, View<F>{h_prev.get(), H, 1},
@@ -362,6 +488,120 @@ Status backward_pass(const Backward<F>& c) {
             for (int64_t j = mine.begin; j < mine.end; ++j) c.grad_bias[j] += grad_a.get()[r * ld + j];
     });
     return status;
+}
+
+// A stack's units (layer l, direction d; u = l·D + d) share the call's threads: the directions of
+// a layer run at once on different threads with nothing between them; with one direction,
+// successive layers run on different threads as a wavefront, layer l's chunk of steps waiting only
+// for layer l - 1 to publish that chunk (Progress). A layer reads its input, and writes its output
+// and its gradients, through row strides into the stack's buffers: the reversal and the
+// concatenation of directions are index arithmetic. Each unit runs on one thread, or on a sub-team
+// when there are threads to spare, and its results do not depend on which (the single-layer passes'
+// guarantee), so the stack's are bitwise identical across thread counts. Below ~4M multiply-adds
+// per unit (the tiny shapes) waking a second thread costs more than it saves.
+struct StackPlan {
+    int team;      // threads for the stack
+    int per_unit;  // each unit's budget (a sub-team from the pool)
+};
+inline StackPlan plan_stack(int max_threads, int64_t L, int64_t D, int64_t T, int64_t B, int64_t I, int64_t H) {
+    const int64_t side_by_side = D == 2 ? 2 : L;  // units that can run at once
+    const bool worth = T * B * H * (I + H) >= (int64_t(1) << 22);
+    const int team = worth ? int(max64(1, min64(max_threads, side_by_side))) : 1;
+    return {team, int(max64(1, max_threads / team))};
+}
+
+// The thread of a team of nt that runs unit u: one per direction, or layers in turn.
+inline int unit_thread(int64_t u, int64_t L, int64_t D, int nt, bool top_down) {
+    const int64_t l = u / D, d = u % D;
+    return int((D == 2 ? d : (top_down ? L - 1 - l : l)) % nt);
+}
+
+template <typename F, typename Act, typename P>
+Status stack_forward_pass(const StackForward<F>& s) {
+    const int64_t L = s.L, D = s.D, T = s.T, B = s.B, I = s.I, H = s.H, DH = D * H, TB = T * B;
+    const StackPlan plan = plan_stack(s.options.max_threads, L, D, T, B, I, H);
+    std::vector<Progress> done(size_t(L * D));  // steps each unit has written (once per call)
+    std::atomic<bool> stopped{false};
+
+    in_parallel(plan.team, [&](const int tid, const int nt, Barrier&) {
+        for (int64_t u = 0; u < L * D && !stopped.load(std::memory_order_relaxed); ++u) {
+            if (unit_thread(u, L, D, nt, false) != tid) continue;
+            const int64_t l = u / D, d = u % D;
+            const F* below = s.layer_outputs + (l - 1) * TB * DH;  // layer l - 1's output, if l > 0
+            Forward<F> call{T, B, l == 0 ? I : DH, H,
+                            l == 0 ? Rows<const F>{s.x, I} : Rows<const F>{below, DH},
+                            s.layers[u].weight_ih, s.layers[u].weight_hh, s.layers[u].bias,
+                            {s.h0 + u * B * H, H}, s.lengths,
+                            {s.layer_outputs + l * TB * DH + d * H, DH}, {s.h_n + u * B * H, H},
+                            s.options};
+            call.options.max_threads = plan.per_unit;
+            LayerForward<F> wiring;
+            wiring.reverse = d == 1;
+            if (l > 0 && s.dropout_masks) wiring.input_mask = {s.dropout_masks + (l - 1) * TB * DH, DH};
+            if (D == 1) {
+                if (l > 0) wiring.input_ready = &done[size_t(u - 1)];
+                wiring.done = &done[size_t(u)];
+            } else if (l > 0) {  // a reverse step needs the layer below's every step
+                for (int64_t below_d = 0; below_d < D; ++below_d) done[size_t((l - 1) * D + below_d)].wait_for(T, s.options.stop);
+            }
+            if (forward_pass<F, Act, P>(call, wiring) == Status::stopped || Barrier::stop_requested(s.options.stop))
+                stopped = true;
+            done[size_t(u)].publish(T);
+        }
+    });
+    return stopped ? Status::stopped : Status::finished;
+}
+
+template <typename F, typename Act, typename P>
+Status stack_backward_pass(const StackBackward<F>& s) {
+    const int64_t L = s.L, D = s.D, T = s.T, B = s.B, I = s.I, H = s.H, DH = D * H, TB = T * B;
+    const StackPlan plan = plan_stack(s.options.max_threads, L, D, T, B, I, H);
+    // dL/d(input) of every unit above layer 0 (T·B rows of D·H), and of layer 0's reverse direction.
+    Scratch<F> grad_inputs((L - 1) * D * TB * DH);
+    Scratch<F> grad_x_reverse(D == 2 ? TB * I : 0);
+    std::vector<Progress> grad_done(size_t(L * D));  // steps of each unit's grad_x written, from T - 1 down
+    std::atomic<bool> stopped{false};
+    const auto grad_input = [&](int64_t l, int64_t d) { return grad_inputs.get() + ((l - 1) * D + d) * TB * DH; };
+
+    in_parallel(plan.team, [&](const int tid, const int nt, Barrier&) {
+        for (int64_t u = L * D - 1; u >= 0 && !stopped.load(std::memory_order_relaxed); --u) {
+            // units top down; within a layer, directions in order (they do not depend on each other)
+            const int64_t l = u / D, d = D == 2 ? 1 - u % D : 0, unit = l * D + d;
+            if (unit_thread(unit, L, D, nt, true) != tid) continue;
+            const bool top = l == L - 1;
+            const F* input = l == 0 ? s.x : s.layer_outputs + (l - 1) * TB * DH;
+            const int64_t width = l == 0 ? I : DH;
+            Rows<F> grad_x = l > 0 ? Rows<F>{grad_input(l, d), DH}
+                                   : d == 0 ? Rows<F>{s.grad_x, I} : Rows<F>{grad_x_reverse.get(), I};
+            Backward<F> call{T, B, width, H,
+                             top ? Rows<const F>{s.grad_output + d * H, DH} : Rows<const F>{grad_input(l + 1, 0) + d * H, DH},
+                             {input, width}, s.layers[unit].weight_ih, s.layers[unit].weight_hh,
+                             {s.layer_outputs + l * TB * DH + d * H, DH}, {s.h0 + unit * B * H, H},
+                             {s.grad_h_n + unit * B * H, H}, s.lengths, grad_x, {s.grad_h0 + unit * B * H, H},
+                             s.grads[unit].weight_ih, s.grads[unit].weight_hh, s.grads[unit].bias, s.options};
+            call.options.max_threads = plan.per_unit;
+            LayerBackward<F> wiring;
+            wiring.reverse = d == 1;
+            if (l > 0 && s.dropout_masks) wiring.input_mask = {s.dropout_masks + (l - 1) * TB * DH, DH};
+            if (!top && s.dropout_masks) wiring.output_mask = {s.dropout_masks + l * TB * DH + d * H, DH};
+            if (D == 1) {
+                if (!top) wiring.grad_output_ready = &grad_done[size_t(unit + 1)];
+                if (l > 0) wiring.grad_x_done = &grad_done[size_t(unit)];
+            } else if (!top) {  // a reverse step needs the layer above's every step
+                wiring.grad_output_2 = {grad_input(l + 1, 1) + d * H, DH};
+                for (int64_t above_d = 0; above_d < D; ++above_d) grad_done[size_t((l + 1) * D + above_d)].wait_for(T, s.options.stop);
+            }
+            if (backward_pass<F, Act, P>(call, wiring) == Status::stopped || Barrier::stop_requested(s.options.stop))
+                stopped = true;
+            grad_done[size_t(unit)].publish(T);
+        }
+        if (D == 2 && !stopped) {  // dL/dx: the forward direction's part plus the reverse one's (my rows)
+            for (int64_t d = 0; d < D; ++d) grad_done[size_t(d)].wait_for(T, s.options.stop);
+            if (Barrier::stop_requested(s.options.stop)) return;
+            for (int64_t r = TB * I * tid / nt; r < TB * I * (tid + 1) / nt; ++r) s.grad_x[r] += grad_x_reverse.get()[r];
+        }
+    });
+    return stopped || Barrier::stop_requested(s.options.stop) ? Status::stopped : Status::finished;
 }
 
 }  // namespace
@@ -374,25 +614,25 @@ inline Status with_products(Precision precision, const Run& run) {
     return run(Plain<F>{});
 }
 
-template <typename F>
-Status forward(const Forward<F>& call) {
-    return with_activation(call.options.activation, [&](auto act) {
-        return with_products<F>(call.options.precision,
-                                [&](auto p) { return forward_pass<F, decltype(act), decltype(p)>(call); });
-    });
-}
+// pass<Act, P>(call) for the call's activation and precision, chosen once per call.
+#define PYRNN_ENTRY_POINT(Call, name, pass)                                                              \
+    template <typename F>                                                                                \
+    Status name(const Call<F>& call) {                                                                   \
+        return with_activation(call.options.activation, [&](auto act) {                                  \
+            return with_products<F>(call.options.precision,                                              \
+                                    [&](auto p) { return pass<F, decltype(act), decltype(p)>(call); });  \
+        });                                                                                              \
+    }
+PYRNN_ENTRY_POINT(Forward, forward, forward_pass)
+PYRNN_ENTRY_POINT(Backward, backward, backward_pass)
+PYRNN_ENTRY_POINT(StackForward, stack_forward, stack_forward_pass)
+PYRNN_ENTRY_POINT(StackBackward, stack_backward, stack_backward_pass)
 
-template <typename F>
-Status backward(const Backward<F>& call) {
-    return with_activation(call.options.activation, [&](auto act) {
-        return with_products<F>(call.options.precision,
-                                [&](auto p) { return backward_pass<F, decltype(act), decltype(p)>(call); });
-    });
-}
-
-#define PYRNN_INSTANTIATE(F)                           \
-    template Status forward(const Forward<F>&);        \
-    template Status backward(const Backward<F>&);      \
+#define PYRNN_INSTANTIATE(F)                                     \
+    template Status forward(const Forward<F>&);                  \
+    template Status backward(const Backward<F>&);                \
+    template Status stack_forward(const StackForward<F>&);       \
+    template Status stack_backward(const StackBackward<F>&);     \
     template void tanh(const F*, F*, int64_t);
 PYRNN_INSTANTIATE(float)
 PYRNN_INSTANTIATE(double)

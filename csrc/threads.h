@@ -13,6 +13,7 @@
 // 1 ms of spinning before yielding made a 100-step shape 7× slower than 50 µs.)
 #pragma once
 #include <atomic>
+#include <cstdint>
 #include <thread>
 
 #include "pool.h"
@@ -52,6 +53,24 @@ class Barrier {
     std::atomic<int> arrived_{0};
     std::atomic<unsigned> generation_{0};
     bool stopping_ = false;
+};
+
+// The steps one layer of a stack has finished, published for the layer that reads its results
+// (release/acquire): the point-to-point signal of a wavefront, in place of a barrier per step.
+class Progress {
+  public:
+    void publish(int64_t steps) { steps_.store(steps, std::memory_order_release); }
+    // Waits until `steps` are published, or until `stop` is set (then the caller's next stop
+    // check, or barrier, ends the call).
+    void wait_for(int64_t steps, const std::atomic<bool>* stop) const {
+        const auto ready = [&] {
+            return steps_.load(std::memory_order_acquire) >= steps || Barrier::stop_requested(stop);
+        };
+        while (!spin_until(ready, std::chrono::microseconds(50))) std::this_thread::yield();
+    }
+
+  private:
+    alignas(64) std::atomic<int64_t> steps_{0};  // a line of its own: the consumer spins on it
 };
 
 // body(tid, nt, barrier) on a team of at most nt threads (this one is tid 0), or straight on

@@ -5,7 +5,7 @@ TypeError; nothing is copied. bias, h0 and grad_h_n may be None (zeros); lengths
 int64 array (B,) of values in [0, T]. Arguments are positional (keyword parsing costs on tiny
 shapes). The GIL is released while the kernel runs.
 """
-from typing import Literal, Optional, Tuple
+from typing import List, Literal, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -44,3 +44,21 @@ def peak_loop(precision: Precision, threads: int, iterations: int) -> int:
 
 def peak_instruction(precision: Precision) -> str:
     """The instruction peak_loop(precision, ...) runs on this CPU, e.g. 'vdpbf16ps zmm'."""
+
+Layer = Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]  # (weight_ih, weight_hh, bias)
+
+def stack_forward(x: np.ndarray, layers: Sequence[Layer], h0: Optional[np.ndarray] = None,
+                  lengths: Optional[np.ndarray] = None, dropout_masks: Optional[np.ndarray] = None,
+                  bidirectional: bool = False, nonlinearity: Nonlinearity = "tanh",
+                  precision: Precision = "fp32") -> Tuple[np.ndarray, np.ndarray]:
+    """(layer_outputs (L, T, B, D·H), h_n (L·D, B, H)) of L layers × D directions in one call;
+    layers[l·D + d] is layer l's direction d; see pyrnn.stack_forward."""
+
+def stack_backward(grad_output: np.ndarray, x: np.ndarray, layers: Sequence[Layer],
+                   layer_outputs: np.ndarray, h0: Optional[np.ndarray] = None,
+                   grad_h_n: Optional[np.ndarray] = None, lengths: Optional[np.ndarray] = None,
+                   dropout_masks: Optional[np.ndarray] = None, bidirectional: bool = False,
+                   nonlinearity: Nonlinearity = "tanh", precision: Precision = "fp32",
+                   ) -> Tuple[np.ndarray, np.ndarray, List[Tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+    """(grad_x, grad_h0, [(grad_weight_ih, grad_weight_hh, grad_bias) per layer and direction]);
+    see pyrnn.stack_backward."""

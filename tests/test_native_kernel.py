@@ -42,12 +42,11 @@ def make_problem(T, B, I, H, dtype, seed=0, lengths=None, nonlinearity="tanh"):
 
 def run(module, p, output=None):
     """{name: result} of one backend's forward and backward (the latter fed `output`, else its own)."""
-    options = () if p["nonlinearity"] == "tanh" else (p["nonlinearity"],)
     out, h_n = module.forward(p["x"], p["weight_ih"], p["weight_hh"], p["bias"], p["h0"], p["lengths"],
-                              *options)
+                              p["nonlinearity"])
     grads = module.backward(p["grad_output"], p["x"], p["weight_ih"], p["weight_hh"],
                             out if output is None else output, p["h0"], p["grad_h_n"], p["lengths"],
-                            *options)
+                            p["nonlinearity"])
     return dict(zip(RESULT_NAMES, (out, h_n) + tuple(grads)))
 
 
@@ -98,9 +97,17 @@ BLOCK_SHAPES = [
 ]
 
 
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
 @pytest.mark.parametrize("shape", BLOCK_SHAPES, ids=lambda s: "T{}B{}I{}H{}".format(*s))
-def test_matches_reference_across_cache_blocks(shape):
-    assert_close_to_reference(make_problem(*shape, np.float64))
+def test_matches_reference_across_cache_blocks(shape, nonlinearity):
+    assert_close_to_reference(make_problem(*shape, np.float64, nonlinearity=nonlinearity))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("shape", [(4, 17, 65, 65), (3, 2, 7, 130)], ids=lambda s: "T{}B{}I{}H{}".format(*s))
+def test_relu_matches_reference(shape, dtype):
+    p = make_problem(*shape, dtype, lengths=[shape[0], 0] + [1] * (shape[1] - 2), nonlinearity="relu")
+    assert_close_to_reference(p)
 
 
 def test_relu_keeps_nan_and_passes_no_gradient_where_it_is_zero():
@@ -255,11 +262,11 @@ def run_python(args, isa):
 
 @pytest.mark.parametrize("isa", LOWER_ISAS)
 def test_lower_instruction_set_paths(isa):
-    """The same checks (reference, tanh bound, determinism, bf16 against its reference) on the
-    copy of the kernel for `isa` (below avx512bf16, bf16 products are emulated)."""
+    """The same checks (reference, tanh bound, determinism, bf16 against its reference, stacks) on
+    the copy of the kernel for `isa` (below avx512bf16, bf16 products are emulated)."""
     result = run_python(["-m", "pytest", "-q", "-p", "no:cacheprovider", "-k",
                          "not lower_instruction_set and not best_instruction_set and not unknown_instruction_set",
-                         "test_native_kernel.py", "test_native_tanh.py", "test_bf16.py"], isa)
+                         "test_native_kernel.py", "test_native_tanh.py", "test_bf16.py", "test_native_stack.py"], isa)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert run_python(["-c", "from pyrnn import _cpp; print(_cpp.isa())"], isa).stdout.strip() == isa
 
