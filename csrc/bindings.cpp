@@ -9,7 +9,14 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <exception>
+#include <mutex>
 #include <string>
+#include <system_error>
+#include <thread>
 #include <vector>
 
 #include "peak.h"
@@ -143,6 +150,69 @@ pyrnn::Rows<F> rows(Array<F>& a) {
     return {a.mutable_data(), a.ndim() > 0 ? a.shape(a.ndim() - 1) : 1};
 }
 
+// ---- Ctrl-C (issue 15): a long call from the main thread stops on SIGINT. ----
+//
+// Python runs its signal handlers in the main thread only, holding the GIL, between bytecodes:
+// a native call of seconds would hold Ctrl-C back until it returns. So a call of more than
+// interruptible_work multiply-adds (~5 ms or more), made from the main thread, computes on a
+// helper thread while the calling thread waits, the GIL released, and takes the GIL every 10 ms
+// to let Python run any pending handler (PyErr_CheckSignals). When one raises (Ctrl-C's
+// KeyboardInterrupt), the kernel's stop flag (rnn.h: Options::stop) is set, its threads leave at
+// the next step, the helper is joined and the exception propagates; the results are dropped.
+// Shorter calls, and calls from other threads (which Python never hands a signal), run on the
+// calling thread as before: no thread handoff, no check, nothing on the hot path.
+// Why not a C signal handler setting the flag: it would replace Python's (which signal.signal
+// may replace in turn), for the whole process, for the length of every call.
+constexpr int64_t interruptible_work = int64_t(1) << 27;
+constexpr auto signal_check_interval = std::chrono::milliseconds(10);
+unsigned long main_thread = 0;  // PyThread_get_thread_ident() of threading.main_thread(), at import
+
+// run(stop) -> pyrnn::Status runs the kernel with the GIL released; throws what it throws, or the
+// exception of a signal handler that stopped it.
+template <typename Run>
+void run_kernel(int64_t work, const Run& run) {
+    if (work < interruptible_work || PyThread_get_thread_ident() != main_thread) {
+        py::gil_scoped_release release;
+        run(nullptr);
+        return;
+    }
+    std::atomic<bool> stop{false};
+    std::mutex mutex;
+    std::condition_variable finished;
+    bool done = false, interrupted = false;
+    std::exception_ptr error;
+    PyThreadState* state = PyEval_SaveThread();
+    try {
+        std::thread helper([&] {
+            try {
+                run(&stop);
+            } catch (...) {
+                error = std::current_exception();
+            }
+            std::lock_guard<std::mutex> lock(mutex);
+            done = true;
+            finished.notify_one();
+        });
+        std::unique_lock<std::mutex> lock(mutex);
+        while (!finished.wait_for(lock, signal_check_interval, [&] { return done; })) {
+            if (interrupted) continue;
+            lock.unlock();
+            PyEval_RestoreThread(state);
+            interrupted = PyErr_CheckSignals() != 0;  // the handler's exception stays set
+            state = PyEval_SaveThread();
+            if (interrupted) stop.store(true, std::memory_order_relaxed);
+            lock.lock();
+        }
+        lock.unlock();
+        helper.join();
+    } catch (const std::system_error&) {  // no thread to be had: compute here, uninterruptibly
+        run(nullptr);
+    }
+    PyEval_RestoreThread(state);
+    if (interrupted) throw py::error_already_set();
+    if (error) std::rethrow_exception(error);
+}
+
 template <typename F>
 py::tuple forward(py::handle x_object, py::handle weight_ih_object, py::handle weight_hh_object,
                   py::handle bias_object, py::handle h0_object, py::handle lengths_object,
@@ -164,10 +234,10 @@ py::tuple forward(py::handle x_object, py::handle weight_ih_object, py::handle w
     // its time loop would still count T steps, and T is unbounded here (x of shape
     // (2**58, 0, 1) holds no bytes).
     if (B == 0 || H == 0) return py::make_tuple(output, h_n);
-    {
-        py::gil_scoped_release release;
-        pyrnn::forward<F>(call);
-    }
+    run_kernel(T * B * H * (I + H), [&](const std::atomic<bool>* stop) {
+        call.options.stop = stop;
+        return pyrnn::forward<F>(call);
+    });
     return py::make_tuple(output, h_n);
 }
 
@@ -197,10 +267,10 @@ py::tuple backward(py::handle grad_output_object, py::handle x_object, py::handl
             std::fill_n(grad->mutable_data(), grad->size(), F(0));
         return py::make_tuple(grad_x, grad_h0, grad_weight_ih, grad_weight_hh, grad_bias);
     }
-    {
-        py::gil_scoped_release release;
-        pyrnn::backward<F>(call);
-    }
+    run_kernel(2 * T * B * H * (I + H), [&](const std::atomic<bool>* stop) {
+        call.options.stop = stop;
+        return pyrnn::backward<F>(call);
+    });
     return py::make_tuple(grad_x, grad_h0, grad_weight_ih, grad_weight_hh, grad_bias);
 }
 
@@ -317,10 +387,10 @@ py::tuple stack_forward(py::handle x_object, py::handle layers_object, py::handl
                                 layer_outputs.mutable_data(), h_n.mutable_data(), {}};
     call.options.activation = activation_arg(nonlinearity);
     call.options.precision = precision_arg<F>(precision);
-    {
-        py::gil_scoped_release release;
-        pyrnn::stack_forward<F>(call);
-    }
+    run_kernel(L * D * T * B * H * (std::max(I, D * H) + H), [&](const std::atomic<bool>* stop) {
+        call.options.stop = stop;
+        return pyrnn::stack_forward<F>(call);
+    });
     return py::make_tuple(layer_outputs, h_n);
 }
 
@@ -355,10 +425,10 @@ py::tuple stack_backward(py::handle grad_output_object, py::handle x_object, py:
                                  grad_x.mutable_data(), grad_h0.mutable_data(), grads.data(), {}};
     call.options.activation = activation_arg(nonlinearity);
     call.options.precision = precision_arg<F>(precision);
-    {
-        py::gil_scoped_release release;
-        pyrnn::stack_backward<F>(call);
-    }
+    run_kernel(2 * L * D * T * B * H * (std::max(I, D * H) + H), [&](const std::atomic<bool>* stop) {
+        call.options.stop = stop;
+        return pyrnn::stack_backward<F>(call);
+    });
     return py::make_tuple(grad_x, grad_h0, grad_layers);
 }
 
@@ -413,6 +483,7 @@ PYBIND11_MODULE(_cpp, m) {
           "BPTT through a whole stack; see pyrnn.stack_backward.");
     m.def("tanh", &tanh_any, arg("x"),
           "Elementwise tanh by the kernel's vectorised approximation (exposed for its tests).");
+    main_thread = py::module_::import("threading").attr("main_thread")().attr("ident").cast<unsigned long>();
     pyrnn::isa();  // choose the instruction set now: a bad $PYRNN_ISA fails the import, not a call
     m.def("isa", &pyrnn::isa,
           "Instruction set of the kernel in use: 'avx512bf16' (native bf16 products), 'avx512', 'avx2' "
