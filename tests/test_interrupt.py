@@ -10,8 +10,6 @@ import sys
 
 import pytest
 
-import pyrnn
-
 SCRIPT = """
 import json, os, signal, threading, time
 import numpy as np
@@ -26,8 +24,21 @@ before = [a.copy() for a in inputs]
 small = [a[:3, :2] if a is x else a for a in inputs]  # a short call on the same weights
 
 def call(arrays):
-    if {stack!r}:
-        return pyrnn.stack_forward(arrays[0], [(arrays[1], arrays[2], None)], backend={backend!r}).output
+    if {mode!r} == "torch":  # the torch operator under pyrnn.torch.RNN, on backend={backend!r}
+        import torch
+        import pyrnn.torch
+        os.environ["PYRNN_BACKEND"] = {backend!r}  # what the operators' backend=None resolves to
+        torch.manual_seed(0)
+        with torch.no_grad():
+            model = pyrnn.torch.RNN(I, H, num_layers=2)
+            return model(torch.from_numpy(arrays[0]))[0].numpy()
+    if {mode!r} == "stack":  # a stack of two layers
+        layers = [(arrays[1], arrays[2], None), (arrays[2], arrays[2], None)]
+        out = pyrnn.stack_forward(arrays[0], layers, backend={backend!r})
+        if {direction!r} == "forward":
+            return out.output
+        return pyrnn.stack_backward(out.output, arrays[0], layers, out.layer_outputs,
+                                    backend={backend!r}).x
     output, _ = pyrnn.forward(*arrays, backend={backend!r})
     if {direction!r} == "forward":
         return output
@@ -62,26 +73,31 @@ print(json.dumps(result))
 LONG = (1500, 4, 16, 2048)
 
 
-def interrupted_call(cwd, backend, direction="forward", stack=False, shape=LONG, delay=0.3):
+def interrupted_call(cwd, backend, direction="forward", mode="layer", shape=LONG, delay=0.3):
     """Run in cwd (not the source tree, which would hide the installed pyrnn)."""
-    code = SCRIPT.format(shape=shape, backend=backend, direction=direction, stack=stack, delay=delay)
+    code = SCRIPT.format(shape=shape, backend=backend, direction=direction, mode=mode, delay=delay)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
                          cwd=cwd)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.splitlines()[-1])
 
 
-CASES = [("cpp", "forward", False), ("cpp", "backward", False), ("cpp", "forward", True),
-         ("numpy", "forward", False), ("numpy", "backward", False)]
-
-
-@pytest.mark.parametrize("backend, direction, stack", CASES)
-def test_a_long_call_stops_on_sigint(backend, direction, stack, tmp_path):
-    if backend not in pyrnn.available_backends():
-        pytest.skip(f"{backend} is not available here")
-    result = interrupted_call(tmp_path, backend, direction, stack,
-                              shape=(300, 4, 16, 2048) if backend == "numpy" else LONG)
-    assert result["interrupted"], f"the call finished in {result['seconds']:.2f} s, not interrupted"
-    assert result["latency"] < 0.1, f"KeyboardInterrupt {1e3 * result['latency']:.0f} ms after SIGINT"
-    assert result["threads_after"] <= 0 and result["cpu_after"] < 0.1, result
-    assert result["inputs_unchanged"] and result["next_call_agrees"], result
+@pytest.mark.parametrize("direction, mode", [("forward", "layer"), ("backward", "layer"),
+                                             ("forward", "stack"), ("backward", "stack"),
+                                             ("forward", "torch")])
+def test_a_long_call_stops_on_sigint(backend, direction, mode, tmp_path):
+    """Up to 3 tries for the latency: on a loaded machine the interrupted process may wait for a
+    core longer than the call takes to stop (measured here, load 12 on 2 cores: 1-180 ms)."""
+    shape = (300, 4, 16, 2048) if backend == "numpy" else LONG  # the reference is ~10x slower
+    if mode == "torch":
+        pytest.importorskip("torch")
+    tries = []
+    for _ in range(3):
+        result = interrupted_call(tmp_path, backend, direction, mode, shape=shape)
+        assert result["interrupted"], f"the call finished in {result['seconds']:.2f} s, not interrupted"
+        assert result["threads_after"] <= 0 and result["cpu_after"] < 0.1, result
+        assert result["inputs_unchanged"] and result["next_call_agrees"], result
+        tries.append(result["latency"])
+        if result["latency"] < 0.1:
+            return
+    raise AssertionError(f"KeyboardInterrupt {[round(1e3 * t) for t in tries]} ms after SIGINT")
