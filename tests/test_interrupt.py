@@ -26,11 +26,11 @@ small = [a[:3, :2] if a is x else a for a in inputs]  # a short call on the same
 def call(arrays):
     if {mode!r} == "torch":  # the torch operator under pyrnn.torch.RNN, on backend={backend!r}
         import torch
-        import pyrnn.torch
+        from pyrnn.torch import RNN
         os.environ["PYRNN_BACKEND"] = {backend!r}  # what the operators' backend=None resolves to
         torch.manual_seed(0)
         with torch.no_grad():
-            model = pyrnn.torch.RNN(I, H, num_layers=2)
+            model = RNN(I, H, num_layers=2)
             return model(torch.from_numpy(arrays[0]))[0].numpy()
     if {mode!r} == "stack":  # a stack of two layers
         layers = [(arrays[1], arrays[2], None), (arrays[2], arrays[2], None)]

@@ -18,7 +18,7 @@ from .activations import NONLINEARITIES, apply, derivative
 from .intrinsics import stack_tile
 from .products import (PANEL_VECTORS, PRECISIONS, TILE_ROWS, empty_packed, matmul_columns, operand,
                        pack, panel_columns, panel_width, product_tile)
-from .threads import (barrier, column_bounds, empty, interruptible, no_float_warnings, on_threads,
+from .threads import (NEVER, barrier, column_bounds, empty, no_float_warnings, on_threads_interruptibly,
                       stopping, thread_count)
 
 
@@ -187,7 +187,7 @@ def forward(x, weight_ih, weight_hh, bias, h0, lengths, nonlinearity="tanh", pre
                  _full_lengths(lengths, T, B), output, state, state_operand, input_in_loop)
     bounds, steps_done = column_bounds(H, n, panel), np.zeros(n, np.int64)
 
-    def columns(i, stop):
+    def columns(i, stop=NEVER):
         j0, j1 = bounds[i], bounds[i + 1]
         if not input_in_loop:
             with no_float_warnings():
@@ -195,7 +195,7 @@ def forward(x, weight_ih, weight_hh, bias, h0, lengths, nonlinearity="tanh", pre
                 np.matmul(x.reshape(T * B, I), weight_ih[j0:j1].T, out=input_term)
         forward_columns(*arguments, stop, steps_done, i, j0, j1)
 
-    interruptible(T * B * H * (H + I), lambda stop: on_threads(n, lambda i: columns(i, stop), steps_done))
+    on_threads_interruptibly(T * B * H * (H + I), n, columns, steps_done)
     return output, state[T % 2]  # h_n: a view that keeps the (2, B, H) buffer, not a copy
 
 
@@ -218,7 +218,7 @@ def backward(grad_output, x, weight_ih, weight_hh, output, h0, grad_h_n, lengths
     valid = valid_steps(lengths, T, B)[:, :, None]
     steps_done = np.zeros(n, np.int64)
 
-    def chain_then_products(i, stop):
+    def chain_then_products(i, stop=NEVER):
         """The chain over thread i's columns, then, once every thread is through it, the
         products over the rows of time steps i·T/n .. (i+1)·T/n: grad_x (unless the chain
         computed it), and those steps' share of the weight gradients (the sums over rows of
@@ -236,8 +236,8 @@ def backward(grad_output, x, weight_ih, weight_hh, output, h0, grad_h_n, lengths
             return weight_gradients(grad_a[t0:t1], x[t0:t1], output[t0:t1], h_before,
                                     valid[t0:t1], PRODUCTS[precision])
 
-    weight_grads, *other_parts = interruptible(
-        2 * T * B * H * (H + I), lambda stop: on_threads(n, lambda i: chain_then_products(i, stop), steps_done))
+    weight_grads, *other_parts = on_threads_interruptibly(2 * T * B * H * (H + I), n, chain_then_products,
+                                                          steps_done)
     with no_float_warnings():
         for part in other_parts:
             for total, term in zip(weight_grads, part):

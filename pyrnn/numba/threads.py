@@ -59,18 +59,19 @@ def stopping(stop, steps_done, thread):
 # loops leave at their next step (stopping), and the exception propagates once the helper is
 # done. Shorter calls and calls from other threads run on the calling thread as before.
 INTERRUPTIBLE_WORK = 1 << 27
-_NEVER = np.zeros(1, np.int64)  # the stop flag of a call that cannot be interrupted (never set)
+NEVER = np.zeros(1, np.int64)  # the stop flag of a call that cannot be interrupted (never set)
 
 
-def interruptible(work, run):
-    """run(stop) -> its result, interrupted as above if it is `work` multiply-adds or more."""
+def on_threads_interruptibly(work, n, task, steps_done):
+    """on_threads(n, task, steps_done), interrupted as above if it is `work` multiply-adds or
+    more: task(i, stop) then gets the stop flag (else it keeps its default, NEVER)."""
     if work < INTERRUPTIBLE_WORK or threading.current_thread() is not threading.main_thread():
-        return run(_NEVER)
+        return on_threads(n, task, steps_done)
     stop, outcome = np.zeros(1, np.int64), []
 
     def helper():
         try:
-            outcome.append((run(stop), None))
+            outcome.append((on_threads(n, lambda i: task(i, stop), steps_done), None))
         except BaseException as error:  # re-raised on the calling thread
             outcome.append((None, error))
 
