@@ -99,28 +99,31 @@ const Kernels<F>& selected_kernels() {
     return kernels<F>[int(selected())];
 }
 
+// The selected copy's entry point, with the thread budget filled in unless the call sets one.
+template <typename F, typename Call>
+Status run_selected(Status (*Kernels<F>::*entry)(const Call&), Call call) {
+    if (call.options.max_threads <= 0) call.options.max_threads = get_num_threads();
+    return (selected_kernels<F>().*entry)(call);
+}
+
 template <typename F>
 Status forward(Forward<F> call) {
-    if (call.options.max_threads <= 0) call.options.max_threads = get_num_threads();
-    return selected_kernels<F>().forward(call);
+    return run_selected<F>(&Kernels<F>::forward, call);
 }
 
 template <typename F>
 Status backward(Backward<F> call) {
-    if (call.options.max_threads <= 0) call.options.max_threads = get_num_threads();
-    return selected_kernels<F>().backward(call);
+    return run_selected<F>(&Kernels<F>::backward, call);
 }
 
 template <typename F>
 Status stack_forward(StackForward<F> call) {
-    if (call.options.max_threads <= 0) call.options.max_threads = get_num_threads();
-    return selected_kernels<F>().stack_forward(call);
+    return run_selected<F>(&Kernels<F>::stack_forward, call);
 }
 
 template <typename F>
 Status stack_backward(StackBackward<F> call) {
-    if (call.options.max_threads <= 0) call.options.max_threads = get_num_threads();
-    return selected_kernels<F>().stack_backward(call);
+    return run_selected<F>(&Kernels<F>::stack_backward, call);
 }
 
 template <typename F>

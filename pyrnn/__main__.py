@@ -10,10 +10,17 @@ from .gradcheck import GradcheckError, gradcheck
 
 def _backends_command(args):
     for name in _backends.available_backends():
-        print(f"{name:6s} available")
+        print(f"{name:6s} available" + (_native_isa() if name == "cpp" else ""))
     for name, reason in _backends.unavailable_backends().items():
         print(f"{name:6s} unavailable: {reason}")
     return 0
+
+
+def _native_isa():
+    """Which copy of the native kernel runs, and so how its bf16 products are computed."""
+    isa = _backends.loaded()["cpp"].isa()
+    products = "vdpbf16ps" if isa == "avx512bf16" else "emulated with float32 FMAs"
+    return f" (instruction set {isa}; bf16 products: {products})"
 
 
 def _gradcheck_command(args):
@@ -71,6 +78,9 @@ def _add_bench_parser(commands):
                        "(default: %(default)s)")
     bench.add_argument("--budget", type=float, default=2.0, help="keep sampling while a (shape, mode, "
                        "threads) block has taken fewer seconds than this (default: %(default)s)")
+    bench.add_argument("--torch-train", action="store_true", help="instead: a whole training step in "
+                       "PyTorch (Embedding, RNN, Linear, cross-entropy, Adam), torch.nn.RNN against "
+                       "pyrnn.torch.RNN (needs torch; --shapes, --modes and --backends do not apply)")
     bench.add_argument("--json", metavar="PATH", help="write machine, versions, thread pools and every sample")
     bench.add_argument("--plot", metavar="PATH.png", help="bar chart of speed-ups (needs matplotlib)")
     bench.set_defaults(run=_bench_command)

@@ -8,12 +8,11 @@ composition that specifies them).
     dropout_masks (L - 1, T, B, D·H) or None
 With batch_first, T and B swap places in x, output, grad_output, layer_outputs and dropout_masks.
 """
-import functools
 from collections import namedtuple
 
 import numpy as np
 
-from . import _api, _backends, reference
+from . import _api, _backends
 
 StackOutput = namedtuple("StackOutput", ["output", "h_n", "layer_outputs"])
 StackOutput.__doc__ = ("What pyrnn.stack_forward returns: output (the last layer's, a view of "
@@ -165,16 +164,6 @@ def _as_given_if_clean(arrays, layers, bidirectional):
     return clean, clean_layers, (T, B, I, H, L, D)
 
 
-def _stack_functions(impl):
-    """The backend's (stack_forward, stack_backward)."""
-    if hasattr(impl, "stack_forward"):
-        return impl.stack_forward, impl.stack_backward
-    # pyrnn._cpp until its native stack lands (issue 12): the reference composition of its
-    # single-layer calls
-    return (functools.partial(reference.stack_forward, layer_forward=impl.forward),
-            functools.partial(reference.stack_backward, layer_backward=impl.backward))
-
-
 def stack_forward(x, layers, h0=None, *, lengths=None, batch_first=False, bidirectional=False,
                   dropout_masks=None, nonlinearity="tanh", backend=None, precision="fp32"):
     """Run L layers × D directions of the Elman RNN over a whole sequence, torch.nn.RNN's stack.
@@ -191,15 +180,22 @@ def stack_forward(x, layers, h0=None, *, lengths=None, batch_first=False, bidire
     and B swapped in output and layer_outputs under batch_first; keep layer_outputs for
     stack_backward.
     """
-    _, impl = _backends.resolve(backend)
+    name, impl = _backends.resolve(backend)
     _api._check_nonlinearity(nonlinearity)
     _api._check_precision(precision)
+    if name == "cpp" and batch_first is False:
+        try:  # arrays that are already clean run as they are: see _api._NATIVE_ERRORS
+            layer_outputs, h_n = impl.stack_forward(x, layers, h0, lengths, dropout_masks,
+                                                    bidirectional, nonlinearity, precision)
+        except _api._NATIVE_ERRORS:
+            pass
+        else:
+            return StackOutput(layer_outputs[-1], h_n, layer_outputs)
     a, clean_layers, (T, B, I, H, L, D) = _normalise(
         {"x": x, "h0": h0, "dropout_masks": dropout_masks}, layers, batch_first, bidirectional)
     _api._check_precision_dtype(precision, a["x"].dtype)
-    forward_stack, _ = _stack_functions(impl)
-    layer_outputs, h_n = forward_stack(a["x"], clean_layers, a["h0"], _api._lengths(lengths, T, B),
-                                       a["dropout_masks"], D == 2, nonlinearity, precision)
+    layer_outputs, h_n = impl.stack_forward(a["x"], clean_layers, a["h0"], _api._lengths(lengths, T, B),
+                                            a["dropout_masks"], D == 2, nonlinearity, precision)
     if batch_first:
         layer_outputs = layer_outputs.swapaxes(1, 2)
     return StackOutput(layer_outputs[L - 1], h_n, layer_outputs)
@@ -215,18 +211,26 @@ def stack_backward(grad_output, x, layers, layer_outputs, h0=None, *, grad_h_n=N
     stack_forward (the biases are not needed and may be None). Returns StackGrads(x, h0, layers)
     with one LayerGrads(weight_ih, weight_hh, bias) per entry of layers.
     """
-    _, impl = _backends.resolve(backend)
+    name, impl = _backends.resolve(backend)
     _api._check_nonlinearity(nonlinearity)
     _api._check_precision(precision)
     for required, value in (("grad_output", grad_output), ("layer_outputs", layer_outputs)):
         if value is None:
             raise TypeError(f"{required} must be an array, got None")
+    if name == "cpp" and batch_first is False:
+        try:  # arrays that are already clean run as they are: see _api._NATIVE_ERRORS
+            grad_x, grad_h0, grad_layers = impl.stack_backward(
+                grad_output, x, layers, layer_outputs, h0, grad_h_n, lengths, dropout_masks,
+                bidirectional, nonlinearity, precision)
+        except _api._NATIVE_ERRORS:
+            pass
+        else:
+            return StackGrads(grad_x, grad_h0, [LayerGrads(*grads) for grads in grad_layers])
     a, clean_layers, (T, B, I, H, L, D) = _normalise(
         {"grad_output": grad_output, "x": x, "layer_outputs": layer_outputs, "h0": h0,
          "grad_h_n": grad_h_n, "dropout_masks": dropout_masks}, layers, batch_first, bidirectional)
     _api._check_precision_dtype(precision, a["x"].dtype)
-    _, backward_stack = _stack_functions(impl)
-    grad_x, grad_h0, grad_layers = backward_stack(
+    grad_x, grad_h0, grad_layers = impl.stack_backward(
         a["grad_output"], a["x"], clean_layers, a["layer_outputs"], a["h0"], a["grad_h_n"],
         _api._lengths(lengths, T, B), a["dropout_masks"], D == 2, nonlinearity, precision)
     return StackGrads(_api._time_major(grad_x, batch_first), grad_h0,

@@ -794,6 +794,10 @@ def main(args):
     if args.repeat < 1 or args.budget < 0:
         raise SystemExit(f"--repeat must be at least 1 and --budget not negative, got {args.repeat} "
                          f"and {args.budget}")
+    if args.torch_train:
+        from . import bench_torch  # needs torch
+
+        return bench_torch.main(threads, args)
     if args.layers < 1:
         raise SystemExit(f"--layers must be at least 1, got {args.layers}")
     stack = Stack(args.layers, 2 if args.bidirectional else 1)

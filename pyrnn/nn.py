@@ -198,8 +198,9 @@ class RNN:
         lengths: B integers in [0, T] or None. Steps past a row's length are padding: output 0,
         state carried (torch's packed sequences). Returns (output (T, B, D·H) ((B, T, D·H) with
         batch_first), h_n (num_layers·D, B, H))."""
-        dims = "B, T, I" if self.batch_first else "T, B, I"
-        x = _as_array("x", x, self.dtype, (None, None, self.input_size), dims)
+        if type(x) is not np.ndarray or x.dtype is not self.dtype or x.ndim != 3 or x.shape[2] != self.input_size:
+            dims = "B, T, I" if self.batch_first else "T, B, I"  # convert, or raise naming x
+            x = _as_array("x", x, self.dtype, (None, None, self.input_size), dims)
         T, B = x.shape[1::-1] if self.batch_first else x.shape[:2]
         lengths = _api._lengths(lengths, T, B)
         h0 = self._states("h0", h0, B)

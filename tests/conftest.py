@@ -24,13 +24,28 @@ def backend(request):
 BACKEND_INDEPENDENT = {"test_native_kernel.py", "test_native_bindings.py", "test_native_tanh.py",
                        "test_native_peak.py", "test_native_stack.py", "test_native_fuzz.py",
                        "test_native_leaks.py", "test_numba_kernel.py", "test_bench.py", "test_optim.py",
-                       "test_design.py", "test_packaging.py"}
+                       "test_design.py", "test_packaging.py", "test_torch_integration.py"}
 
 
 def pytest_collection_modifyitems(items):
     for item in items:
         if item.path.name in BACKEND_INDEPENDENT:
             item.add_marker(pytest.mark.backend_independent)
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts the calls that reach pyrnn's kernel from pyrnn.torch (through pyrnn.stack_forward):
+    a fallback to torch's own computation makes none."""
+    calls = []
+    stack_forward = pyrnn.stack_forward
+
+    def counting(x, *args, **kwargs):
+        calls.append(x.shape)
+        return stack_forward(x, *args, **kwargs)
+
+    monkeypatch.setattr(pyrnn, "stack_forward", counting)
+    return calls
 
 
 def pytest_terminal_summary(terminalreporter):

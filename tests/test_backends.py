@@ -94,6 +94,9 @@ def test_backends_command_lists_every_backend(capsys):
     out = capsys.readouterr().out
     for name in ("cpp", "numba", "numpy"):
         assert name in out
+    if "cpp" in pyrnn.available_backends():
+        isa = pyrnn._backends.loaded()["cpp"].isa()
+        assert f"cpp    available (instruction set {isa}; bf16 products: " in out
 
 
 def test_a_source_tree_shadowing_the_installed_package_says_so(tmp_path):

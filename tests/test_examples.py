@@ -86,3 +86,16 @@ def test_gradient_flow_vanishes_below_radius_one_and_explodes_above(backend, tmp
     unclipped = result["norm_before"] <= 100
     assert unclipped.any() and not unclipped.all()
     np.testing.assert_allclose(result["norm_after"][unclipped], result["norm_before"][unclipped])
+
+
+def test_torch_char_lm_trains_both_rnns_alike(monkeypatch, capsys):
+    pytest.importorskip("torch", reason="torch is optional (pip install torch); CI installs it")
+    result = load("torch_char_lm", monkeypatch).main(
+        ["--module", "textwrap", "--steps", "40", "--batch", "8", "--seq-len", "16", "--embedding", "8",
+         "--hidden", "32", "--eval-every", "40", "--lr", "1e-2", "--threads", "0"])
+    losses = result["losses"]
+    assert np.mean(losses["pyrnn"][-5:]) < 0.8 * np.mean(losses["pyrnn"][:5])
+    # The same model from the same weights on the same chunks: the same training, to roundoff.
+    np.testing.assert_allclose(losses["pyrnn"], losses["torch"], rtol=1e-4)
+    assert abs(result["perplexity"]["pyrnn"] - result["perplexity"]["torch"]) < 1e-3 * result["perplexity"]["torch"]
+    assert "speed-up of pyrnn's drop-in over torch.nn.RNN" in capsys.readouterr().out

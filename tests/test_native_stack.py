@@ -150,7 +150,7 @@ def test_bf16_stack_agrees_with_the_bf16_reference_and_float64(D, threads):
 def test_bitwise_identical_across_thread_counts(stack, dtype, threads):
     p = make_stack(*stack, dtype, lengths=[50, 49, 0, 1] + [50] * (stack[3] - 4), masks=stack[0] > 1)
     results = []
-    for n in (1, 2, 3, 1, 2):
+    for n in (1, 2, 3, 4, 1, 2):  # 4: each unit has a sub-team of 2 from the pool
         threads(n)
         results.append(run(_cpp, p))
     for other in results[1:]:
@@ -244,3 +244,18 @@ def test_malformed_stack_backward_raises_naming_the_argument(position, name):
     arguments[position] = np.zeros((1,) + arguments[position].shape)
     with pytest.raises(ValueError, match=f"{name} has shape"):
         _cpp.stack_backward(*arguments)
+
+
+def test_concurrent_stacks_from_python_threads_agree(threads):
+    """Concurrent calls each claim whatever workers are idle (csrc/pool.cpp), down to none: the
+    results are the same however many each got."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    p = make_stack(2, 2, 30, 16, 24, 96, np.float32, masks=True)
+    threads(2)
+    expected = run(_cpp, p)
+    with ThreadPoolExecutor(4) as executor:
+        results = list(executor.map(lambda _: run(_cpp, p), range(8)))
+    for got in results:
+        for name, e in expected.items():
+            np.testing.assert_array_equal(got[name], e, err_msg=name)

@@ -323,3 +323,18 @@ def test_bad_options_are_named():
             RNN(3, 4, 2, dropout=dropout)
     with pytest.warns(UserWarning, match="dropout=0.5 has no effect with num_layers=1"):
         RNN(3, 4, dropout=0.5)
+
+
+def test_params_and_grads_keep_their_identity(backend):
+    """An optimizer holds the arrays of .params and .grads: forward and backward on the stack
+    write into them in place, never replace them."""
+    rng = np.random.default_rng(7)
+    rnn = make_rnn(CONFIGS[3], backend)
+    params, grads = dict(rnn.params), dict(rnn.grads)
+    x, h0, lengths = make_inputs(rnn, rng)
+    for _ in range(2):
+        output, h_n = rnn(x, h0, lengths)
+        rnn.backward(rng.standard_normal(output.shape), rng.standard_normal(h_n.shape))
+        assert all(rnn.params[k] is v for k, v in params.items())
+        assert all(rnn.grads[k] is v for k, v in grads.items())
+    assert all(np.any(g != 0) for g in rnn.grads.values())

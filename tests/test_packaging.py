@@ -1,6 +1,7 @@
 """What the installation says about itself: its version, and why the native module is missing."""
 import importlib.metadata
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -22,6 +23,13 @@ def test_version_agrees_with_the_package_metadata():
     out = subprocess.run([sys.executable, "-m", "pyrnn", "--version"], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == f"pyrnn {version}" == f"pyrnn {pyrnn.__version__}"
+
+
+def test_the_tests_import_the_installed_package():
+    """What the suite checks is the installation (CI: the released wheel), never a source tree."""
+    installed_version()
+    installed = pathlib.Path(importlib.metadata.distribution("pyrnn").locate_file("pyrnn")).resolve()
+    assert pathlib.Path(pyrnn.__file__).resolve().parent == installed
 
 
 def test_an_installation_without_the_native_module_says_why_and_how_to_get_it(tmp_path):

@@ -354,3 +354,19 @@ def test_any_layout_gives_the_same_result(backend):
     with_zero_biases = dict(stack, layers=[(a, b, np.zeros(5)) for a, b, _ in stack["layers"]])
     for got, want in zip(pyrnn.stack_forward(**with_zero_biases, backend=backend), expected):
         np.testing.assert_array_equal(got, want)
+
+
+def test_every_backend_runs_its_own_stack(backend):
+    """Each backend module has the stack functions of the contract, and the native one is one
+    compiled call (not a composition in Python that would pass as the fast path)."""
+    module = pyrnn._backends.resolve(backend)[1]
+    assert callable(module.stack_forward) and callable(module.stack_backward)
+    if backend == "cpp":
+        assert type(module.stack_forward).__name__ == "builtin_function_or_method"
+        assert type(module.stack_backward).__name__ == "builtin_function_or_method"
+
+
+def test_bf16_needs_float32(backend):
+    stack = make_stack(np.random.default_rng(9), 3, 2, 2, 4, 2, 1)
+    with pytest.raises((TypeError, ValueError), match="bf16"):
+        pyrnn.stack_forward(**stack, precision="bf16", backend=backend)

@@ -1,0 +1,188 @@
+"""`pyrnn bench --torch-train`: a whole training step in PyTorch, torch.nn.RNN against pyrnn.torch.RNN.
+
+The step is what a user of pyrnn.torch runs: Embedding -> RNN -> Linear -> cross-entropy over
+every position -> backward -> Adam (fused), on (T, B) token ids of a vocabulary of 64, with the embedding
+size as the RNN's input size. The two models start from the same weights (one is a deepcopy of
+the other, converted by pyrnn.torch.convert), see the same batches, each has its own Adam.
+
+- Gate: from the same weights, the first STEPS_CHECKED steps' losses of the two models must agree
+  to float32 roundoff (pyrnn.testing's tolerance for the longest sum, over T·B positions), else
+  the case is reported as wrong and not timed.
+- Timing: the two steps interleaved in one process (bench.measure_block), medians of samples
+  lasting ~10 ms; thread counts bound torch's pools and pyrnn's (bench.set_threads).
+- Overhead: on the one-layer cases, the drop-in's forward + backward of the RNN alone (autograd
+  returning every gradient, as bench.TorchRunner) against bare pyrnn.forward + pyrnn.backward on
+  the same arrays: what the boundary between torch and the kernel costs.
+"""
+import copy
+import statistics
+from collections import namedtuple
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import pyrnn
+import pyrnn.torch
+
+from . import bench, testing
+
+Case = namedtuple("Case", ["T", "B", "I", "H", "num_layers", "bidirectional"])
+
+# docs/design.md §4's grid, I = the embedding size; and the small shape as a 2-layer bidirectional stack.
+CASES = {
+    "tiny": Case(*bench.SHAPES["tiny"], 1, False),
+    "small": Case(*bench.SHAPES["small"], 1, False),
+    "small L2 bi": Case(*bench.SHAPES["small"], 2, True),
+    "medium": Case(*bench.SHAPES["medium"], 1, False),
+}
+VOCABULARY = 64
+STEPS_CHECKED = 3
+CONTESTANTS = ("torch", "pyrnn")
+
+
+class LanguageModel(torch.nn.Module):
+    """Embedding -> RNN -> Linear: next-token logits at every position."""
+
+    def __init__(self, case):
+        super().__init__()
+        self.embedding = torch.nn.Embedding(VOCABULARY, case.I)
+        self.rnn = torch.nn.RNN(case.I, case.H, case.num_layers, bidirectional=case.bidirectional)
+        self.head = torch.nn.Linear(case.H * (2 if case.bidirectional else 1), VOCABULARY)
+
+    def forward(self, ids):
+        output, _ = self.rnn(self.embedding(ids))
+        return self.head(output)
+
+
+class TrainingStep:
+    """One model, its Adam and a fixed batch; step() -> the loss before the update."""
+
+    def __init__(self, model, ids, targets):
+        self.model, self.ids, self.targets = model, ids, targets
+        # fused: torch's fastest Adam on the CPU (one kernel for all parameters), for both models;
+        # the default per-parameter loop costs ~10% of the drop-in's step at the small shape.
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+
+    def step(self):
+        self.optimizer.zero_grad(set_to_none=True)
+        logits = self.model(self.ids)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCABULARY), self.targets.reshape(-1))
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+
+def make_steps(case, seed=0):
+    """{"torch": TrainingStep, "pyrnn": TrainingStep} over the same weights and batch."""
+    torch.manual_seed(seed)
+    model = LanguageModel(case)
+    ids = torch.randint(0, VOCABULARY, (case.T, case.B))
+    targets = torch.randint(0, VOCABULARY, (case.T, case.B))
+    converted = pyrnn.torch.convert(copy.deepcopy(model))
+    return {"torch": TrainingStep(model, ids, targets), "pyrnn": TrainingStep(converted, ids, targets)}
+
+
+def losses_disagreement(case):
+    """(worst relative difference of the first losses, tolerance), from fresh models."""
+    steps = make_steps(case)
+    losses = {name: [float(s.step()) for _ in range(STEPS_CHECKED)] for name, s in steps.items()}
+    error = max(abs(a - b) / max(1.0, abs(b)) for a, b in zip(losses["pyrnn"], losses["torch"]))
+    _, backward_terms = testing.accumulated_terms(case.T, case.B, case.I, case.H)
+    return error, testing.tolerance(np.float32, backward_terms * case.num_layers)
+
+
+def overhead_calls(case):
+    """{"bare pyrnn", "drop-in"}: forward + backward of the RNN alone on the same float32 arrays."""
+    problem = bench.make_problem(bench.Shape(case.T, case.B, case.I, case.H))
+    rnn = pyrnn.torch.RNN(case.I, case.H)
+    with torch.no_grad():  # the problem's weights; its bias all in bias_ih
+        rnn.weight_ih_l0.copy_(torch.from_numpy(problem["weight_ih"]))
+        rnn.weight_hh_l0.copy_(torch.from_numpy(problem["weight_hh"]))
+        rnn.bias_ih_l0.copy_(torch.from_numpy(problem["bias"]))
+        rnn.bias_hh_l0.zero_()
+    tensor = {name: torch.from_numpy(array) for name, array in problem.items()}
+    x, h0 = tensor["x"].requires_grad_(), tensor["h0"][None].requires_grad_()
+    wrt = (x, h0, *rnn.parameters())
+    gradients = (tensor["grad_output"], tensor["grad_h_n"][None])
+
+    def drop_in():
+        return torch.autograd.grad(rnn(x, h0), wrt, gradients)
+
+    return {"bare pyrnn": bench.PyrnnRunner(None, problem).train, "drop-in": drop_in}
+
+
+def run(threads, repeat, budget):
+    """-> the report: {"cases": ..., "results": [row per case, threads, contestant],
+    "overhead": [row per one-layer case, threads, call]}."""
+    report = {"machine": bench.machine(), "versions": bench.versions(),
+              "cases": {name: case._asdict() for name, case in CASES.items()},
+              "results": [], "overhead": []}
+    checks = {}
+    progress = tqdm(total=len(threads) * len(CASES) * 2, desc="torch training step", leave=False)
+    for n in threads:
+        bench.set_threads(n)
+        settle = bench.SETTLE_SECONDS if n > 1 else 0.0
+        for name, case in CASES.items():
+            progress.set_description_str(f"{name} {n} thread(s)", refresh=False)
+            if name not in checks:
+                checks[name] = losses_disagreement(case)
+            error, tolerance = checks[name]
+            row = {"case": name, "threads": n, "max_loss_error": error, "tolerance": tolerance,
+                   "status": "ok" if error <= tolerance else "wrong"}
+            if row["status"] == "ok":
+                steps = make_steps(case)
+                timed = bench.measure_block({k: s.step for k, s in steps.items()}, repeat, budget,
+                                            progress, settle)
+                row.update({f"{k}_s": statistics.median(samples) for k, (samples, _) in timed.items()})
+                row["speedup"] = row["torch_s"] / row["pyrnn_s"]
+            report["results"].append(row)
+            progress.update()
+            if case.num_layers == 1 and not case.bidirectional:
+                timed = bench.measure_block(overhead_calls(case), repeat, budget, progress, settle)
+                bare, drop_in = (statistics.median(timed[k][0]) for k in ("bare pyrnn", "drop-in"))
+                report["overhead"].append({"case": name, "threads": n, "bare_s": bare, "drop_in_s": drop_in})
+            progress.update()
+    progress.close()
+    report["machine"]["load_average_end"] = bench._load_average()
+    return report
+
+
+def format_report(report):
+    m = report["machine"]
+    lines = [f"machine: {m['cpu']}, {m['cores']} cores, load average {m['load_average_start']:.1f} at start, "
+             f"{m['load_average_end']:.1f} at end",
+             "versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), "",
+             f"training step: Embedding({VOCABULARY}, I) -> RNN -> Linear -> cross-entropy -> Adam, float32",
+             f"{'case':12s} {'T':>4s} {'B':>3s} {'I':>4s} {'H':>4s} {'thr':>3s} {'torch ms':>9s} "
+             f"{'pyrnn ms':>9s} {'speed-up':>8s}  first {STEPS_CHECKED} losses"]
+    for row in report["results"]:
+        c = report["cases"][row["case"]]
+        check = (f"{'ok' if row['status'] == 'ok' else 'WRONG'} {row['max_loss_error']:.1e} "
+                 f"{'<=' if row['status'] == 'ok' else '>'} {row['tolerance']:.1e}")
+        timing = (f"{row['torch_s'] * 1e3:9.3f} {row['pyrnn_s'] * 1e3:9.3f} {row['speedup']:7.2f}x"
+                  if "speedup" in row else f"{'not timed':>28s}")
+        lines.append(f"{row['case']:12s} {c['T']:4d} {c['B']:3d} {c['I']:4d} {c['H']:4d} {row['threads']:3d} "
+                     f"{timing}  {check}")
+    lines += ["", "the boundary: forward + backward of the RNN alone, every gradient",
+              f"{'case':12s} {'thr':>3s} {'bare pyrnn us':>13s} {'drop-in us':>10s} {'difference':>10s} {'ratio':>6s}"]
+    for row in report["overhead"]:
+        bare, drop_in = row["bare_s"] * 1e6, row["drop_in_s"] * 1e6
+        lines.append(f"{row['case']:12s} {row['threads']:3d} {bare:13.1f} {drop_in:10.1f} "
+                     f"{drop_in - bare:10.1f} {drop_in / bare:6.3f}")
+    lines += ["", "medians over samples of ~10 ms, the contestants interleaved; speed-up: torch.nn.RNN's "
+              "step time / pyrnn.torch.RNN's. first losses: worst relative difference of the two models' "
+              "losses over the first steps from the same weights, against float32 roundoff."]
+    return "\n".join(lines)
+
+
+def main(threads, args):
+    """`pyrnn bench --torch-train` (arguments parsed in pyrnn.__main__, checked by bench.main)."""
+    report = run(threads, args.repeat, args.budget)
+    print(format_report(report))
+    if args.json:
+        import json
+
+        with open(args.json, "w") as out:
+            json.dump(report, out, indent=1)
+    return 0 if all(row["status"] == "ok" for row in report["results"]) else 1
