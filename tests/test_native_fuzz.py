@@ -172,14 +172,20 @@ def assert_matches(got, expected, dtype, terms):
                ("bias", (d[3],)), ("h0", (d[1], d[3]))], optional=("bias", "h0")),
     lengths_argument(d[0], d[1]))))
 def test_forward_returns_the_reference_or_raises(case):
+    returns_the_reference_or_raises(_cpp.forward, reference.forward, case, terms=0)
+
+
+def returns_the_reference_or_raises(native, reference_function, case, terms):
+    """native(*arguments, lengths) against reference_function on the same values, or an error
+    naming one of the arguments that break the contract; terms: 0 forward, 1 backward."""
     (T, B, I, H), (args, dtype), (lengths, lengths_ok, lengths_values) = case
     objects = [obj for _, obj, _, _ in args]
     bad = [name for name, _, ok, _ in args if not ok] + ([] if lengths_ok else ["lengths"])
     if bad:
-        return assert_raises_naming(lambda: _cpp.forward(*objects, lengths), bad)
-    got = _cpp.forward(*objects, lengths)
-    expected = reference.forward(*[v for _, _, _, v in args], lengths_values)
-    assert_matches(got, expected, dtype, accumulated_terms(T, B, I, H)[0])
+        return assert_raises_naming(lambda: native(*objects, lengths), bad)
+    got = native(*objects, lengths)
+    expected = reference_function(*[v for _, _, _, v in args], lengths_values)
+    assert_matches(got, expected, dtype, accumulated_terms(T, B, I, H)[terms])
 
 
 @FUZZ
@@ -191,15 +197,8 @@ def test_forward_returns_the_reference_or_raises(case):
               optional=("h0", "grad_h_n")),
     lengths_argument(d[0], d[1]))))
 def test_backward_returns_the_reference_or_raises(case):
-    (T, B, I, H), (args, dtype), (lengths, lengths_ok, lengths_values) = case
-    objects = [obj for _, obj, _, _ in args]
-    bad = [name for name, _, ok, _ in args if not ok] + ([] if lengths_ok else ["lengths"])
-    if bad:
-        return assert_raises_naming(lambda: _cpp.backward(*objects, lengths), bad)
-    got = _cpp.backward(*objects, lengths)
     # the reference's output is its own input here: the kernel reads output only as h_t
-    expected = reference.backward(*[v for _, _, _, v in args], lengths_values)
-    assert_matches(got, expected, dtype, accumulated_terms(T, B, I, H)[1])
+    returns_the_reference_or_raises(_cpp.backward, reference.backward, case, terms=1)
 
 
 @FUZZ
