@@ -10,6 +10,11 @@
 // by two FMAs: the same products, summed in another order, so results agree within float32
 // roundoff whatever the CPU. The rounding itself is the reference's (round_to_bf16 in
 // pyrnn/reference.py), in integer arithmetic, so it is bitwise the same on every path.
+//
+// With AMX (the avx512amx copy), the products with a row-major A of 16 or 32 rows and K a
+// multiple of 32 run on tiles (tdpbf16ps: a 16×32 bf16 tile of A times a 16-pair×16 tile of B
+// into 16×16 float32 sums, 16 times the work of a vdpbf16ps). The panels are already AMX's B
+// layout: a panel row is 32 columns of k-pairs, two B tile rows side by side.
 #pragma once
 #include <cstdint>
 
@@ -18,6 +23,9 @@
 #if defined(__AVX512BF16__) && PYRNN_VECTOR_BYTES == 64
 #include <immintrin.h>
 #define PYRNN_NATIVE_BF16 1
+#endif
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(PYRNN_NATIVE_BF16)
+#define PYRNN_AMX_BF16 1
 #endif
 
 namespace pyrnn {
@@ -129,6 +137,61 @@ struct Bf16 {
     }
     static Vec<float> multiply_add(Vec<float> sum, PanelVec a, PanelVec b) {
         return sum + a.even * b.even + a.odd * b.odd;  // exact products; two FMAs
+    }
+#endif
+
+#ifdef PYRNN_AMX_BF16
+    static constexpr int block_rows = 32;  // two rows of AMX tiles per product call
+
+    // tile (rows × NR) = A (rows × K) · panel, as micro_kernel_rows does; on AMX tiles when A is
+    // row-major with 16 or 32 rows and K is a multiple of 32, else by vdpbf16ps, MR rows a call.
+    template <bool RowsA>
+    static void product(int rows, int64_t K, const bf16* a, int64_t lda, const bf16* panel, float* tile) {
+        if (RowsA && K % 32 == 0 && (rows == 16 || rows == 32)) return tile_product(rows, K, a, lda, panel, tile);
+        constexpr int MR = Tile<float>::MR;
+        for (int r0 = 0; r0 < rows; r0 += MR)
+            micro_kernel_rows<Bf16, RowsA>(int(min64(MR, rows - r0)), K, a + r0 * (RowsA ? lda : 1), lda,
+                                           panel, tile + r0 * NR);
+    }
+
+  private:
+    // The tile configuration of every call: sums 0-3 (rows 0-15 and 16-31 × columns 0-15 and
+    // 16-31), A 4-5 (the two row halves), B 6-7 (the two column halves); all 16 rows of 64 bytes.
+    struct alignas(64) TileConfig {
+        uint8_t palette = 1, start_row = 0, reserved[14] = {};
+        uint16_t bytes_per_row[16] = {64, 64, 64, 64, 64, 64, 64, 64};
+        uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
+    };
+
+    static void tile_product(int rows, int64_t K, const bf16* a, int64_t lda, const bf16* panel, float* tile) {
+        // Loaded on every call (~1 % of a call's cycles): whatever ran on this thread before may
+        // have released or changed the tiles, and a tile instruction without them is illegal.
+        static const TileConfig config;
+        _tile_loadconfig(&config);
+        const int64_t a_stride = lda * sizeof(bf16), b_stride = 2 * NR * sizeof(bf16);
+        constexpr int64_t c_stride = NR * sizeof(float);
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int64_t k = 0; k < K; k += 32) {  // B: panel rows k/2 .. k/2 + 15, each 2·NR bf16
+            _tile_loadd(6, panel + k * NR, b_stride);
+            _tile_loadd(7, panel + k * NR + 32, b_stride);
+            _tile_loadd(4, a + k, a_stride);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 4, 7);
+            if (rows == 32) {
+                _tile_loadd(5, a + 16 * lda + k, a_stride);
+                _tile_dpbf16ps(2, 5, 6);
+                _tile_dpbf16ps(3, 5, 7);
+            }
+        }
+        _tile_stored(0, tile, c_stride);
+        _tile_stored(1, tile + 16, c_stride);
+        if (rows == 32) {
+            _tile_stored(2, tile + 16 * NR, c_stride);
+            _tile_stored(3, tile + 16 * NR + 16, c_stride);
+        }
     }
 #endif
 };

@@ -486,8 +486,9 @@ PYBIND11_MODULE(_cpp, m) {
     main_thread = py::module_::import("threading").attr("main_thread")().attr("ident").cast<unsigned long>();
     pyrnn::isa();  // choose the instruction set now: a bad $PYRNN_ISA fails the import, not a call
     m.def("isa", &pyrnn::isa,
-          "Instruction set of the kernel in use: 'avx512bf16' (native bf16 products), 'avx512', 'avx2' "
-          "or 'baseline' (these emulate bf16 products); $PYRNN_ISA forces a lower one.");
+          "Instruction set of the kernel in use: 'avx512amx' (bf16 products on AMX tiles), 'avx512bf16' "
+          "(vdpbf16ps), 'avx512', 'avx2' or 'baseline' (these emulate bf16 products); $PYRNN_ISA forces "
+          "a lower one.");
     m.def("set_num_threads", &pyrnn::set_num_threads, py::arg("n"),
           "Use at most n threads (pyrnn.set_num_threads calls this).");
     m.def("get_num_threads", &pyrnn::get_num_threads, "The kernel's thread budget.");

@@ -11,12 +11,26 @@
 #include <thread>
 #ifdef __linux__
 #include <sched.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 #include "kernels.h"
 #include "rnn.h"
 
 namespace pyrnn {
+
+// Whether this process may use AMX tiles: Linux gives a process the (8 KiB) tile state only
+// after it asks (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA), once, for all its threads.
+bool amx_allowed() {
+#if defined(__linux__) && defined(SYS_arch_prctl)
+    constexpr int request_permission = 0x1023, tile_data = 18;
+    return syscall(SYS_arch_prctl, request_permission, tile_data) == 0;
+#else
+    return false;
+#endif
+}
+
 namespace {
 
 #define PYRNN_ISA_ENUM(isa, supported) isa,
@@ -42,6 +56,7 @@ Isa best_supported() {
     __builtin_cpu_init();
 #endif
 #define PYRNN_CPU(feature) __builtin_cpu_supports(feature)
+#define PYRNN_AMX_ALLOWED amx_allowed()
 #define PYRNN_IF_SUPPORTED(isa, supported) \
     if (supported) best = Isa::isa;
     Isa best = Isa::baseline;

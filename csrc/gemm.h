@@ -16,6 +16,8 @@
 // the column range a thread is given, which is what makes the threaded results bitwise
 // independent of the thread count.
 #pragma once
+#include <type_traits>
+
 #include "simd.h"
 
 namespace pyrnn {
@@ -114,6 +116,22 @@ static inline void micro_kernel_rows(int rows, int64_t K, const typename P::Stor
     micro_kernel<P, R, RowsA>(K, a, lda, b, tile);
 }
 
+// Rows of A per product call (block_rows<P>) and the call itself (product_rows): the register
+// tile's MR rows by micro_kernel_rows, unless the policy brings bigger tiles of its own (bf16.h
+// on AMX: P::block_rows and P::product).
+template <typename P, typename = void> struct BlockRows { static constexpr int value = Tile<typename P::Acc>::MR; };
+template <typename P> struct BlockRows<P, std::void_t<decltype(P::block_rows)>> { static constexpr int value = P::block_rows; };
+template <typename P> constexpr int block_rows = BlockRows<P>::value;
+
+template <typename P, bool RowsA = false>
+static inline void product_rows(int rows, int64_t K, const typename P::Stored* a, int64_t lda,
+                                const typename P::Stored* b, typename P::Acc* tile) {
+    if constexpr (block_rows<P> == Tile<typename P::Acc>::MR)
+        micro_kernel_rows<P, RowsA>(rows, K, a, lda, b, tile);
+    else
+        P::template product<RowsA>(rows, K, a, lda, b, tile);
+}
+
 // v[0..L), the rows of an L×L block (L = lanes), becomes its columns: log2(L) rounds in which
 // rows i and i + L/2 are interleaved into rows 2i and 2i + 1 (two-source shuffles, no memory).
 template <typename F>
@@ -200,7 +218,8 @@ static void gemm(int64_t M, int64_t n0, int64_t n1, int64_t K, View<typename P::
                  View<typename P::Acc> B, const typename P::Acc* bias, typename P::Acc* C, int64_t ldc,
                  typename P::Stored* pack_b_buf) {
     using Acc = typename P::Acc;
-    constexpr int MR = Tile<Acc>::MR, NR = Tile<Acc>::NR;
+    constexpr int MR = block_rows<P>, NR = Tile<Acc>::NR;
+    static_assert(MC<Acc> % MR == 0, "a block of A is a whole number of product calls");
     alignas(64) Acc tile[MR * NR];
     if (K == 0) {
         for (int64_t i = 0; i < M; ++i)
@@ -221,9 +240,9 @@ static void gemm(int64_t M, int64_t n0, int64_t n1, int64_t K, View<typename P::
                         const int rows = int(min64(MR, mc - ir));
                         const typename P::Stored* a = &A(ic + ir, pc);
                         if (A.cs == 1)
-                            micro_kernel_rows<P, true>(rows, kc, a, A.rs, panel, tile);
+                            product_rows<P, true>(rows, kc, a, A.rs, panel, tile);
                         else
-                            micro_kernel_rows<P>(rows, kc, a, A.cs, panel, tile);
+                            product_rows<P>(rows, kc, a, A.cs, panel, tile);
                         for (int r = 0; r < rows; ++r) {
                             Acc* c = C + (ic + ir + r) * ldc + jc + jr;
                             const Acc* t = tile + r * NR;

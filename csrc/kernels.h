@@ -7,7 +7,8 @@
 #include "rnn.h"
 
 // X(name, whether this CPU has the features its compiler flags rely on), lowest first.
-// PYRNN_CPU(feature) is __builtin_cpu_supports, defined where the list is used (dispatch.cpp).
+// PYRNN_CPU(feature) is __builtin_cpu_supports, defined where the list is used (dispatch.cpp),
+// and so is PYRNN_AMX_ALLOWED (amx_allowed() below: Linux hands out AMX's tile state on request).
 #if defined(PYRNN_X86_ISAS)
 #define PYRNN_FOR_EACH_ISA(X)                                                           \
     X(baseline, true)                                                                   \
@@ -16,7 +17,11 @@
                   PYRNN_CPU("avx512vl") && PYRNN_CPU("avx2") && PYRNN_CPU("fma"))               \
     X(avx512bf16, PYRNN_CPU("avx512f") && PYRNN_CPU("avx512bw") && PYRNN_CPU("avx512dq") && \
                       PYRNN_CPU("avx512vl") && PYRNN_CPU("avx2") && PYRNN_CPU("fma") &&       \
-                      PYRNN_CPU("avx512bf16"))
+                      PYRNN_CPU("avx512bf16"))                                           \
+    X(avx512amx, PYRNN_CPU("avx512f") && PYRNN_CPU("avx512bw") && PYRNN_CPU("avx512dq") &&  \
+                     PYRNN_CPU("avx512vl") && PYRNN_CPU("avx2") && PYRNN_CPU("fma") &&        \
+                     PYRNN_CPU("avx512bf16") && PYRNN_CPU("amx-tile") && PYRNN_CPU("amx-bf16") && \
+                     PYRNN_AMX_ALLOWED)
 #else
 #define PYRNN_FOR_EACH_ISA(X) X(baseline, true)
 #endif
@@ -39,3 +44,8 @@
     }
 PYRNN_FOR_EACH_ISA(PYRNN_DECLARE_KERNELS)
 #undef PYRNN_DECLARE_KERNELS
+
+namespace pyrnn {
+// Whether this process may use AMX tiles (asks Linux for them; dispatch.cpp).
+bool amx_allowed();
+}  // namespace pyrnn

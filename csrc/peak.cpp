@@ -1,9 +1,11 @@
 // The CPU's own arithmetic limit, measured (docs/design.md §4): what %peak in `pyrnn bench` divides by.
 //
 // A loop of independent multiply-adds with nothing else in it: "fp32" runs FMAs (vfmadd231ps) at
-// the widest vector width this CPU has, "bf16" runs vdpbf16ps (16 lanes, each the sum of a pair of
-// bf16 products added into float32) where the CPU has AVX512-BF16, else the fp32 loop (the
-// kernel then emulates bf16 rounding and multiplies in float32 FMAs: that is its limit). Each loop
+// the widest vector width this CPU has; "bf16" runs AMX's tdpbf16ps (a 16×32 by 32×16 bf16 tile
+// product into 16×16 float32 sums) where the CPU has AMX and Linux allows it, else vdpbf16ps (16
+// lanes, each the sum of a pair of bf16 products added into float32) where the CPU has
+// AVX512-BF16, else the fp32 loop (the kernel then emulates bf16 rounding and multiplies in
+// float32 FMAs: that is its limit). The choice follows the kernel's (kernels.h). Each loop
 // keeps ACCUMULATORS independent chains in registers, more than latency × issue rate of either
 // instruction on current x86 cores (FMA: 4 cycles × 2 per cycle; vdpbf16ps: at most 6 × 2), so
 // the loop is bound by throughput alone.
@@ -16,6 +18,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "kernels.h"
 #include "peak.h"
 #include "pool.h"
 
@@ -83,6 +86,37 @@ __attribute__((target("avx512f,avx512bf16"))) float dot_bf16_avx512(int64_t iter
     for (int j = 0; j < ACCUMULATORS; ++j) sum += _mm512_cvtss_f32(acc[j]);
     return sum;
 }
+
+// Four independent tile sums (the four tiles of bf16.h's product), 16 cycles each per tdpbf16ps.
+__attribute__((target("amx-tile,amx-bf16"))) float dot_bf16_amx(int64_t iterations, float, float) {
+    struct alignas(64) {
+        uint8_t palette = 1, start_row = 0, reserved[14] = {};
+        uint16_t bytes_per_row[16] = {64, 64, 64, 64, 64, 64, 64, 64};
+        uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
+    } config;
+    // Not zeros (tiles of zeros run faster than any data); 2^-7 in bf16, so that the sums stay small.
+    alignas(64) uint16_t operand[16 * 32];
+    for (uint16_t& e : operand) e = 0x3C00;
+    alignas(64) float sums[16 * 16];
+    _tile_loadconfig(&config);
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    _tile_loadd(4, operand, 64);
+    _tile_loadd(5, operand, 64);
+    _tile_loadd(6, operand, 64);
+    _tile_loadd(7, operand, 64);
+    for (int64_t i = 0; i < iterations; ++i) {
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+    }
+    _tile_stored(0, sums, 64);
+    _tile_release();
+    return sums[0];
+}
 #endif
 
 struct Loop {
@@ -98,6 +132,8 @@ Loop loop_for(const std::string& precision) {
 #ifdef PYRNN_PEAK_X86
     __builtin_cpu_init();
     const bool avx512 = __builtin_cpu_supports("avx512f");
+    if (bf16 && avx512 && __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-bf16") && amx_allowed())
+        return {dot_bf16_amx, 0, 0, 4 * 16 * 16 * 32 * 2};
     if (bf16 && avx512 && __builtin_cpu_supports("avx512bf16"))
         return {dot_bf16_avx512, 1e-3f, 1e-3f, ACCUMULATORS * 16 * 4};
     if (avx512) return {fma_avx512, 0.999f, 1e-3f, ACCUMULATORS * 16 * 2};
@@ -114,6 +150,7 @@ std::atomic<float> sink{0};  // where the loops' results go, so that no loop is 
 const char* peak_instruction(const std::string& precision) {
     const Loop loop = loop_for(precision);
 #ifdef PYRNN_PEAK_X86
+    if (loop.run == dot_bf16_amx) return "tdpbf16ps tmm";
     if (loop.run == dot_bf16_avx512) return "vdpbf16ps zmm";
     if (loop.run == fma_avx512) return "vfmadd zmm";
     if (loop.run == fma_avx2) return "vfmadd ymm";

@@ -132,8 +132,9 @@ Status stack_backward(StackBackward<F> call);
 template <typename F>
 void tanh(const F* x, F* y, int64_t n);
 
-// The instruction set in use: "avx512bf16" (AVX-512 with native bf16 products), "avx512", "avx2"
-// or "baseline" (the lower ones emulate bf16 products). The best one this CPU supports,
+// The instruction set in use: "avx512amx" (bf16 products on AMX tiles where they fit, else as
+// avx512bf16), "avx512bf16" (AVX-512 with vdpbf16ps), "avx512", "avx2" or "baseline" (these
+// emulate bf16 products with float32 FMAs). The best one this CPU supports,
 // unless $PYRNN_ISA names a lower one; naming one the CPU lacks, or an unknown one, throws
 // std::runtime_error (the first call, at import, surfaces it).
 const char* isa();

@@ -211,7 +211,7 @@ inline int64_t chunk_steps(int64_t B) { return ceil_div(96, max64(B, 1)); }
 template <typename F, typename Act, typename P>
 Status forward_pass(const Forward<F>& c, const LayerForward<F>& w = {}) {
     using S = typename P::Stored;
-    constexpr int MR = Tile<F>::MR, NR = Tile<F>::NR;
+    constexpr int MR = block_rows<P>, NR = Tile<F>::NR;
     const int64_t T = c.T, B = c.B, I = c.I, H = c.H;
     const std::atomic<bool>* stop = c.options.stop;
     const Plan plan = plan_threads<F>(c.options.max_threads, T, B, I, H);
@@ -300,8 +300,8 @@ Status forward_pass(const Forward<F>& c, const LayerForward<F>& w = {}) {
                 const S* panel = packed_whh.get() + j / NR * P::panel_size(H);
                 for (int64_t b0 = 0; b0 < B; b0 += MR) {
                     const int rows = int(min64(MR, B - b0));
-                    micro_kernel_rows<P, true>(rows, H, state_operand.rows + (prev + b0) * state_operand.ld,
-                                               state_operand.ld, panel, tile);
+                    product_rows<P, true>(rows, H, state_operand.rows + (prev + b0) * state_operand.ld,
+                                          state_operand.ld, panel, tile);
                     for (int r = 0; r < rows; ++r) {
                         const int64_t b = b0 + r;
                         F* out = c.output.row(step_time(w.reverse, c.lengths, T, t, b) * B + b) + j;
@@ -328,7 +328,7 @@ Status forward_pass(const Forward<F>& c, const LayerForward<F>& w = {}) {
 template <typename F, typename Act, typename P>
 Status backward_pass(const Backward<F>& c, const LayerBackward<F>& w = {}) {
     using S = typename P::Stored;
-    constexpr int MR = Tile<F>::MR, NR = Tile<F>::NR;
+    constexpr int MR = block_rows<P>, NR = Tile<F>::NR;
     const int64_t T = c.T, B = c.B, I = c.I, H = c.H;
     const std::atomic<bool>* stop = c.options.stop;
     const Plan plan = plan_threads<F>(c.options.max_threads, T, B, I, H);
@@ -338,6 +338,11 @@ Status backward_pass(const Backward<F>& c, const LayerBackward<F>& w = {}) {
     const int64_t ld = row_stride<F>(H);
     Scratch<F> grad_a(TB * ld);  // dL/da (row stride ld), 0 on padding
     Operand<F, P> grad_a_operand(grad_a.get(), ld, TB, H);  // what the products read of it
+    // The weight gradients' A is grad_aᵀ, read in place (column-major), except for a policy with
+    // tiles of its own (bf16.h on AMX), which want it row-major: then it is transposed once, when
+    // the sum over T·B rows is a whole number of tile steps (32).
+    const bool transpose_grad_a = block_rows<P> != Tile<F>::MR && TB % 32 == 0;
+    Scratch<S> grad_a_t(transpose_grad_a ? H * TB : 0);  // (H, T·B)
     Scratch<F> h_prev(TB * H);   // h_{s-1} of every valid row, 0 on padding
     // x (⊙ input_mask) with padding rows zeroed (a NaN there must not leak), unless x is that already.
     const bool copy_x = c.lengths || c.x.stride != I || w.input_mask.data || w.reverse;
@@ -410,7 +415,7 @@ Status backward_pass(const Backward<F>& c, const LayerBackward<F>& w = {}) {
                     for (int64_t b0 = 0; b0 < B; b0 += MR) {
                         const int rows = int(min64(MR, B - b0));
                         if (has_next)
-                            micro_kernel_rows<P, true>(rows, H, da_next + b0 * lda, lda, panel, tile);
+                            product_rows<P, true>(rows, H, da_next + b0 * lda, lda, panel, tile);
                         else
                             for (int i = 0; i < MR * NR; ++i) tile[i] = F(0);
                         for (int r = 0; r < rows; ++r) {
@@ -479,10 +484,20 @@ Status backward_pass(const Backward<F>& c, const LayerBackward<F>& w = {}) {
                     for (int64_t i = mine_i.begin; i < mine_i.end; ++i) to[i] = from[i];
                 }
         const S* da_rows = grad_a_operand.rows;
-        gemm<P>(H, mine_i.begin, mine_i.end, TB, View<S>{da_rows, 1, lda}, View<F>{x_rows, I, 1},
-                nullptr, c.grad_weight_ih, I, pack_b_buf);
-        gemm<P>(H, mine.begin, mine.end, TB, View<S>{da_rows, 1, lda}, View<F>{h_prev.get(), H, 1},
-                nullptr, c.grad_weight_hh, H, pack_b_buf);
+        if (transpose_grad_a) {  // my rows of grad_aᵀ, 32 of grad_a at a time (one cache line each)
+            for (int64_t r0 = 0; r0 < TB; r0 += 32)
+                for (int64_t h = mine.begin; h < mine.end; ++h)
+                    for (int64_t r = r0; r < r0 + 32; ++r) grad_a_t.get()[h * TB + r] = da_rows[r * lda + h];
+            if (barrier.wait(stop)) {  // every product reads every row
+                if (tid == 0) status = Status::stopped;
+                return;
+            }
+        }
+        const View<S> da_t = transpose_grad_a ? View<S>{grad_a_t.get(), TB, 1} : View<S>{da_rows, 1, lda};
+        gemm<P>(H, mine_i.begin, mine_i.end, TB, da_t, View<F>{x_rows, I, 1}, nullptr, c.grad_weight_ih, I,
+                pack_b_buf);
+        gemm<P>(H, mine.begin, mine.end, TB, da_t, View<F>{h_prev.get(), H, 1}, nullptr, c.grad_weight_hh, H,
+                pack_b_buf);
         for (int64_t j = mine.begin; j < mine.end; ++j) c.grad_bias[j] = F(0);
         for (int64_t r = 0; r < TB; ++r)
             for (int64_t j = mine.begin; j < mine.end; ++j) c.grad_bias[j] += grad_a.get()[r * ld + j];

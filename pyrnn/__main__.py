@@ -19,7 +19,8 @@ def _backends_command(args):
 def _native_isa():
     """Which copy of the native kernel runs, and so how its bf16 products are computed."""
     isa = _backends.loaded()["cpp"].isa()
-    products = "vdpbf16ps" if isa == "avx512bf16" else "emulated with float32 FMAs"
+    products = {"avx512amx": "AMX tiles (tdpbf16ps), else vdpbf16ps",
+                "avx512bf16": "vdpbf16ps"}.get(isa, "emulated with float32 FMAs")
     return f" (instruction set {isa}; bf16 products: {products})"
 
 

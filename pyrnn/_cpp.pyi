@@ -29,7 +29,7 @@ def backward(grad_output: np.ndarray, x: np.ndarray, weight_ih: np.ndarray, weig
 def tanh(x: np.ndarray) -> np.ndarray:
     """Elementwise tanh by the kernel's vectorised approximation (float32 or float64, no conversion)."""
 
-def isa() -> Literal["avx512bf16", "avx512", "avx2", "baseline"]:
+def isa() -> Literal["avx512amx", "avx512bf16", "avx512", "avx2", "baseline"]:
     """The instruction set of the kernel in use ($PYRNN_ISA forces a lower one); below
     avx512bf16, bf16 products are emulated (the same results within float32 roundoff)."""
 

@@ -228,7 +228,7 @@ def test_bad_arrays_raise_instead_of_crashing():
 # --- instruction sets ------------------------------------------------------------------------
 
 def test_uses_the_best_instruction_set_unless_told_otherwise():
-    assert _cpp.isa() in ("avx512bf16", "avx512", "avx2", "baseline")
+    assert _cpp.isa() in ("avx512amx", "avx512bf16", "avx512", "avx2", "baseline")
     if not os.environ.get("PYRNN_ISA"):
         if not os.path.exists("/proc/cpuinfo"):
             return
@@ -236,7 +236,9 @@ def test_uses_the_best_instruction_set_unless_told_otherwise():
             flags = set(next(line for line in cpuinfo if line.startswith("flags")).split(":")[1].split())
         # every feature csrc/kernels.h requires of each ISA (its compiler flags in CMakeLists.txt)
         avx512 = {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx2", "fma"}
-        if avx512 | {"avx512_bf16"} <= flags:
+        if avx512 | {"avx512_bf16", "amx_tile", "amx_bf16"} <= flags:  # (and Linux allows AMX)
+            assert _cpp.isa() == "avx512amx"
+        elif avx512 | {"avx512_bf16"} <= flags:
             assert _cpp.isa() == "avx512bf16"
         elif avx512 <= flags:
             assert _cpp.isa() == "avx512"
@@ -246,7 +248,7 @@ def test_uses_the_best_instruction_set_unless_told_otherwise():
             assert _cpp.isa() == "baseline"
 
 
-ISAS = ["avx512bf16", "avx512", "avx2", "baseline"]  # best first
+ISAS = ["avx512amx", "avx512bf16", "avx512", "avx2", "baseline"]  # best first
 LOWER_ISAS = ISAS[ISAS.index(_cpp.isa()) + 1:]
 
 
