@@ -176,6 +176,10 @@ def test_fork_while_another_thread_computes(backend, tmp_path):
     that thread's locks or workers, which it does not have. (The busy thread ends by itself: a
     daemon thread still in a native call at exit is killed by pthread_exit, whose unwinding
     through pybind11's GIL release aborts the process.)"""
+    if backend == "numpy":
+        pytest.skip("the reference is NumPy only: a child forked while another thread is inside "
+                    "NumPy's matrix product hung, intermittently, in that product (OpenBLAS's lock "
+                    "copied while held; not pyrnn code)")
     setup = (f"import threading, pyrnn\nfrom test_stress import mixed_problems, forward_and_backward\n"
              f"problems = mixed_problems()\nforward_and_backward(problems[2], {backend!r})\n"
              f"def busy():\n    for _ in range(300):\n        forward_and_backward(problems[4], {backend!r})\n"
