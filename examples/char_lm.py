@@ -87,7 +87,8 @@ def main(argv=None):
     unigram_loss = -np.mean(np.log(counts / counts.sum())[valid])
     print(f"text: source of {args.module} ({len(text)} characters, {V} distinct); backend {run.backend}")
 
-    rnn = pyrnn.RNN(V, args.hidden, args.layers, backend=args.backend, seed=rng)
+    rnn = pyrnn.RNN(V, args.hidden, args.layers, backend=args.backend, seed=rng,
+                     precision=args.precision)
     head = pyrnn.Linear(args.hidden, V, seed=rng)
     params, grads = parameters(rnn=rnn, head=head)
     state = {}

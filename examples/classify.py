@@ -85,7 +85,8 @@ def main(argv=None):
     print(f"{len(train)} training and {len(test)} test reviews, e.g. {' '.join(train[0][0])!r} -> "
           f"{train[0][1]}; backend {run.backend}")
 
-    rnn = pyrnn.RNN(len(VOCABULARY), args.hidden, args.layers, backend=args.backend, seed=rng)
+    rnn = pyrnn.RNN(len(VOCABULARY), args.hidden, args.layers, backend=args.backend, seed=rng,
+                     precision=args.precision)
     head = pyrnn.Linear(args.hidden, 1, seed=rng)
     params, grads = parameters(rnn=rnn, head=head)
     state, losses, curve = {}, [], []

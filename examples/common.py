@@ -15,6 +15,8 @@ def add_run_options(parser, plot_help):
     # load 6 on 2 cores: the Linear head 6.5 ms with 1 thread, 43 ms with 2).
     parser.add_argument("--threads", type=int, default=1,
                         help="threads for the kernel and BLAS (pyrnn.set_num_threads; 0: pyrnn's default)")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="bf16: every product of the RNN in bfloat16 (pyrnn.RNN's precision)")
     parser.add_argument("--plot", metavar="PATH.png", help=f"save {plot_help} (needs matplotlib)")
 
 

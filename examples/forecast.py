@@ -63,7 +63,8 @@ def main(argv=None):
     mean_only = float(np.mean((series[:split].mean() - truth) ** 2))  # ignores the input entirely
     print(f"series of {args.length} steps, noise {args.noise}, predicting {h} steps ahead; backend {run.backend}")
 
-    rnn = pyrnn.RNN(1, args.hidden, args.layers, backend=args.backend, seed=rng)
+    rnn = pyrnn.RNN(1, args.hidden, args.layers, backend=args.backend, seed=rng,
+                     precision=args.precision)
     head = pyrnn.Linear(args.hidden, 1, seed=rng)
     params, grads = parameters(rnn=rnn, head=head)
     state, losses, curve = {}, [], []

@@ -15,9 +15,12 @@ What runs where:
   mode the modules call the same two functions through a torch.autograd.Function instead: on
   the tiny shape the dispatcher's route took 2.7x the Function's time for forward + backward
   (355 against 131 us of CPU time, 1 thread, loaded machine), more than the kernel's own.
-- Anything else (other devices, float16/bfloat16, autocast, functorch transforms, forward-mode AD)
-  runs torch's own nn.RNN / nn.RNNCell computation on the same parameters, and a backward with
-  create_graph=True recomputes the step through torch's kernels, so double backward works too.
+- Under torch.autocast("cpu", dtype=torch.bfloat16), float32 parameters run on the kernel in bf16
+  products (pyrnn's precision="bf16") and the results are bfloat16, as nn.RNN's are there.
+- Anything else (other devices, float16/bfloat16 parameters, other autocasts, functorch
+  transforms, forward-mode AD) runs torch's own nn.RNN / nn.RNNCell computation on the same
+  parameters, and a backward with create_graph=True recomputes the step through torch's
+  kernels, so double backward works too.
 
 The kernel's threads are pyrnn's: pyrnn.set_num_threads(n) governs them; torch.set_num_threads
 governs torch's own operations around them (docs/torch.md).
@@ -41,20 +44,22 @@ KERNEL_DTYPES = (torch.float32, torch.float64)
 # The stack on NumPy arrays: pyrnn's stack API, one call forward and one backward.
 
 
-def _stack_forward(x, layers, h0, lengths, dropout_masks, bidirectional, nonlinearity):
+def _stack_forward(x, layers, h0, lengths, dropout_masks, bidirectional, nonlinearity, precision):
     """-> (layer_outputs (L, T, B, D·H), h_n (L·D, B, H)) of pyrnn.stack_forward."""
     _, h_n, layer_outputs = pyrnn.stack_forward(x, layers, h0, lengths=lengths, bidirectional=bidirectional,
-                                                dropout_masks=dropout_masks, nonlinearity=nonlinearity)
+                                                dropout_masks=dropout_masks, nonlinearity=nonlinearity,
+                                                precision=precision)
     return layer_outputs, h_n
 
 
 def _stack_backward(grad_output, x, layers, layer_outputs, h0, grad_h_n, lengths, dropout_masks,
-                    bidirectional, nonlinearity):
+                    bidirectional, nonlinearity, precision):
     """-> (grad_x, grad_h0, [(grad_weight_ih, grad_weight_hh, grad_bias) per layer·direction])
     of pyrnn.stack_backward; grad_output (T, B, D·H) is dL/d(the last layer's output)."""
     return pyrnn.stack_backward(grad_output, x, layers, layer_outputs, h0, grad_h_n=grad_h_n,
                                 lengths=lengths, bidirectional=bidirectional,
-                                dropout_masks=dropout_masks, nonlinearity=nonlinearity)
+                                dropout_masks=dropout_masks, nonlinearity=nonlinearity,
+                                precision=precision)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,17 +104,17 @@ def _grad_weights(layer_grads, has_bias):
 @torch.library.custom_op("pyrnn::rnn_forward", mutates_args=(), device_types="cpu")
 def rnn_forward(x: torch.Tensor, weights: list[torch.Tensor], h0: torch.Tensor | None,
                 lengths: torch.Tensor | None, dropout_masks: torch.Tensor | None, num_layers: int,
-                bidirectional: bool, nonlinearity: str
+                bidirectional: bool, nonlinearity: str, precision: str
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The whole stack forward -> (output (T, B, D·H), h_n (L·D, B, H),
     lower_outputs (L - 1, T, B, D·H))."""
     arrays = _arrays(x, weights, h0, lengths, dropout_masks, num_layers, bidirectional)
-    layer_outputs, h_n = _stack_forward(*arrays, bidirectional, nonlinearity)
+    layer_outputs, h_n = _stack_forward(*arrays, bidirectional, nonlinearity, precision)
     return _tensor(layer_outputs[-1]), _tensor(h_n), _tensor(layer_outputs[:-1])
 
 
 @rnn_forward.register_fake
-def _(x, weights, h0, lengths, dropout_masks, num_layers, bidirectional, nonlinearity):
+def _(x, weights, h0, lengths, dropout_masks, num_layers, bidirectional, nonlinearity, precision):
     T, B, _ = x.shape
     H, D = weights[1].shape[0], 2 if bidirectional else 1
     return (x.new_empty((T, B, D * H)), x.new_empty((num_layers * D, B, H)),
@@ -121,7 +126,7 @@ def rnn_backward(grad_output: torch.Tensor, grad_h_n: torch.Tensor, x: torch.Ten
                  weights: list[torch.Tensor], output: torch.Tensor, lower_outputs: torch.Tensor,
                  h0: torch.Tensor | None, lengths: torch.Tensor | None,
                  dropout_masks: torch.Tensor | None, num_layers: int, bidirectional: bool,
-                 nonlinearity: str) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+                 nonlinearity: str, precision: str) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """BPTT through the stack -> (grad_x, grad_h0, [gradient of each weight, nn.RNN's order])."""
     x, layers, h0, lengths, dropout_masks = _arrays(x, weights, h0, lengths, dropout_masks,
                                                     num_layers, bidirectional)
@@ -130,22 +135,22 @@ def rnn_backward(grad_output: torch.Tensor, grad_h_n: torch.Tensor, x: torch.Ten
     layer_outputs = output if num_layers == 1 else np.concatenate((lower_outputs.numpy(), output))
     grad_x, grad_h0, layer_grads = _stack_backward(
         grad_output.numpy(), x, layers, layer_outputs, h0, grad_h_n.numpy(), lengths,
-        dropout_masks, bidirectional, nonlinearity)
+        dropout_masks, bidirectional, nonlinearity, precision)
     return (_tensor(grad_x), _tensor(grad_h0),
             _grad_weights(layer_grads, len(weights) == 4 * len(layers)))
 
 
 @rnn_backward.register_fake
 def _(grad_output, grad_h_n, x, weights, output, lower_outputs, h0, lengths, dropout_masks,
-      num_layers, bidirectional, nonlinearity):
+      num_layers, bidirectional, nonlinearity, precision):
     return x.new_empty(x.shape), x.new_empty(grad_h_n.shape), [w.new_empty(w.shape) for w in weights]
 
 
 def _setup_context(ctx, inputs, output):
-    x, weights, h0, lengths, dropout_masks, num_layers, bidirectional, nonlinearity = inputs
+    x, weights, h0, lengths, dropout_masks, *options = inputs
     ctx.mark_non_differentiable(output[2])
     ctx.save_for_backward(x, h0, lengths, dropout_masks, output[0], output[2], *weights)
-    ctx.options = (num_layers, bidirectional, nonlinearity)
+    ctx.options = options  # num_layers, bidirectional, nonlinearity, precision
 
 
 def _operator_backward(ctx, grad_output, grad_h_n, _):
@@ -153,7 +158,7 @@ def _operator_backward(ctx, grad_output, grad_h_n, _):
     grad_x, grad_h0, grad_weights = rnn_backward(
         grad_output.contiguous(), grad_h_n.contiguous(), x, weights, output, lower_outputs, h0,
         lengths, dropout_masks, *ctx.options)
-    return grad_x, grad_weights, (None if h0 is None else grad_h0), None, None, None, None, None
+    return grad_x, grad_weights, (None if h0 is None else grad_h0), None, None, None, None, None, None
 
 
 rnn_forward.register_autograd(_operator_backward, setup_context=_setup_context)
@@ -169,9 +174,9 @@ class _Stack(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, h0, lengths, dropout_masks, options, *weights):
-        num_layers, bidirectional, nonlinearity = options
+        num_layers, bidirectional, nonlinearity, precision = options
         arrays = _arrays(x, weights, h0, lengths, dropout_masks, num_layers, bidirectional)
-        layer_outputs, h_n = _stack_forward(*arrays, bidirectional, nonlinearity)
+        layer_outputs, h_n = _stack_forward(*arrays, bidirectional, nonlinearity, precision)
         ctx.save_for_backward(x, h0, lengths, dropout_masks, *weights)
         ctx.arrays, ctx.layer_outputs, ctx.options = arrays, layer_outputs, options
         return torch.from_numpy(layer_outputs[-1]), torch.from_numpy(h_n)
@@ -182,20 +187,21 @@ class _Stack(torch.autograd.Function):
             return _differentiable_backward(ctx, grad_output, grad_h_n)
         x, h0, *_ = ctx.saved_tensors  # (checks that nothing saved was changed in place)
         x_array, layers, h0_array, lengths, dropout_masks = ctx.arrays
-        _, bidirectional, nonlinearity = ctx.options
+        _, bidirectional, nonlinearity, precision = ctx.options
         grad_x, grad_h0, layer_grads = _stack_backward(
             grad_output.numpy(), x_array, layers, ctx.layer_outputs, h0_array, grad_h_n.numpy(),
-            lengths, dropout_masks, bidirectional, nonlinearity)
+            lengths, dropout_masks, bidirectional, nonlinearity, precision)
         return (torch.from_numpy(grad_x), None if h0 is None else torch.from_numpy(grad_h0), None,
                 None, None, *_grad_weights(layer_grads, layers[0][2] is not None))
 
 
 def _differentiable_backward(ctx, grad_output, grad_h_n):
     """The backward as torch operations (for double backward): the stack recomputed by torch's own
-    kernels from the saved inputs, and differentiated with create_graph=True."""
+    kernels from the saved inputs (in the inputs' dtype, also after a forward in bf16 products),
+    and differentiated with create_graph=True."""
     x, h0, lengths, dropout_masks, *weights = ctx.saved_tensors
     wrt = [(i, t) for i, t in enumerate([x, h0, *weights]) if t is not None and t.requires_grad]
-    output, h_n = _torch_stack(x, weights, h0, lengths, dropout_masks, *ctx.options)
+    output, h_n = _torch_stack(x, weights, h0, lengths, dropout_masks, *ctx.options[:3])
     grads = torch.autograd.grad((output, h_n), [t for _, t in wrt], (grad_output, grad_h_n),
                                 create_graph=True, allow_unused=True)
     result = [None] * (2 + len(weights))
@@ -231,33 +237,53 @@ def _torch_stack(x, weights, h0, lengths, dropout_masks, num_layers, bidirection
     return output, torch.cat(states)
 
 
-def _run_stack(x, weights, h0, lengths, dropout_masks, num_layers, bidirectional, nonlinearity):
+def _run_stack(x, weights, h0, lengths, dropout_masks, num_layers, bidirectional, nonlinearity,
+               precision):
     """(output, h_n) on the kernel: through the operator when compiling or exporting, else
-    through the autograd.Function (same functions, less overhead)."""
+    through the autograd.Function (same functions, less overhead). In bf16 products (autocast)
+    the inputs enter as float32 (exact: the kernel rounds every operand to bf16 itself) and the
+    results leave as bfloat16, the dtype torch.nn.RNN returns under autocast."""
+    if precision == "bf16":
+        x, h0 = x.float(), None if h0 is None else h0.float()
     if torch.compiler.is_compiling():
         output, h_n, _ = rnn_forward(x, list(weights), h0, lengths, dropout_masks, num_layers,
-                                     bidirectional, nonlinearity)
-        return output, h_n
-    return _Stack.apply(x, h0, lengths, dropout_masks, (num_layers, bidirectional, nonlinearity),
-                        *weights)
+                                     bidirectional, nonlinearity, precision)
+    else:
+        output, h_n = _Stack.apply(x, h0, lengths, dropout_masks,
+                                   (num_layers, bidirectional, nonlinearity, precision), *weights)
+    if precision == "bf16":
+        return output.to(torch.bfloat16), h_n.to(torch.bfloat16)
+    return output, h_n
 
 
-def _runs_on_kernel(tensors):
-    """Whether the kernel can compute with these tensors (the first one's dtype decides);
-    otherwise torch's own computation runs."""
-    dtype = tensors[0].dtype
+def _kernel_precision(data, hx, weights):
+    """The precision the kernel computes these tensors in: "fp32" (the tensors' own dtype,
+    float32 or float64, which the parameters decide and data and hx must share), "bf16" for
+    float32 parameters under torch.autocast("cpu", dtype=torch.bfloat16) (data and hx may then
+    be bfloat16 too, as autocast's own outputs are), or None: torch's own computation runs."""
+    dtype = weights[0].dtype
     if dtype not in KERNEL_DTYPES:
-        return False
-    for tensor in tensors:
-        if tensor is not None and (tensor.dtype != dtype or tensor.device.type != "cpu"
-                                   or tensor.layout != torch.strided):
-            return False
+        return None
+    # Autocast: float32 parameters and CPU bf16 autocast mean bf16 products; float64 is not
+    # autocast's to cast (torch runs it as it is). Any other autocast (float16, another
+    # device's) is torch's business.
+    precision = "fp32"
+    if torch._C._is_any_autocast_enabled():
+        if not (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16):
+            return None
+        if dtype == torch.float32:
+            precision = "bf16"
+    inputs_may_be = (dtype, torch.bfloat16) if precision == "bf16" else (dtype,)
+    for tensor in (data, hx, *weights):
+        if tensor is not None and (tensor.dtype not in (inputs_may_be if tensor is data or tensor is hx else (dtype,))
+                                   or tensor.device.type != "cpu" or tensor.layout != torch.strided):
+            return None
     if torch.compiler.is_compiling():
-        return True
-    # Autocast is torch's business (its own casting rules); functorch transforms (vmap, grad, ...)
-    # and forward-mode AD need formulas the kernel does not have.
-    return not (torch._C._is_any_autocast_enabled() or torch._C._are_functorch_transforms_active()
-                or torch.autograd.forward_ad._current_level >= 0)
+        return precision
+    # functorch transforms (vmap, grad, ...) and forward-mode AD need formulas the kernel does not have.
+    if torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0:
+        return None
+    return precision
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,11 +314,12 @@ class RNN(torch.nn.RNNBase):
         weights = [getattr(self, name) for name in self._flat_weights_names]
         packed = isinstance(input, PackedSequence)
         data = input.data if packed else input
-        if not (isinstance(data, torch.Tensor) and (hx is None or isinstance(hx, torch.Tensor))
-                and _runs_on_kernel([data, hx, *weights])):
+        precision = (_kernel_precision(data, hx, weights)
+                     if isinstance(data, torch.Tensor) and (hx is None or isinstance(hx, torch.Tensor)) else None)
+        if precision is None:
             return torch.nn.RNN.forward(self, input, hx)  # torch's computation (and its errors)
         if packed:
-            return self._forward_packed(input, hx, weights)
+            return self._forward_packed(input, hx, weights, precision)
         if input.dim() not in (2, 3):
             raise ValueError(f"RNN: Expected input to be 2D or 3D, got {input.dim()}D tensor instead")
         batched = input.dim() == 3
@@ -308,14 +335,14 @@ class RNN(torch.nn.RNNBase):
         else:
             self.check_forward_args(input, hx, None)
         x = input.transpose(0, 1) if self.batch_first else input
-        output, h_n = self._stack(x, hx, None, weights)
+        output, h_n = self._stack(x, hx, None, weights, precision)
         if self.batch_first:
             output = output.transpose(0, 1)
         if not batched:
             return output.squeeze(0 if self.batch_first else 1), h_n.squeeze(1)
         return output, h_n
 
-    def _forward_packed(self, input, hx, weights):
+    def _forward_packed(self, input, hx, weights, precision):
         """A PackedSequence in, one out: the kernel runs on the padded batch in the packed order
         (rows sorted by length), as torch permutes hx to that order and back."""
         self.check_input(input.data, input.batch_sizes)
@@ -323,25 +350,25 @@ class RNN(torch.nn.RNNBase):
             self.check_hidden_size(hx, self.get_expected_hidden_size(input.data, input.batch_sizes))
             hx = self.permute_hidden(hx, input.sorted_indices)
         x, lengths = pad_packed_sequence(PackedSequence(input.data, input.batch_sizes))
-        output, h_n = self._stack(x, hx, lengths, weights)
+        output, h_n = self._stack(x, hx, lengths, weights, precision)
         data = pack_padded_sequence(output, lengths).data
         return (PackedSequence(data, input.batch_sizes, input.sorted_indices, input.unsorted_indices),
                 self.permute_hidden(h_n, input.unsorted_indices))
 
-    def _stack(self, x, hx, lengths, weights):
+    def _stack(self, x, hx, lengths, weights, precision):
         """(output (T, B, D·H), h_n) of the whole stack for time-major x, on the kernel."""
         D = 2 if self.bidirectional else 1
         dropout_masks = None
         if self.training and self.dropout > 0 and self.num_layers > 1:
             T, B, _ = x.shape
             keep = 1 - self.dropout
-            dropout_masks = x.new_empty((self.num_layers - 1, T, B, D * self.hidden_size))
+            dropout_masks = weights[0].new_empty((self.num_layers - 1, T, B, D * self.hidden_size))
             if keep > 0:  # torch's dropout: {0, 1/keep} from torch's generator
                 dropout_masks.bernoulli_(keep).div_(keep)
             else:
                 dropout_masks.zero_()
         return _run_stack(x, weights, hx, lengths, dropout_masks, self.num_layers,
-                          self.bidirectional, self.nonlinearity)
+                          self.bidirectional, self.nonlinearity, precision)
 
 
 class RNNCell(torch.nn.RNNCell):
@@ -350,14 +377,15 @@ class RNNCell(torch.nn.RNNCell):
 
     def forward(self, input, hx=None):
         weights = [self.weight_ih, self.weight_hh] + ([self.bias_ih, self.bias_hh] if self.bias else [])
-        if not (isinstance(input, torch.Tensor) and (hx is None or isinstance(hx, torch.Tensor))
-                and _runs_on_kernel([input, hx, *weights])
-                and self._shapes_fit(input, hx)):
+        precision = (_kernel_precision(input, hx, weights)
+                     if isinstance(input, torch.Tensor) and (hx is None or isinstance(hx, torch.Tensor))
+                     and self._shapes_fit(input, hx) else None)
+        if precision is None:
             return torch.nn.RNNCell.forward(self, input, hx)  # torch's computation (and its errors)
         batched = input.dim() == 2
         x = input[None] if batched else input[None, None]
         h0 = None if hx is None else (hx[None] if batched else hx[None, None])
-        output, _ = _run_stack(x, weights, h0, None, None, 1, False, self.nonlinearity)
+        output, _ = _run_stack(x, weights, h0, None, None, 1, False, self.nonlinearity, precision)
         return output.view(input.shape[:-1] + (self.hidden_size,))
 
     def _shapes_fit(self, input, hx):

@@ -48,6 +48,20 @@ def test_example_learns(backend, name, capsys, monkeypatch):
         assert result["mse"] < result["persistence_mse"]
 
 
+METRIC = {"char_lm": "perplexity", "classify": "accuracy", "forecast": "mse"}
+
+
+@pytest.mark.parametrize("name", sorted(FAST_ARGUMENTS))
+def test_example_learns_as_well_in_bf16(name, monkeypatch, capsys):
+    """--precision bf16 trains to float32's metric (within 5% on these short runs; the full runs of
+    docs/precision.md are within 2%), on the default backend."""
+    metrics = {precision: load(name, monkeypatch).main(FAST_ARGUMENTS[name] + COMMON_ARGUMENTS
+                                                        + ["--precision", precision])[METRIC[name]]
+               for precision in ("fp32", "bf16")}
+    assert metrics["bf16"] != metrics["fp32"]  # bf16 really ran
+    assert abs(metrics["bf16"] - metrics["fp32"]) <= 0.05 * abs(metrics["fp32"]), metrics
+
+
 def test_examples_save_plots(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     for name, arguments in FAST_ARGUMENTS.items():

@@ -271,10 +271,10 @@ def test_gradcheck_through_both_routes_in_float64():
     masks = torch.empty(L - 1, T, B, 2 * H, dtype=torch.float64).bernoulli_(0.7) / 0.7
 
     def eager(x, h0, *weights):
-        return pt._Stack.apply(x, h0, lengths, masks, (L, True, "tanh"), *weights)
+        return pt._Stack.apply(x, h0, lengths, masks, (L, True, "tanh", "fp32"), *weights)
 
     def operator(x, h0, *weights):
-        return pt.rnn_forward(x, list(weights), h0, lengths, masks, L, True, "tanh")[:2]
+        return pt.rnn_forward(x, list(weights), h0, lengths, masks, L, True, "tanh", "fp32")[:2]
 
     for function in (eager, operator):
         assert torch.autograd.gradcheck(function, (x, h0, *weights))

@@ -19,30 +19,31 @@ TORCH_JIT_DEPRECATED = pytest.mark.filterwarnings("ignore:`torch.jit.script.*` i
 def operator_samples():
     torch.manual_seed(0)
 
-    def sample(T, B, I, H, L, bidirectional, bias, h0, lengths, dropout):
+    def sample(T, B, I, H, L, bidirectional, bias, h0, lengths, dropout, precision="fp32"):
         D = 2 if bidirectional else 1
         weights = [w.detach().requires_grad_() for w in
                    pt.RNN(I, H, num_layers=L, bias=bias, bidirectional=bidirectional)._flat_weights]
         masks = (torch.empty(L - 1, T, B, D * H).bernoulli_(0.5) * 2) if dropout else None
         return (torch.randn(T, B, I, requires_grad=True), weights,
                 torch.randn(L * D, B, H, requires_grad=True) if h0 else None,
-                lengths, masks, L, bidirectional, "tanh")
+                lengths, masks, L, bidirectional, "tanh", precision)
 
     return [sample(5, 3, 4, 6, 1, False, True, True, None, False),
             sample(5, 3, 4, 6, 2, True, False, False, torch.tensor([5, 2, 1]), True),
-            sample(1, 1, 1, 1, 3, False, True, True, None, False)]
+            sample(1, 1, 1, 1, 3, False, True, True, None, False),
+            sample(5, 3, 4, 6, 2, True, True, True, torch.tensor([5, 2, 1]), False, "bf16")]
 
 
-@pytest.mark.parametrize("index", range(3))
+@pytest.mark.parametrize("index", range(4))
 def test_opcheck_forward_and_backward(index):
     args = operator_samples()[index]
     torch.library.opcheck(pt.rnn_forward, args)
     output, h_n, lower_outputs = (t.detach() for t in pt.rnn_forward(*args))
-    x, weights, h0, lengths, masks, L, bidirectional, nonlinearity = args
+    x, weights, h0, lengths, masks, L, bidirectional, nonlinearity, precision = args
     torch.library.opcheck(pt.rnn_backward, (torch.randn_like(output), torch.randn_like(h_n), x.detach(),
                                             [w.detach() for w in weights], output, lower_outputs,
                                             None if h0 is None else h0.detach(), lengths, masks, L,
-                                            bidirectional, nonlinearity))
+                                            bidirectional, nonlinearity, precision))
 
 
 
@@ -110,14 +111,54 @@ def test_half_precision_tensors_fall_back(dtype, kernel_calls):
     assert kernel_calls == []
 
 
-def test_autocast_falls_back(kernel_calls):
-    reference = torch.nn.RNN(3, 5)
-    ours = pt.RNN(3, 5)
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_bf16_autocast_runs_the_kernel_in_bf16_products(bidirectional, kernel_calls):
+    """torch.autocast("cpu", dtype=torch.bfloat16) selects precision="bf16": the results are
+    pyrnn.stack_forward's in bf16 products, returned as bfloat16 as nn.RNN returns them there, and
+    close to torch's own autocast computation (which also rounds every step's state to bf16);
+    the parameters' gradients stay float32."""
+    torch.manual_seed(0)
+    reference = torch.nn.RNN(8, 16, num_layers=2, bidirectional=bidirectional)
+    ours = pt.RNN(8, 16, num_layers=2, bidirectional=bidirectional)
+    ours.load_state_dict(reference.state_dict())
+    cell, reference_cell = pt.RNNCell(8, 16), torch.nn.RNNCell(8, 16)
+    cell.load_state_dict(reference_cell.state_dict())
+    x = torch.randn(12, 3, 8)
+    h0 = torch.randn(2 * (2 if bidirectional else 1), 3, 16).to(torch.bfloat16)  # autocast's own dtype
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (output, h_n), (expected_output, expected_h_n) = ours(x, h0), reference(x, h0)
+        step, expected_step = cell(x[0]), reference_cell(x[0])
+    assert len(kernel_calls) == 2
+    assert (output.dtype, h_n.dtype, step.dtype) == (torch.bfloat16,) * 3
+    flat = [w.detach().numpy() for w in ours._flat_weights]
+    layers = [(flat[i], flat[i + 1], flat[i + 2] + flat[i + 3]) for i in range(0, len(flat), 4)]
+    exact = pyrnn.stack_forward(x.numpy(), layers,
+                                h0.float().numpy(), bidirectional=bidirectional, precision="bf16")
+    torch.testing.assert_close(output, torch.from_numpy(exact.output).to(torch.bfloat16), rtol=0, atol=0)
+    torch.testing.assert_close(h_n, torch.from_numpy(exact.h_n).to(torch.bfloat16), rtol=0, atol=0)
+    # torch rounds its state to bf16 at every step as well; 2**-8 relative per rounding, a few steps deep
+    torch.testing.assert_close(output.float(), expected_output.float(), rtol=0, atol=0.05)
+    torch.testing.assert_close(h_n.float(), expected_h_n.float(), rtol=0, atol=0.05)
+    torch.testing.assert_close(step.float(), expected_step.float(), rtol=0, atol=0.02)
+    output.float().square().sum().backward()
+    assert all(p.grad.dtype == torch.float32 and p.grad.abs().sum() > 0 for p in ours.parameters())
+
+
+def test_other_autocasts_fall_back(kernel_calls):
+    """float16 autocast, and float64 parameters under bf16 autocast (autocast leaves float64 alone:
+    the kernel runs them as they are)."""
+    reference, ours = torch.nn.RNN(3, 5), pt.RNN(3, 5)
     ours.load_state_dict(reference.state_dict())
     x = torch.randn(6, 2, 3)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.float16):
         assert all(torch.equal(a, b) for a, b in zip(ours(x), reference(x)))
     assert kernel_calls == []
+    ours64, reference64 = pt.RNN(3, 5, dtype=torch.float64), torch.nn.RNN(3, 5, dtype=torch.float64)
+    ours64.load_state_dict(reference64.state_dict())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (output, h_n), expected = ours64(x.double()), reference64(x.double())
+    assert output.dtype == torch.float64 and len(kernel_calls) == 1
+    torch.testing.assert_close((output, h_n), expected, rtol=0, atol=1e-12)
 
 
 def test_double_backward_recomputes_through_torch():
