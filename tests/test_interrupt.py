@@ -59,6 +59,7 @@ try:
     result = dict(interrupted=False, seconds=time.perf_counter() - start)
 except KeyboardInterrupt:
     result = dict(interrupted=True, latency=time.perf_counter() - sent[0])
+time.sleep(0.3)  # OpenBLAS's threads spin a while after their last product (0.1 s of CPU seen)
 cpu = time.process_time()
 time.sleep(0.3)
 result.update(
