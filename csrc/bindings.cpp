@@ -9,7 +9,14 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <exception>
+#include <mutex>
 #include <string>
+#include <system_error>
+#include <thread>
 #include <vector>
 
 #include "peak.h"
@@ -43,12 +50,21 @@ void check_shape(const py::array& a, const char* name, std::initializer_list<py:
                           shape_str(expected));
 }
 
-// `object` as a C-contiguous array of F (no copy), or a TypeError naming it.
+// Whether `array` (an ndarray) is aligned to its dtype. NumPy makes views that are not (into a
+// byte buffer at an odd offset, or a field of a packed structured array): the kernel's typed
+// reads of those are undefined behaviour, and vectorised code may assume the alignment.
+bool aligned(py::handle array) {
+    return py::detail::check_flags(array.ptr(), py::detail::npy_api::NPY_ARRAY_ALIGNED_);
+}
+
+// `object` as a C-contiguous, aligned array of F (no copy), or a TypeError naming it.
 template <typename F>
 Array<F> array_arg(py::handle object, const char* name) {
     if (!Array<F>::check_(object))
         throw py::type_error(std::string(name) + " must be a C-contiguous " + dtype_name<F> +
                              " array (the dtype of x)");
+    if (!aligned(object))
+        throw py::type_error(std::string(name) + " is not aligned to its dtype; pass a copy");
     return py::reinterpret_borrow<Array<F>>(object);
 }
 
@@ -59,13 +75,18 @@ Array<F> array_arg(py::handle object, const char* name, std::initializer_list<py
     return array;
 }
 
+template <typename F>
+Array<F> zeros(std::initializer_list<py::ssize_t> shape) {
+    Array<F> array{std::vector<py::ssize_t>(shape)};
+    std::fill_n(array.mutable_data(), array.size(), F(0));
+    return array;
+}
+
 // The same, where None means zeros (no bias, h0 = 0, grad_h_n = 0), as in pyrnn.forward.
 template <typename F>
 Array<F> optional_arg(py::handle object, const char* name, std::initializer_list<py::ssize_t> shape) {
     if (!object.is_none()) return array_arg<F>(object, name, shape);
-    Array<F> zeros{std::vector<py::ssize_t>(shape)};
-    std::fill_n(zeros.mutable_data(), zeros.size(), F(0));
-    return zeros;
+    return zeros<F>(shape);
 }
 
 // lengths as a pointer into the caller's array (alive for the call), or null for None.
@@ -73,6 +94,7 @@ const int64_t* checked_lengths(py::handle object, int64_t T, int64_t B) {
     if (object.is_none()) return nullptr;
     if (!Array<int64_t>::check_(object))
         throw py::type_error("lengths must be None or a C-contiguous int64 array");
+    if (!aligned(object)) throw py::type_error("lengths is not aligned to its dtype; pass a copy");
     auto lengths = py::reinterpret_borrow<Array<int64_t>>(object);
     check_shape(lengths, "lengths", {B});
     const int64_t* p = lengths.data();
@@ -128,6 +150,69 @@ pyrnn::Rows<F> rows(Array<F>& a) {
     return {a.mutable_data(), a.ndim() > 0 ? a.shape(a.ndim() - 1) : 1};
 }
 
+// ---- Ctrl-C (issue 15): a long call from the main thread stops on SIGINT. ----
+//
+// Python runs its signal handlers in the main thread only, holding the GIL, between bytecodes:
+// a native call of seconds would hold Ctrl-C back until it returns. So a call of more than
+// interruptible_work multiply-adds (~5 ms or more), made from the main thread, computes on a
+// helper thread while the calling thread waits, the GIL released, and takes the GIL every 10 ms
+// to let Python run any pending handler (PyErr_CheckSignals). When one raises (Ctrl-C's
+// KeyboardInterrupt), the kernel's stop flag (rnn.h: Options::stop) is set, its threads leave at
+// the next step, the helper is joined and the exception propagates; the results are dropped.
+// Shorter calls, and calls from other threads (which Python never hands a signal), run on the
+// calling thread as before: no thread handoff, no check, nothing on the hot path.
+// Why not a C signal handler setting the flag: it would replace Python's (which signal.signal
+// may replace in turn), for the whole process, for the length of every call.
+constexpr int64_t interruptible_work = int64_t(1) << 27;
+constexpr auto signal_check_interval = std::chrono::milliseconds(10);
+unsigned long main_thread = 0;  // PyThread_get_thread_ident() of threading.main_thread(), at import
+
+// run(stop) -> pyrnn::Status runs the kernel with the GIL released; throws what it throws, or the
+// exception of a signal handler that stopped it.
+template <typename Run>
+void run_kernel(int64_t work, const Run& run) {
+    if (work < interruptible_work || PyThread_get_thread_ident() != main_thread) {
+        py::gil_scoped_release release;
+        run(nullptr);
+        return;
+    }
+    std::atomic<bool> stop{false};
+    std::mutex mutex;
+    std::condition_variable finished;
+    bool done = false, interrupted = false;
+    std::exception_ptr error;
+    PyThreadState* state = PyEval_SaveThread();
+    try {
+        std::thread helper([&] {
+            try {
+                run(&stop);
+            } catch (...) {
+                error = std::current_exception();
+            }
+            std::lock_guard<std::mutex> lock(mutex);
+            done = true;
+            finished.notify_one();
+        });
+        std::unique_lock<std::mutex> lock(mutex);
+        while (!finished.wait_for(lock, signal_check_interval, [&] { return done; })) {
+            if (interrupted) continue;
+            lock.unlock();
+            PyEval_RestoreThread(state);
+            interrupted = PyErr_CheckSignals() != 0;  // the handler's exception stays set
+            state = PyEval_SaveThread();
+            if (interrupted) stop.store(true, std::memory_order_relaxed);
+            lock.lock();
+        }
+        lock.unlock();
+        helper.join();
+    } catch (const std::system_error&) {  // no thread to be had: compute here, uninterruptibly
+        run(nullptr);
+    }
+    PyEval_RestoreThread(state);
+    if (interrupted) throw py::error_already_set();
+    if (error) std::rethrow_exception(error);
+}
+
 template <typename F>
 py::tuple forward(py::handle x_object, py::handle weight_ih_object, py::handle weight_hh_object,
                   py::handle bias_object, py::handle h0_object, py::handle lengths_object,
@@ -145,10 +230,14 @@ py::tuple forward(py::handle x_object, py::handle weight_ih_object, py::handle w
                            rows(h0), lens, rows(output), rows(h_n), {}};
     call.options.activation = activation_arg(nonlinearity);
     call.options.precision = precision_arg<F>(precision);
-    {
-        py::gil_scoped_release release;
-        pyrnn::forward<F>(call);
-    }
+    // No step has any work when B·H = 0, and both results are empty. The kernel is not called:
+    // its time loop would still count T steps, and T is unbounded here (x of shape
+    // (2**58, 0, 1) holds no bytes).
+    if (B == 0 || H == 0) return py::make_tuple(output, h_n);
+    run_kernel(T * B * H * (I + H), [&](const std::atomic<bool>* stop) {
+        call.options.stop = stop;
+        return pyrnn::forward<F>(call);
+    });
     return py::make_tuple(output, h_n);
 }
 
@@ -165,7 +254,6 @@ py::tuple backward(py::handle grad_output_object, py::handle x_object, py::handl
                    h0 = optional_arg<F>(h0_object, "h0", {B, H}),
                    grad_h_n = optional_arg<F>(grad_h_n_object, "grad_h_n", {B, H});
     const int64_t* lens = checked_lengths(lengths_object, T, B);
-
     Array<F> grad_x({T, B, I}), grad_h0({B, H}), grad_weight_ih({H, I}), grad_weight_hh({H, H}),
         grad_bias({H});
     pyrnn::Backward<F> call{T, B, I, H, rows(grad_output), rows(x), weight_ih.data(), weight_hh.data(),
@@ -174,15 +262,21 @@ py::tuple backward(py::handle grad_output_object, py::handle x_object, py::handl
                             grad_bias.mutable_data(), {}};
     call.options.activation = activation_arg(nonlinearity);
     call.options.precision = precision_arg<F>(precision);
-    {
-        py::gil_scoped_release release;
-        pyrnn::backward<F>(call);
+    if (B == 0 || H == 0) {  // no step has any work (see forward): every gradient is 0
+        for (Array<F>* grad : {&grad_x, &grad_weight_ih, &grad_weight_hh, &grad_bias})
+            std::fill_n(grad->mutable_data(), grad->size(), F(0));
+        return py::make_tuple(grad_x, grad_h0, grad_weight_ih, grad_weight_hh, grad_bias);
     }
+    run_kernel(2 * T * B * H * (I + H), [&](const std::atomic<bool>* stop) {
+        call.options.stop = stop;
+        return pyrnn::backward<F>(call);
+    });
     return py::make_tuple(grad_x, grad_h0, grad_weight_ih, grad_weight_hh, grad_bias);
 }
 
 template <typename F>
-Array<F> tanh(const Array<F>& x) {
+Array<F> tanh(py::handle x_object) {
+    const Array<F> x = array_arg<F>(x_object, "x");
     Array<F> y(std::vector<py::ssize_t>(x.shape(), x.shape() + x.ndim()));
     const F* px = x.data();
     F* py_ = y.mutable_data();
@@ -200,6 +294,12 @@ py::tuple forward_any(py::handle x, py::handle weight_ih, py::handle weight_hh, 
         return forward<float>(x, weight_ih, weight_hh, bias, h0, lengths, nonlinearity, precision);
     if (Array<double>::check_(x))
         return forward<double>(x, weight_ih, weight_hh, bias, h0, lengths, nonlinearity, precision);
+    throw py::type_error("x must be a C-contiguous float32 or float64 array");
+}
+
+py::array tanh_any(py::handle x) {
+    if (Array<float>::check_(x)) return tanh<float>(x);
+    if (Array<double>::check_(x)) return tanh<double>(x);
     throw py::type_error("x must be a C-contiguous float32 or float64 array");
 }
 
@@ -287,10 +387,10 @@ py::tuple stack_forward(py::handle x_object, py::handle layers_object, py::handl
                                 layer_outputs.mutable_data(), h_n.mutable_data(), {}};
     call.options.activation = activation_arg(nonlinearity);
     call.options.precision = precision_arg<F>(precision);
-    {
-        py::gil_scoped_release release;
-        pyrnn::stack_forward<F>(call);
-    }
+    run_kernel(L * D * T * B * H * (std::max(I, D * H) + H), [&](const std::atomic<bool>* stop) {
+        call.options.stop = stop;
+        return pyrnn::stack_forward<F>(call);
+    });
     return py::make_tuple(layer_outputs, h_n);
 }
 
@@ -325,10 +425,10 @@ py::tuple stack_backward(py::handle grad_output_object, py::handle x_object, py:
                                  grad_x.mutable_data(), grad_h0.mutable_data(), grads.data(), {}};
     call.options.activation = activation_arg(nonlinearity);
     call.options.precision = precision_arg<F>(precision);
-    {
-        py::gil_scoped_release release;
-        pyrnn::stack_backward<F>(call);
-    }
+    run_kernel(2 * L * D * T * B * H * (std::max(I, D * H) + H), [&](const std::atomic<bool>* stop) {
+        call.options.stop = stop;
+        return pyrnn::stack_backward<F>(call);
+    });
     return py::make_tuple(grad_x, grad_h0, grad_layers);
 }
 
@@ -381,9 +481,9 @@ PYBIND11_MODULE(_cpp, m) {
           arg("nonlinearity") = "tanh", arg("precision") = "fp32",
           "(grad_x, grad_h0, [(grad_weight_ih, grad_weight_hh, grad_bias) per layer and direction]) by "
           "BPTT through a whole stack; see pyrnn.stack_backward.");
-    m.def("tanh", &tanh<float>, arg("x").noconvert(),
+    m.def("tanh", &tanh_any, arg("x"),
           "Elementwise tanh by the kernel's vectorised approximation (exposed for its tests).");
-    m.def("tanh", &tanh<double>, arg("x").noconvert());
+    main_thread = py::module_::import("threading").attr("main_thread")().attr("ident").cast<unsigned long>();
     pyrnn::isa();  // choose the instruction set now: a bad $PYRNN_ISA fails the import, not a call
     m.def("isa", &pyrnn::isa,
           "Instruction set of the kernel in use: 'avx512amx' (bf16 products on AMX tiles), 'avx512bf16' "

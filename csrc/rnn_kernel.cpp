@@ -373,6 +373,7 @@ Status backward_pass(const Backward<F>& c, const LayerBackward<F>& w = {}) {
         const Columns<F>& mine = share.mine, &steps = share.steps;
         const int step_threads = share.step_threads;
         alignas(64) F tile[MR * NR], dy[NR];
+        const F no_g[NR] = {};
         const int64_t lda = grad_a_operand.ld;
         const auto time = [&](int64_t s, int64_t b) { return step_time(w.reverse, c.lengths, T, s, b); };
         // grad_x rows of steps [s0, s1) <- grad_a·weight_ih, on columns `cols` of I
@@ -429,7 +430,10 @@ Status backward_pass(const Backward<F>& c, const LayerBackward<F>& w = {}) {
                             for (int i = 0; i < MR * NR; ++i) tile[i] = F(0);
                         for (int r = 0; r < rows; ++r) {
                             const int64_t b = b0 + r;
-                            const F* g = tile + r * NR;
+                            // Past the row's length da_{s+1} is 0 and so is g, exactly: not
+                            // 0·weight_hh, NaN where weight_hh holds inf or NaN (the reference
+                            // multiplies no padding row).
+                            const F* g = has_next && !valid(c.lengths, s + 1, b) ? no_g : tile + r * NR;
                             const F* g_end = c.grad_h_n.row(b) + j;  // enters at the row's last step
                             const bool last = s == length(c.lengths, T, b) - 1;
                             if (s < 0) {

@@ -183,9 +183,9 @@ def _normalise(arrays, batch_first):
             _shape_error(name, array, shape, batch_first)
         if batch_first and len(shape) == 3:
             array = array.swapaxes(0, 1)
-        # Backends only read their inputs (tests/test_agreement.py checks it), so a C-contiguous
-        # array is passed as it is, and anything else as a contiguous copy.
-        clean[name] = array if array.flags["C_CONTIGUOUS"] else np.ascontiguousarray(array)
+        # Backends only read their inputs (tests/test_agreement.py checks it), so a C-contiguous,
+        # aligned array is passed as it is, and anything else as a copy that is.
+        clean[name] = array if _contiguous_and_aligned(array) else np.array(array, order="C")
     return clean, (T, B, I, H)
 
 
@@ -199,11 +199,18 @@ def _as_given_if_clean(arrays):
         return None
     dtype, (T, B, I), H = x.dtype, x.shape, weight_hh.shape[0]
     expected = _expected_shapes(T, B, I, H, False)
-    for name, array in arrays.items():
+    for name, array in arrays.items():  # _contiguous_and_aligned inlined (this is per call)
         if (type(array) is not np.ndarray or array.dtype != dtype or array.shape != expected[name]
-                or not array.flags["C_CONTIGUOUS"]):
+                or not ((flags := array.flags).c_contiguous and flags.aligned)):
             return None
     return arrays, (T, B, I, H)
+
+
+def _contiguous_and_aligned(array):
+    """Whether the backends can read `array` as it is: C order, and aligned to its dtype (a view
+    into a byte buffer at an odd offset is not; compiled code must not read such a view)."""
+    flags = array.flags
+    return flags.c_contiguous and flags.aligned
 
 
 @functools.lru_cache(maxsize=64)  # a model calls with the same few shapes again and again

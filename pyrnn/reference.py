@@ -117,11 +117,12 @@ def weight_gradients(grad_a, x, output, h0, valid, product=np.matmul):
     Nothing here is sequential: each is one sum over all T·B rows. Padding rows are masked
     out of the inputs as well, so that a NaN or inf sitting in padding cannot leak in (0·inf).
     """
-    H, I = grad_a.shape[2], x.shape[2]
+    T, B, I = x.shape
+    H = grad_a.shape[2]
     h_prev = np.concatenate([h0[None], output])[: len(output)]  # h_{t-1} for every t
-    rows_a = grad_a.reshape(-1, H)
-    rows_x = np.where(valid, x, 0).reshape(-1, I)
-    rows_h = np.where(valid, h_prev, 0).reshape(-1, H)
+    rows_a = grad_a.reshape(T * B, H)  # (not -1: ambiguous when a dimension is 0)
+    rows_x = np.where(valid, x, 0).reshape(T * B, I)
+    rows_h = np.where(valid, h_prev, 0).reshape(T * B, H)
     return product(rows_a.T, rows_x), product(rows_a.T, rows_h), rows_a.sum(axis=0)
 
 

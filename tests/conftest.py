@@ -22,8 +22,9 @@ def backend(request):
 # on $PYRNN_BACKEND: CI runs them once, and each forced-backend run skips them with
 # `-m "not backend_independent"`. A module not listed runs in every forced run.
 BACKEND_INDEPENDENT = {"test_native_kernel.py", "test_native_bindings.py", "test_native_tanh.py",
-                       "test_native_peak.py", "test_native_stack.py", "test_numba_kernel.py", "test_bench.py",
-                       "test_optim.py", "test_design.py", "test_packaging.py", "test_torch_integration.py"}
+                       "test_native_peak.py", "test_native_stack.py", "test_native_fuzz.py",
+                       "test_native_leaks.py", "test_numba_kernel.py", "test_bench.py", "test_optim.py",
+                       "test_design.py", "test_packaging.py", "test_torch_integration.py"}
 
 
 def pytest_collection_modifyitems(items):

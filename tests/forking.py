@@ -30,7 +30,8 @@ def forked_child_agrees(setup, call, cwd):
     """In a fresh interpreter (run in cwd, so that the installed pyrnn is imported, with tests/
     importable): run `setup`, evaluate `call` (an array), fork, evaluate it again in the child.
     -> whether the child exited cleanly with the parent's result, bit for bit."""
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent))
+    path = [str(Path(__file__).parent)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))  # keeps .ci/run's sanitized build first
     out = subprocess.run([sys.executable, "-c", _SCRIPT.format(setup=setup, call=call)],
                          capture_output=True, text=True, check=True, cwd=cwd, env=env,
                          timeout=600).stdout

@@ -141,3 +141,17 @@ def test_array_likes_of_different_dtypes_are_rejected(problem):
     with pytest.raises(TypeError, match="weight_hh has dtype float32 but x has float64"):
         pyrnn.forward(problem["x"], problem["weight_ih"],
                       Float32ArrayLike(problem["weight_hh"].astype(np.float32)))
+
+
+def test_unaligned_arrays_are_copied_not_read_as_they_are(backend):
+    """A C-contiguous view at an odd address (NumPy: not aligned) must not reach compiled code,
+    whose typed reads of it are undefined behaviour: pyrnn copies it."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 2, 4))
+    unaligned = np.zeros(x.nbytes + 1, np.uint8)[1:].view(np.float64).reshape(x.shape)
+    unaligned[...] = x
+    weight_ih, weight_hh = rng.standard_normal((5, 4)), 0.3 * rng.standard_normal((5, 5))
+    assert not unaligned.flags.aligned and unaligned.flags.c_contiguous
+    for got, want in zip(pyrnn.forward(unaligned, weight_ih, weight_hh, backend=backend),
+                         pyrnn.forward(x, weight_ih, weight_hh, backend="numpy")):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)

@@ -18,7 +18,8 @@ from .activations import NONLINEARITIES, apply, derivative
 from .intrinsics import stack_tile
 from .products import (PANEL_VECTORS, PRECISIONS, TILE_ROWS, empty_packed, matmul_columns, operand,
                        pack, panel_columns, panel_width, product_tile)
-from .threads import barrier, column_bounds, empty, no_float_warnings, on_threads, thread_count
+from .threads import (NEVER, barrier, column_bounds, empty, no_float_warnings, on_threads_interruptibly,
+                      stopping, thread_count)
 
 
 @njit(error_model="numpy", inline="always")
@@ -51,7 +52,7 @@ def _step_tile(activation, precision, tile, t, b0, p, j0, j1, output, state, sta
 
 @njit(error_model="numpy", cache=True, nogil=True)
 def forward_columns(activation, precision, x, weight_ih, weight_hh, bias, lengths, output, state,
-                    state_operand, input_in_loop, steps_done, thread, j0, j1):
+                    state_operand, input_in_loop, stop, steps_done, thread, j0, j1):
     """The forward time loop for hidden units j0:j1 (all of them with one thread).
     output (T, B, H) gets h_t (0 on padding); state (2, B, H): h_{t-1} in state[t % 2] (h0 in
     state[0] on entry), h_t goes to state[(t + 1) % 2]; state_operand: what the products read
@@ -71,6 +72,8 @@ def forward_columns(activation, precision, x, weight_ih, weight_hh, bias, length
     row = stack_tile(1, PANEL_VECTORS, x.dtype)
     width = panel_width(x.dtype)
     for t in range(T):
+        if stopping(stop, steps_done, thread):
+            return
         for p in range(j0 // width, -(-j1 // width)):
             c0, c1 = p * width, min(p * width + width, j1)
             for b0 in range(0, B - TILE_ROWS + 1, TILE_ROWS):
@@ -101,7 +104,7 @@ def _grad_a_columns(activation, precision, t, grad_output, output, g, lengths, g
 
 @njit(error_model="numpy", cache=True, nogil=True)
 def backward_columns(activation, precision, grad_output, weight_hh, weight_ih, output, lengths, g,
-                     grad_a, grad_a_operand, grad_x, product, grad_x_in_loop, steps_done, thread,
+                     grad_a, grad_a_operand, grad_x, product, grad_x_in_loop, stop, steps_done, thread,
                      k0, k1, i0, i1):
     """The BPTT chain for hidden units k0:k1 (all of them with one thread), and, if
     grad_x_in_loop, grad_x[t] = grad_a[t] · weight_ih for inputs i0:i1 as soon as grad_a[t] is
@@ -120,6 +123,8 @@ def backward_columns(activation, precision, grad_output, weight_hh, weight_ih, o
                         grad_a_operand, k0, k1)
         barrier(steps_done, thread, 1)
     for t in range(T - 1, -1, -1):  # here grad_a[t] is complete
+        if stopping(stop, steps_done, thread):
+            return
         matmul_columns(grad_a_operand[t], packed_hh, product, k0, k1)
         if grad_x_in_loop:
             matmul_columns(grad_a_operand[t], packed_ih, grad_x[t], i0, i1)
@@ -182,15 +187,15 @@ def forward(x, weight_ih, weight_hh, bias, h0, lengths, nonlinearity="tanh", pre
                  _full_lengths(lengths, T, B), output, state, state_operand, input_in_loop)
     bounds, steps_done = column_bounds(H, n, panel), np.zeros(n, np.int64)
 
-    def columns(i):
+    def columns(i, stop=NEVER):
         j0, j1 = bounds[i], bounds[i + 1]
         if not input_in_loop:
             with no_float_warnings():
                 input_term = output.reshape(T * B, H)[:, j0:j1]
                 np.matmul(x.reshape(T * B, I), weight_ih[j0:j1].T, out=input_term)
-        forward_columns(*arguments, steps_done, i, j0, j1)
+        forward_columns(*arguments, stop, steps_done, i, j0, j1)
 
-    on_threads(n, columns, steps_done)
+    on_threads_interruptibly(T * B * H * (H + I), n, columns, steps_done)
     return output, state[T % 2]  # h_n: a view that keeps the (2, B, H) buffer, not a copy
 
 
@@ -213,13 +218,15 @@ def backward(grad_output, x, weight_ih, weight_hh, output, h0, grad_h_n, lengths
     valid = valid_steps(lengths, T, B)[:, :, None]
     steps_done = np.zeros(n, np.int64)
 
-    def chain_then_products(i):
+    def chain_then_products(i, stop=NEVER):
         """The chain over thread i's columns, then, once every thread is through it, the
         products over the rows of time steps i·T/n .. (i+1)·T/n: grad_x (unless the chain
         computed it), and those steps' share of the weight gradients (the sums over rows of
         reference.weight_gradients, split in n parts)."""
-        backward_columns(*arguments, steps_done, i, hidden[i], hidden[i + 1], inputs[i],
+        backward_columns(*arguments, stop, steps_done, i, hidden[i], hidden[i + 1], inputs[i],
                          inputs[i + 1])
+        if stop[0]:
+            return None  # interrupted: the caller raises
         t0, t1 = T * i // n, T * (i + 1) // n
         with no_float_warnings():
             if not grad_x_in_loop:
@@ -229,7 +236,8 @@ def backward(grad_output, x, weight_ih, weight_hh, output, h0, grad_h_n, lengths
             return weight_gradients(grad_a[t0:t1], x[t0:t1], output[t0:t1], h_before,
                                     valid[t0:t1], PRODUCTS[precision])
 
-    weight_grads, *other_parts = on_threads(n, chain_then_products, steps_done)
+    weight_grads, *other_parts = on_threads_interruptibly(2 * T * B * H * (H + I), n, chain_then_products,
+                                                          steps_done)
     with no_float_warnings():
         for part in other_parts:
             for total, term in zip(weight_grads, part):

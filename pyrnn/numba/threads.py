@@ -40,6 +40,55 @@ def barrier(steps_done, thread, step):
                 yield_core()
 
 
+@njit(inline="always")
+def stopping(stop, steps_done, thread):
+    """Whether the call was interrupted (stop[0] set: interruptible); the time loops ask once per
+    step. A thread that leaves marks itself past every step, so that the others pass the
+    barriers where they would wait for it, and they leave at their next step too."""
+    if load_acquire(stop, 0) == 0:
+        return False
+    store_release(steps_done, thread, np.iinfo(np.int64).max)
+    return True
+
+
+# Ctrl-C (issue 15). Python runs signal handlers in the main thread only, between bytecodes, so a
+# call of seconds in compiled code would hold Ctrl-C back until it returns. A call of more than
+# INTERRUPTIBLE_WORK multiply-adds (~5 ms or more, the native module's threshold) from the main
+# thread therefore computes on a helper thread while the main thread waits in join(), which a
+# signal interrupts: the handler's exception (KeyboardInterrupt) sets the stop flag, the time
+# loops leave at their next step (stopping), and the exception propagates once the helper is
+# done. Shorter calls and calls from other threads run on the calling thread as before.
+INTERRUPTIBLE_WORK = 1 << 27
+NEVER = np.zeros(1, np.int64)  # the stop flag of a call that cannot be interrupted (never set)
+
+
+def on_threads_interruptibly(work, n, task, steps_done):
+    """on_threads(n, task, steps_done), interrupted as above if it is `work` multiply-adds or
+    more: task(i, stop) then gets the stop flag (else it keeps its default, NEVER)."""
+    if work < INTERRUPTIBLE_WORK or threading.current_thread() is not threading.main_thread():
+        return on_threads(n, task, steps_done)
+    stop, outcome = np.zeros(1, np.int64), []
+
+    def helper():
+        try:
+            outcome.append((on_threads(n, lambda i: task(i, stop), steps_done), None))
+        except BaseException as error:  # re-raised on the calling thread
+            outcome.append((None, error))
+
+    thread = threading.Thread(target=helper, name="pyrnn-numba-call")
+    thread.start()
+    try:
+        thread.join()
+    except BaseException:  # KeyboardInterrupt, or whatever another signal handler raised
+        stop[0] = 1
+        thread.join()
+        raise
+    result, error = outcome[0]
+    if error is not None:
+        raise error
+    return result
+
+
 # Per-step multiply-adds from which a time loop is split between threads; below it a second
 # thread costs more at the barrier than it takes off the step.
 SPLIT_MIN_WORK = 1 << 20
