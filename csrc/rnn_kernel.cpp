@@ -84,14 +84,9 @@ struct Columns {
         end = min64(n, panels * (tid + 1) / nt * Tile<F>::NR);
     }
     int64_t panels() const { return ceil_div(end - begin, Tile<F>::NR); }
-    // The first column of the i-th of these panels that recurrent step `step` visits: forwards on
-    // even steps, backwards on odd ones. weight_hh's packed panels (H² elements, 64 KiB at H = 128
-    // float32) outgrow L1 (48 KiB): read in one order every step, each panel has been evicted
-    // (LRU) just before it is read again, while in alternate orders a step begins with the panels
-    // the last one ended with, still in L1. The order changes no sum (panels are separate columns).
-    // Measured at B = 1, H = 128, float32, 1 thread: forward 700 -> XXX ns per step.
-    int64_t panel(int64_t i, int64_t step) const {
-        return begin + (step % 2 ? panels() - 1 - i : i) * Tile<F>::NR;
+    // The first column of the i-th of these panels, counted from the last if `backwards`.
+    int64_t panel(int64_t i, bool backwards) const {
+        return begin + (backwards ? panels() - 1 - i : i) * Tile<F>::NR;
     }
 };
 
@@ -105,6 +100,17 @@ struct Share {
     Share(const Plan& plan, int64_t H, int tid, int nt)
         : step_threads(plan.share_steps ? nt : 1), mine(H, tid, nt), steps(H, tid, step_threads) {}
 };
+
+// Whether recurrent step `step` visits its panels of weight_hh backwards: on odd steps when B <= 2.
+// At one or two rows a step reads the packed panels (H² elements, 64 KiB at H = 128 float32) faster
+// than L2 delivers them, and they outgrow L1 (48 KiB) from H ≈ 110 up: read in one order every
+// step, each panel has been evicted (LRU) just before it is read again, while in alternate orders a
+// step begins with the panels the last one ended with, still in L1. The order changes no sum
+// (panels are separate columns). Measured at H = 128, float32, 1 thread (loaded machine), ns per
+// step: B = 1 forward 660 -> 567, backward 1040 -> 826; B = 2 1295 -> 1111 and 1870 -> 1619; at
+// B = 1, H = 256 5-7 % faster. From B = 4 up the steps are not bound by L2 and alternating
+// measured no faster (3-7 % slower in some runs).
+inline bool panels_backwards(int64_t B, int64_t step) { return B <= 2 && step % 2 != 0; }
 
 // The row stride (elements) of the kernel's own B×H and T·B×H buffers that the recurrence reads
 // rows of: a whole and odd number of cache lines. The micro-kernel reads MR rows at once, one
@@ -306,7 +312,7 @@ Status forward_pass(const Forward<F>& c, const LayerForward<F>& w = {}) {
             F* h_next = states.get() + ((t + 1) % 2) * B * ld;
             const int64_t prev = (t % 2) * B, next = ((t + 1) % 2) * B;  // their rows in state_operand
             for (int64_t i = 0; i < steps.panels(); ++i) {
-                const int64_t j = steps.panel(i, t), cols = min64(NR, H - j);
+                const int64_t j = steps.panel(i, panels_backwards(B, t)), cols = min64(NR, H - j);
                 const S* panel = packed_whh.get() + j / NR * P::panel_size(H);
                 for (int64_t b0 = 0; b0 < B; b0 += MR) {
                     const int rows = int(min64(MR, B - b0));
@@ -420,7 +426,7 @@ Status backward_pass(const Backward<F>& c, const LayerBackward<F>& w = {}) {
                 const bool has_next = s + 1 <= T - 1;
                 const S* da_next = grad_a_operand.rows + (s + 1) * B * lda;  // read only if has_next
                 for (int64_t i = 0; i < steps.panels(); ++i) {
-                    const int64_t j = steps.panel(i, s), cols = min64(NR, H - j);
+                    const int64_t j = steps.panel(i, panels_backwards(B, s)), cols = min64(NR, H - j);
                     const S* panel = packed_whh.get() + j / NR * P::panel_size(H);
                     for (int64_t b0 = 0; b0 < B; b0 += MR) {
                         const int rows = int(min64(MR, B - b0));
