@@ -190,9 +190,11 @@ def restore_threads():
 @pytest.mark.parametrize("T, B, I, H, lengths", [
     # a step big enough (2·B·H² flops) for the kernel to share the steps between threads
     (7, 9, 70, 200, [7, 3, 7, 0, 5, 7, 1, 7, 6]),
+    # shared at B = 2, where each thread visits its panels in alternate orders (rnn_kernel.cpp)
+    (3, 2, 5, 1024, [3, 2]),
     # small steps (thread 0 runs them alone) but products over T·B rows big enough to share
     (80, 5, 33, 100, [80, 0, 41, 80, 79]),
-], ids=["steps shared", "products shared"])
+], ids=["steps shared", "steps shared at B = 2", "products shared"])
 def test_bitwise_identical_across_calls_and_thread_counts(dtype, T, B, I, H, lengths, restore_threads):
     p = make_problem(T, B, I, H, dtype, lengths=lengths)
     results = []
