@@ -387,6 +387,7 @@ py::tuple stack_forward(py::handle x_object, py::handle layers_object, py::handl
                                 layer_outputs.mutable_data(), h_n.mutable_data(), {}};
     call.options.activation = activation_arg(nonlinearity);
     call.options.precision = precision_arg<F>(precision);
+    if (B == 0 || H == 0) return py::make_tuple(layer_outputs, h_n);  // both empty: see forward
     run_kernel(L * D * T * B * H * (std::max(I, D * H) + H), [&](const std::atomic<bool>* stop) {
         call.options.stop = stop;
         return pyrnn::stack_forward<F>(call);
@@ -425,6 +426,15 @@ py::tuple stack_backward(py::handle grad_output_object, py::handle x_object, py:
                                  grad_x.mutable_data(), grad_h0.mutable_data(), grads.data(), {}};
     call.options.activation = activation_arg(nonlinearity);
     call.options.precision = precision_arg<F>(precision);
+    if (B == 0 || H == 0) {  // no step has any work (see forward): every gradient is 0
+        std::fill_n(grad_x.mutable_data(), grad_x.size(), F(0));
+        for (int64_t u = 0; u < L * D; ++u) {
+            std::fill_n(grads[u].weight_ih, H * (u < D ? I : D * H), F(0));
+            std::fill_n(grads[u].weight_hh, H * H, F(0));
+            std::fill_n(grads[u].bias, H, F(0));
+        }
+        return py::make_tuple(grad_x, grad_h0, grad_layers);
+    }
     run_kernel(2 * L * D * T * B * H * (std::max(I, D * H) + H), [&](const std::atomic<bool>* stop) {
         call.options.stop = stop;
         return pyrnn::stack_backward<F>(call);

@@ -389,9 +389,11 @@ HUGE = [  # T, B, I, H; backward is called too where its inputs hold 0 bytes
 ]
 
 
-def raises_or_empty(call, shapes):
-    """call() returns 0-filled results of these shapes if their byte counts are small, else raises."""
-    if all(np.prod(shape, dtype=object) * 8 < 2**30 for shape in shapes):
+def raises_or_empty(call, shapes, itemsize):
+    """call() returns 0-filled results of these shapes if their byte counts are small (and NumPy
+    can make them: their nonzero dimensions' product too), else raises."""
+    if all(np.prod(shape, dtype=object) * itemsize < 2**30 and
+           np.prod([d for d in shape if d], dtype=object) * itemsize < 2**63 for shape in shapes):
         results = call()
         assert [r.shape for r in results] == shapes and all(not r.any() for r in results)
         return
@@ -404,9 +406,29 @@ def raises_or_empty(call, shapes):
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_huge_dimensions_raise_or_return_at_once(T, B, I, H, dtype):
     x, weight_ih, weight_hh = np.zeros((T, B, I), dtype), np.zeros((H, I), dtype), np.zeros((H, H), dtype)
-    raises_or_empty(lambda: _cpp.forward(x, weight_ih, weight_hh), [(T, B, H), (B, H)])
+    raises_or_empty(lambda: _cpp.forward(x, weight_ih, weight_hh), [(T, B, H), (B, H)], x.itemsize)
     if T * B * H == 0 and np.prod([d for d in (T, B, H) if d], dtype=object) * x.itemsize < 2**63:
         sequence = np.zeros((T, B, H), dtype)  # grad_output and output, 0 bytes
         raises_or_empty(lambda: _cpp.backward(sequence, x, weight_ih, weight_hh, sequence),
-                        [(T, B, I), (B, H), (H, I), (H, H), (H,)])
+                        [(T, B, I), (B, H), (H, I), (H, H), (H,)], x.itemsize)
 
+
+@pytest.mark.parametrize("T, B, I, H", HUGE)
+@pytest.mark.parametrize("L, D", [(1, 1), (2, 2)])
+def test_huge_stacks_raise_or_return_at_once(T, B, I, H, L, D):
+    dtype = np.float32
+    x = np.zeros((T, B, I), dtype)
+    layers = [(np.zeros((H, I if k < D else D * H), dtype), np.zeros((H, H), dtype), None) for k in range(L * D)]
+    sequences = (L, T, B, D * H)  # layer_outputs
+    raises_or_empty(lambda: _cpp.stack_forward(x, layers, None, None, None, D == 2),
+                    [sequences, (L * D, B, H)], x.itemsize)
+    if T * B * H == 0 and np.prod([d for d in sequences if d], dtype=object) * x.itemsize < 2**63:
+        layer_outputs, grad_output = np.zeros(sequences, dtype), np.zeros(sequences[1:], dtype)  # 0 bytes
+        shapes = [(T, B, I), (L * D, B, H)] + [shape for k in range(L * D) for shape in
+                                               ((H, I if k < D else D * H), (H, H), (H,))]
+
+        def flat_backward():
+            grad_x, grad_h0, units = _cpp.stack_backward(grad_output, x, layers, layer_outputs, None, None,
+                                                         None, None, D == 2)
+            return [grad_x, grad_h0] + [g for unit in units for g in unit]
+        raises_or_empty(flat_backward, shapes, x.itemsize)
