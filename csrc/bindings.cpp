@@ -150,6 +150,46 @@ pyrnn::Rows<F> rows(Array<F>& a) {
     return {a.mutable_data(), a.ndim() > 0 ? a.shape(a.ndim() - 1) : 1};
 }
 
+// ---- The GIL released while the kernel runs, and the interpreter's exit (issue 15). ----
+//
+// A daemon thread may still be inside the kernel when the interpreter exits. CPython before 3.14
+// ends a thread that asks for the GIL back once finalization has begun with pthread_exit, whose
+// unwinding through a C++ frame that cannot throw (pybind11's gil_scoped_release destructor)
+// aborts the whole process. So a thread coming back from the kernel after exit has begun does
+// not ask: it sleeps until the process ends (what CPython 3.14 does to such threads itself).
+// "Begun" is pyrnn's atexit hook, which runs before finalization: it raises `exiting`, then,
+// without the GIL, lets through any thread already past the check (`reacquiring`), so none is
+// left between the check and the GIL when finalization starts. The main thread, which is the
+// one finalizing, is never stopped (it may call pyrnn from later atexit hooks).
+unsigned long main_thread = 0;  // PyThread_get_thread_ident() of threading.main_thread(), at import
+std::atomic<bool> exiting{false};
+std::atomic<int> reacquiring{0};
+
+class WithoutGil {
+public:
+    WithoutGil() : state_(PyEval_SaveThread()) {}
+    WithoutGil(const WithoutGil&) = delete;
+    WithoutGil& operator=(const WithoutGil&) = delete;
+    ~WithoutGil() {
+        reacquiring.fetch_add(1);
+        if (exiting.load() && PyThread_get_thread_ident() != main_thread) {
+            reacquiring.fetch_sub(1);
+            for (;;) std::this_thread::sleep_for(std::chrono::hours(24));
+        }
+        PyEval_RestoreThread(state_);
+        reacquiring.fetch_sub(1);
+    }
+
+private:
+    PyThreadState* state_;
+};
+
+void before_exit() {  // atexit, holding the GIL
+    exiting.store(true);
+    WithoutGil without_gil;
+    while (reacquiring.load() > 0) std::this_thread::yield();
+}
+
 // ---- Ctrl-C (issue 15): a long call from the main thread stops on SIGINT. ----
 //
 // Python runs its signal handlers in the main thread only, holding the GIL, between bytecodes:
@@ -165,14 +205,13 @@ pyrnn::Rows<F> rows(Array<F>& a) {
 // may replace in turn), for the whole process, for the length of every call.
 constexpr int64_t interruptible_work = int64_t(1) << 27;
 constexpr auto signal_check_interval = std::chrono::milliseconds(10);
-unsigned long main_thread = 0;  // PyThread_get_thread_ident() of threading.main_thread(), at import
 
 // run(stop) -> pyrnn::Status runs the kernel with the GIL released; throws what it throws, or the
 // exception of a signal handler that stopped it.
 template <typename Run>
 void run_kernel(int64_t work, const Run& run) {
     if (work < interruptible_work || PyThread_get_thread_ident() != main_thread) {
-        py::gil_scoped_release release;
+        WithoutGil without_gil;
         run(nullptr);
         return;
     }
@@ -281,7 +320,7 @@ Array<F> tanh(py::handle x_object) {
     const F* px = x.data();
     F* py_ = y.mutable_data();
     {
-        py::gil_scoped_release release;
+        WithoutGil without_gil;
         pyrnn::tanh<F>(px, py_, x.size());
     }
     return y;
@@ -387,6 +426,7 @@ py::tuple stack_forward(py::handle x_object, py::handle layers_object, py::handl
                                 layer_outputs.mutable_data(), h_n.mutable_data(), {}};
     call.options.activation = activation_arg(nonlinearity);
     call.options.precision = precision_arg<F>(precision);
+    if (B == 0 || H == 0) return py::make_tuple(layer_outputs, h_n);  // both empty: see forward
     run_kernel(L * D * T * B * H * (std::max(I, D * H) + H), [&](const std::atomic<bool>* stop) {
         call.options.stop = stop;
         return pyrnn::stack_forward<F>(call);
@@ -425,6 +465,15 @@ py::tuple stack_backward(py::handle grad_output_object, py::handle x_object, py:
                                  grad_x.mutable_data(), grad_h0.mutable_data(), grads.data(), {}};
     call.options.activation = activation_arg(nonlinearity);
     call.options.precision = precision_arg<F>(precision);
+    if (B == 0 || H == 0) {  // no step has any work (see forward): every gradient is 0
+        std::fill_n(grad_x.mutable_data(), grad_x.size(), F(0));
+        for (int64_t u = 0; u < L * D; ++u) {
+            std::fill_n(grads[u].weight_ih, H * (u < D ? I : D * H), F(0));
+            std::fill_n(grads[u].weight_hh, H * H, F(0));
+            std::fill_n(grads[u].bias, H, F(0));
+        }
+        return py::make_tuple(grad_x, grad_h0, grad_layers);
+    }
     run_kernel(2 * L * D * T * B * H * (std::max(I, D * H) + H), [&](const std::atomic<bool>* stop) {
         call.options.stop = stop;
         return pyrnn::stack_backward<F>(call);
@@ -484,6 +533,7 @@ PYBIND11_MODULE(_cpp, m) {
     m.def("tanh", &tanh_any, arg("x"),
           "Elementwise tanh by the kernel's vectorised approximation (exposed for its tests).");
     main_thread = py::module_::import("threading").attr("main_thread")().attr("ident").cast<unsigned long>();
+    py::module_::import("atexit").attr("register")(py::cpp_function(&before_exit));
     pyrnn::isa();  // choose the instruction set now: a bad $PYRNN_ISA fails the import, not a call
     m.def("isa", &pyrnn::isa,
           "Instruction set of the kernel in use: 'avx512amx' (bf16 products on AMX tiles), 'avx512bf16' "
@@ -497,7 +547,7 @@ PYBIND11_MODULE(_cpp, m) {
     m.def(
         "peak_loop",
         [](const std::string& precision, int threads, int64_t iterations) {
-            py::gil_scoped_release release;
+            WithoutGil without_gil;
             return pyrnn::peak_loop(precision, threads, iterations);
         },
         arg("precision"), arg("threads"), arg("iterations"),

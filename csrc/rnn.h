@@ -15,7 +15,7 @@
 
 namespace pyrnn {
 
-// φ in h_t = φ(a_t) (docs/design.md §1); its derivative is taken from the saved output h_t.
+// φ in h_t = φ(a_t) (docs/design.md §1); backward goes through it from the saved output h_t.
 enum class Activation { tanh, relu };
 
 // The arithmetic of the products (docs/design.md §1): fp32 multiplies the arrays' own type (float32

@@ -467,7 +467,7 @@ Status backward_pass(const Backward<F>& c, const LayerBackward<F>& w = {}) {
                                 go = dy;
                             }
                             for (int64_t k = 0; k < cols; ++k)
-                                da[k] = (g[k] + (last ? g_end[k] : F(0)) + go[k]) * Act::derivative(h[k]);
+                                da[k] = Act::gradient(g[k] + (last ? g_end[k] : F(0)) + go[k], h[k]);
                             grad_a_operand.update(s * B + b, j, da, cols);
                         }
                     }

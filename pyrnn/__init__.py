@@ -14,7 +14,7 @@ from ._api import Grads, backward, forward
 from ._stack import StackGrads, StackOutput, stack_backward, stack_forward
 from ._backends import available_backends, resolve_backend, unavailable_backends
 from ._threads import get_num_threads, set_num_threads
-from .gradcheck import GradcheckError, gradcheck, numerical_gradient
+from .gradcheck import GradcheckError, gradcheck, numerical_gradient, stack_gradcheck
 from . import losses, nn, optim
 from .nn import RNN, Linear
 
@@ -22,5 +22,5 @@ __version__ = "0.1.0"
 
 __all__ = ["forward", "backward", "Grads", "stack_forward", "stack_backward", "StackOutput", "StackGrads",
            "available_backends", "unavailable_backends", "resolve_backend",
-           "gradcheck", "GradcheckError", "numerical_gradient", "set_num_threads", "get_num_threads",
+           "gradcheck", "stack_gradcheck", "GradcheckError", "numerical_gradient", "set_num_threads", "get_num_threads",
            "RNN", "Linear", "nn", "losses", "optim"]

@@ -5,7 +5,7 @@ import sys
 import numpy as np
 
 from . import __version__, _backends
-from .gradcheck import GradcheckError, gradcheck
+from .gradcheck import GradcheckError, gradcheck, pre_activations, stack_gradcheck
 
 
 def _backends_command(args):
@@ -24,20 +24,41 @@ def _native_isa():
     return f" (instruction set {isa}; bf16 products: {products})"
 
 
+def _gradcheck_problem(rng, T, B, I, H, L, D, lengths, nonlinearity):
+    """(x, layers, h0) of a random float64 stack (one layer: L = D = 1); with relu, redrawn until
+    every pre-activation is at least 1e-3 from relu's kink."""
+    while True:
+        x = rng.standard_normal((T, B, I)) * 0.5
+        layers = [tuple(rng.standard_normal(shape) * 0.5 for shape in [(H, I if k < D else D * H), (H, H), (H,)])
+                  for k in range(L * D)]
+        h0 = rng.standard_normal((L * D, B, H)) * 0.5
+        if nonlinearity != "relu":
+            return x, layers, h0
+        if np.all(np.abs(pre_activations(x, layers, h0, lengths, None, D == 2, "relu")) >= 1e-3):
+            return x, layers, h0
+
+
 def _gradcheck_command(args):
-    """Gradient-check every backend on small random problems, with and without lengths."""
+    """Gradient-check every backend on small random problems, with and without lengths: one
+    layer, or the stack --layers and --bidirectional ask for."""
     rng = np.random.default_rng(args.seed)
     names = args.backends.split(",") if args.backends else _backends.available_backends()
+    L, D = args.layers, 2 if args.bidirectional else 1
     status = 0
     for name in names:
         for T, B, I, H in [(1, 1, 1, 1), (4, 3, 2, 5), (6, 2, 3, 4)]:
             for with_lengths in (False, True):
                 lengths = rng.integers(0, T + 1, size=B) if with_lengths else None
-                arrays = [rng.standard_normal(shape) * 0.5
-                          for shape in [(T, B, I), (H, I), (H, H), (H,), (B, H)]]
-                label = f"{name:6s} T={T} B={B} I={I} H={H} lengths={None if lengths is None else lengths.tolist()}"
+                x, layers, h0 = _gradcheck_problem(rng, T, B, I, H, L, D, lengths, args.nonlinearity)
+                stack = f"L={L} D={D} " if L * D > 1 else ""
+                label = (f"{name:6s} {args.nonlinearity} {stack}T={T} B={B} I={I} H={H} "
+                         f"lengths={None if lengths is None else lengths.tolist()}")
+                options = dict(lengths=lengths, backend=name, nonlinearity=args.nonlinearity)
                 try:
-                    errors = gradcheck(*arrays, lengths=lengths, backend=name)
+                    if L * D > 1:
+                        errors = stack_gradcheck(x, layers, h0, bidirectional=D == 2, **options)
+                    else:
+                        errors = gradcheck(x, *layers[0], h0[0], **options)
                 except (GradcheckError, ValueError) as error:
                     print(f"FAIL {label}\n{error}")
                     status = 1
@@ -95,6 +116,10 @@ def main(argv=None):
                         ).set_defaults(run=_backends_command)
     check = commands.add_parser("gradcheck", help="check every backend's gradients by finite differences")
     check.add_argument("--backends", help="comma-separated backend names (default: all available)")
+    check.add_argument("--nonlinearity", choices=["tanh", "relu"], default="tanh")
+    check.add_argument("--layers", type=int, default=1, help="check a stack of this many layers "
+                       "(pyrnn.stack_forward/stack_backward; default: %(default)s, one layer)")
+    check.add_argument("--bidirectional", action="store_true", help="both directions in every layer")
     check.add_argument("--seed", type=int, default=0)
     check.set_defaults(run=_gradcheck_command)
     _add_bench_parser(commands)

@@ -22,11 +22,14 @@ import functools
 
 import numpy as np
 
-# φ and its derivative written with the output h = φ(a), so that backward needs only the saved
-# outputs, never the pre-activations.
+# φ, and dL/da from dL/dh through it, written with the output h = φ(a), so that backward needs
+# only the saved outputs, never the pre-activations.
 ACTIVATIONS = {
-    "tanh": (np.tanh, lambda h: 1 - h**2),  # tanh' = 1 - h²
-    "relu": (lambda a: np.maximum(a, 0), lambda h: h > 0),  # relu' = [h > 0]: 0 at the kink
+    "tanh": (np.tanh, lambda grad_h, h: grad_h * (1 - h**2)),  # tanh' = 1 - h²
+    # relu passes the gradient where h > 0 and gives 0 elsewhere (0 at the kink), as torch's
+    # threshold_backward: a select, not grad_h · [h > 0], which is NaN where grad_h is inf or NaN
+    # on a row that relu cut off; NaN h (from NaN a) passes it, as in torch (NaN <= 0 is false).
+    "relu": (lambda a: np.maximum(a, 0), lambda grad_h, h: np.where(h <= 0, 0, grad_h)),
 }
 
 
@@ -98,14 +101,14 @@ def forward(x, weight_ih, weight_hh, bias, h0, lengths, nonlinearity="tanh", pre
 def backward(grad_output, x, weight_ih, weight_hh, output, h0, grad_h_n, lengths,
              nonlinearity="tanh", precision="fp32"):
     """BPTT: -> (grad_x, grad_h0, grad_weight_ih, grad_weight_hh, grad_bias)."""
-    _, phi_prime = ACTIVATIONS[nonlinearity]
+    _, through_phi = ACTIVATIONS[nonlinearity]
     product = PRODUCTS[precision]
     T, B, _ = x.shape
     valid = valid_steps(lengths, T, B)[:, :, None]
     grad_a = np.zeros_like(output)  # dL/da_t, 0 on padding
     g = grad_h_n.copy()  # dL/dh flowing back from the future
     for t in reversed(range(T)):
-        da = (g + grad_output[t]) * phi_prime(output[t])  # φ'(a_t) from h_t
+        da = through_phi(g + grad_output[t], output[t])  # dL/dh_t · φ'(a_t), from h_t
         grad_a[t] = np.where(valid[t], da, 0)
         g = np.where(valid[t], product(da, weight_hh), g)  # padding rows pass g through
     return (product(grad_a, weight_ih), g) + weight_gradients(grad_a, x, output, h0, valid, product)

@@ -60,3 +60,40 @@ def test_gradcheck_command_runs(capsys):
 
     assert main(["gradcheck", "--backends", "numpy"]) == 0
     assert "ok   numpy" in capsys.readouterr().out
+
+
+def test_gradcheck_command_checks_relu_stacks(capsys):
+    from pyrnn.__main__ import main
+
+    assert main(["gradcheck", "--backends", "numpy", "--nonlinearity", "relu", "--layers", "2",
+                 "--bidirectional"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("ok   numpy  relu L=2 D=2") == 6 and "FAIL" not in out
+
+
+def test_gradcheck_command_fails_on_a_wrong_stack_gradient(monkeypatch, capsys):
+    """A check that cannot fail proves nothing: one layer's weight_hh gradient off by 0.1%."""
+    from pyrnn.__main__ import main
+
+    correct = pyrnn.reference.stack_backward
+
+    def wrong_weight_hh_of_layer_1(*args, **kwargs):
+        grad_x, grad_h0, units = correct(*args, **kwargs)
+        units[1] = (units[1][0], units[1][1] * 1.001, units[1][2])
+        return grad_x, grad_h0, units
+
+    monkeypatch.setattr(pyrnn.reference, "stack_backward", wrong_weight_hh_of_layer_1)
+    assert main(["gradcheck", "--backends", "numpy", "--layers", "2"]) == 1
+    assert "grad layers[1].weight_hh" in capsys.readouterr().out
+
+
+def test_stack_gradcheck_checks_every_input(backend):
+    rng = np.random.default_rng(5)
+    T, B, I, H, L, D = 3, 2, 2, 3, 2, 2
+    layers = [(0.5 * rng.standard_normal((H, I if k < D else D * H)), 0.5 * rng.standard_normal((H, H)), None)
+              for k in range(L * D)]
+    errors = pyrnn.stack_gradcheck(rng.standard_normal((T, B, I)), layers, lengths=[3, 1], bidirectional=True,
+                                   dropout_masks=(rng.random((L - 1, T, B, D * H)) > 0.3) / 0.7, backend=backend)
+    assert set(errors) == {"x", "h0"} | {f"layers[{k}].{name}" for k in range(L * D)
+                                         for name in ("weight_ih", "weight_hh", "bias")}
+    assert max(errors.values()) < 1e-6

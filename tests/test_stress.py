@@ -2,6 +2,7 @@
 load, fork while computing, allocations that cannot succeed. Every backend unless said otherwise."""
 import gc
 import os
+import subprocess
 import sys
 import threading
 import tracemalloc
@@ -173,9 +174,7 @@ def test_memory_stays_flat_over_many_calls(backend):
 
 def test_fork_while_another_thread_computes(backend, tmp_path):
     """The parent has a thread in the middle of calls when it forks: the child must not wait on
-    that thread's locks or workers, which it does not have. (The busy thread ends by itself: a
-    daemon thread still in a native call at exit is killed by pthread_exit, whose unwinding
-    through pybind11's GIL release aborts the process.)"""
+    that thread's locks or workers, which it does not have."""
     if backend == "numpy":
         pytest.skip("the reference is NumPy only: a child forked while another thread is inside "
                     "NumPy's matrix product hung, intermittently, in that product (OpenBLAS's lock "
@@ -185,6 +184,28 @@ def test_fork_while_another_thread_computes(backend, tmp_path):
              f"def busy():\n    for _ in range(300):\n        forward_and_backward(problems[4], {backend!r})\n"
              f"threading.Thread(target=busy).start()")
     assert forked_child_agrees(setup, f"forward_and_backward(problems[2], {backend!r})[0]", tmp_path)
+
+
+def test_exit_while_a_daemon_thread_is_inside_a_call(backend, tmp_path):
+    """The interpreter exits while a daemon thread is in a call of seconds: the process ends
+    normally (CPython < 3.14 ends such a thread with pthread_exit when it asks for the GIL back,
+    which aborted the process when its unwinding met the native module's C++; csrc/bindings.cpp:
+    WithoutGil)."""
+    code = f"""if True:
+        import threading, time, numpy as np, pyrnn
+        T, B, I, H = 5000, 1, 16, 2048  # ~20 G multiply-adds: seconds
+        x, weight_ih, weight_hh = (np.zeros(shape, np.float32) for shape in ((T, B, I), (H, I), (H, H)))
+        inside = threading.Event()
+        def long_call():
+            inside.set()
+            pyrnn.forward(x, weight_ih, weight_hh, backend={backend!r})
+        threading.Thread(target=long_call, daemon=True).start()
+        inside.wait()
+        time.sleep(0.2)
+        print("exiting")
+        """
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert (out.returncode, out.stdout) == (0, "exiting\n"), out.stderr[-3000:]
 
 
 @pytest.mark.parametrize("direction", ["forward", "backward"])

@@ -89,3 +89,37 @@ def test_float32_tensors_are_computed_in_float32(backend):
     assert output.dtype == h_n.dtype == np.float32
     expected, _ = pyrnn.forward(x.numpy(), weight_ih.numpy(), weight_hh.numpy(), backend=backend)
     np.testing.assert_array_equal(output, expected)
+
+
+def test_relu_stops_an_inf_or_nan_gradient_at_a_unit_it_cut_off(backend):
+    """torch's relu backward is a select (0 where h <= 0, its threshold_backward), so an inf or
+    NaN gradient reaching a unit that relu cut off stops there, and every gradient stays finite;
+    a product with [h > 0] would make it 0 · inf = NaN (docs/design.md §1)."""
+    rng = np.random.default_rng(7)
+    T, B, I, H = 4, 3, 2, 5
+    problem = make_problem(rng, T, B, I, H)
+    output, h_n = pyrnn.forward(**problem, nonlinearity="relu", backend="numpy")
+    cut = output == 0
+    assert cut.any() and (~cut).any() and (h_n == 0).any()
+    grad_output = rng.standard_normal(output.shape)
+    grad_output[cut] = rng.choice([np.inf, -np.inf, np.nan], size=int(cut.sum()))
+    grad_h_n = rng.standard_normal(h_n.shape)
+    grad_h_n[h_n == 0] = np.nan
+
+    rnn = torch.nn.RNN(I, H, nonlinearity="relu", dtype=torch.float64)
+    with torch.no_grad():
+        for name, value in (("weight_ih_l0", problem["weight_ih"]), ("weight_hh_l0", problem["weight_hh"]),
+                            ("bias_ih_l0", problem["bias"]), ("bias_hh_l0", np.zeros(H))):
+            getattr(rnn, name).copy_(torch.from_numpy(value))
+    x, h0 = (torch.from_numpy(problem[name]).requires_grad_() for name in ("x", "h0"))
+    output_torch, h_n_torch = rnn(x, h0[None])
+    torch.autograd.backward([output_torch, h_n_torch], [torch.from_numpy(grad_output),
+                                                        torch.from_numpy(grad_h_n[None])])
+    expected = [g.numpy() for g in (x.grad, h0.grad, rnn.weight_ih_l0.grad, rnn.weight_hh_l0.grad,
+                                    rnn.bias_ih_l0.grad)]
+    grads = pyrnn.backward(grad_output, problem["x"], problem["weight_ih"], problem["weight_hh"], output,
+                           problem["h0"], grad_h_n=grad_h_n, nonlinearity="relu", backend=backend)
+    np.testing.assert_allclose(output, output_torch.detach().numpy(), rtol=0, atol=1e-12)
+    for name, ours, theirs in zip(grads._fields, grads, expected):
+        assert np.isfinite(theirs).all(), name
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-11, err_msg=f"grad {name}")

@@ -1,7 +1,7 @@
 """The nonlinearity φ of h_t = φ(a_t) as a policy the compiled time loops take (docs/design.md
-§1): ``apply(activation, a)`` in the forward step, ``derivative(activation, h)`` from the saved
-output in the backward one, ``activation`` being one of the codes in NONLINEARITIES. Adding
-one: its two functions, a code, and a case in apply and derivative.
+§1): ``apply(activation, a)`` in the forward step, ``gradient(activation, grad_h, h)`` (dL/da from
+dL/dh and the saved output h) in the backward one, ``activation`` being one of the codes in
+NONLINEARITIES. Adding one: its two functions, a code, and a case in apply and gradient.
 
 The code is an argument of the compiled loops, not a compile-time constant: one compiled loop
 serves every activation, so the first call compiles as long as with tanh alone (a loop per
@@ -118,13 +118,13 @@ def _tanh_of_type(x):
     return (lambda x: tanh32(x)) if x == types.float32 else (lambda x: tanh64(np.float64(x)))
 
 
-tanh_derivative = _compiled_only("tanh_derivative")
+tanh_gradient = _compiled_only("tanh_gradient")
 
 
-@overload(tanh_derivative)
-def _tanh_derivative_of_type(h):
+@overload(tanh_gradient)
+def _tanh_gradient_of_type(grad_h, h):
     _, one = _zero_and_one(h)
-    return lambda h: one - h * h  # tanh' = 1 - h_t²
+    return lambda grad_h, h: grad_h * (one - h * h)  # tanh' = 1 - h_t²
 
 
 relu = _compiled_only("relu")
@@ -136,13 +136,15 @@ def _relu_of_type(a):
     return lambda a: zero if a < zero else a  # max(a, 0); NaN stays NaN (NaN < 0 is false)
 
 
-relu_derivative = _compiled_only("relu_derivative")
+relu_gradient = _compiled_only("relu_gradient")
 
 
-@overload(relu_derivative)
-def _relu_derivative_of_type(h):
-    zero, one = _zero_and_one(h)
-    return lambda h: one if h > zero else zero  # relu' = [h_t > 0]: 0 at the kink, as torch
+@overload(relu_gradient)
+def _relu_gradient_of_type(grad_h, h):
+    zero, _ = _zero_and_one(h)
+    # grad_h where h_t > 0, else 0 (0 at the kink): a select, as torch's threshold_backward, not
+    # grad_h · [h_t > 0], which is NaN for an inf or NaN grad_h where relu cut h_t off
+    return lambda grad_h, h: zero if h <= zero else grad_h
 
 
 @njit(inline="always")
@@ -155,8 +157,8 @@ def apply(activation, a):
 
 
 @njit(inline="always")
-def derivative(activation, h):
-    """φ'(a) written with the output h = φ(a), for the activation code `activation`."""
+def gradient(activation, grad_h, h):
+    """dL/da = dL/dh · φ'(a), written with the output h = φ(a), for the activation code `activation`."""
     if activation == RELU:
-        return relu_derivative(h)
-    return tanh_derivative(h)
+        return relu_gradient(grad_h, h)
+    return tanh_gradient(grad_h, h)

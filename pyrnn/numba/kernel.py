@@ -14,7 +14,7 @@ import numpy as np
 from numba import njit
 
 from ..reference import PRODUCTS, round_to_bf16, valid_steps, weight_gradients
-from .activations import NONLINEARITIES, apply, derivative
+from .activations import NONLINEARITIES, apply, gradient
 from .intrinsics import stack_tile
 from .products import (PANEL_VECTORS, PRECISIONS, TILE_ROWS, empty_packed, matmul_columns, operand,
                        pack, panel_columns, panel_width, product_tile)
@@ -95,7 +95,7 @@ def _grad_a_columns(activation, precision, t, grad_output, output, g, lengths, g
         if t < lengths[b]:
             g_b, go, h = g[b, k0:k1], grad_output[t, b, k0:k1], output[t, b, k0:k1]
             for k in range(da.shape[0]):
-                da[k] = (g_b[k] + go[k]) * derivative(activation, h[k])
+                da[k] = gradient(activation, g_b[k] + go[k], h[k])
                 da_operand[k] = operand(precision, da[k])
         else:
             da[:] = 0.0
