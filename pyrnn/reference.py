@@ -67,9 +67,9 @@ def without_float_warnings(function):
     """NaN and inf in the inputs are values that propagate to the results, as in the compiled
     backends, not NumPy warnings (overflow, invalid) raised on the way."""
     @functools.wraps(function)
-    def quietly(*arguments):
+    def quietly(*arguments, **keywords):
         with np.errstate(all="ignore"):
-            return function(*arguments)
+            return function(*arguments, **keywords)
     return quietly
 
 
@@ -161,6 +161,7 @@ def _layer_input(x, layer_outputs, dropout_masks, l):
     return layer_outputs[l - 1] * dropout_masks[l - 1]
 
 
+@without_float_warnings
 def stack_forward(x, layers, h0, lengths, dropout_masks, bidirectional, nonlinearity,
                   precision="fp32", layer_forward=forward):
     """L layers × D directions -> (layer_outputs (L, T, B, D·H), h_n (L·D, B, H)) (docs/design.md §1).
@@ -187,6 +188,7 @@ def stack_forward(x, layers, h0, lengths, dropout_masks, bidirectional, nonlinea
     return layer_outputs, h_n
 
 
+@without_float_warnings
 def stack_backward(grad_output, x, layers, layer_outputs, h0, grad_h_n, lengths, dropout_masks,
                    bidirectional, nonlinearity, precision="fp32", layer_backward=backward):
     """BPTT through stack_forward -> (grad_x, grad_h0, [(grad_weight_ih, grad_weight_hh,
