@@ -534,6 +534,10 @@ PYBIND11_MODULE(_cpp, m) {
           "Elementwise tanh by the kernel's vectorised approximation (exposed for its tests).");
     main_thread = py::module_::import("threading").attr("main_thread")().attr("ident").cast<unsigned long>();
     py::module_::import("atexit").attr("register")(py::cpp_function(&before_exit));
+    // NumPy's C API is looked up now, by the importing thread: looked up on first use, inside a call,
+    // it imports numpy's module there, running Python code in our C++ frames, where a daemon thread
+    // may be told to exit (see WithoutGil).
+    py::detail::npy_api::get();
     pyrnn::isa();  // choose the instruction set now: a bad $PYRNN_ISA fails the import, not a call
     m.def("isa", &pyrnn::isa,
           "Instruction set of the kernel in use: 'avx512amx' (bf16 products on AMX tiles), 'avx512bf16' "

@@ -186,22 +186,21 @@ def test_fork_while_another_thread_computes(backend, tmp_path):
     assert forked_child_agrees(setup, f"forward_and_backward(problems[2], {backend!r})[0]", tmp_path)
 
 
-def test_exit_while_a_daemon_thread_is_inside_a_call(backend, tmp_path):
-    """The interpreter exits while a daemon thread is in a call of seconds: the process ends
-    normally (CPython < 3.14 ends such a thread with pthread_exit when it asks for the GIL back,
-    which aborted the process when its unwinding met the native module's C++; csrc/bindings.cpp:
-    WithoutGil)."""
+def test_exit_while_a_daemon_thread_calls(backend, tmp_path):
+    """The interpreter exits while a daemon thread makes call after call: the process ends
+    normally. (CPython < 3.14 ends a thread that asks for the GIL back during finalization with
+    pthread_exit; when one of the calls returned then, the unwinding met the native module's C++
+    and aborted the process, every time here; csrc/bindings.cpp: WithoutGil.)"""
     code = f"""if True:
-        import threading, time, numpy as np, pyrnn
-        T, B, I, H = 5000, 1, 16, 2048  # ~20 G multiply-adds: seconds
-        x, weight_ih, weight_hh = (np.zeros(shape, np.float32) for shape in ((T, B, I), (H, I), (H, H)))
-        inside = threading.Event()
-        def long_call():
-            inside.set()
-            pyrnn.forward(x, weight_ih, weight_hh, backend={backend!r})
-        threading.Thread(target=long_call, daemon=True).start()
-        inside.wait()
-        time.sleep(0.2)
+        import threading, numpy as np, pyrnn
+        x, weight_ih, weight_hh = (np.zeros(shape, np.float32) for shape in ((20, 4, 16), (256, 16), (256, 256)))
+        called = threading.Event()
+        def calls():
+            while True:
+                pyrnn.forward(x, weight_ih, weight_hh, backend={backend!r})
+                called.set()
+        threading.Thread(target=calls, daemon=True).start()
+        called.wait()
         print("exiting")
         """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
