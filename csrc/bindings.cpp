@@ -75,9 +75,22 @@ Array<F> array_arg(py::handle object, const char* name, std::initializer_list<py
     return array;
 }
 
+// A new C-contiguous array of this shape, or a ValueError where its strides overflow: pybind11
+// computes them (itemsize times the later dimensions) before NumPy checks the size, and signed
+// overflow is undefined behaviour (an array with a 0 dimension first can have such strides).
+template <typename F>
+Array<F> new_array(std::initializer_list<py::ssize_t> shape) {
+    py::ssize_t stride = sizeof(F);
+    for (size_t i = shape.size(); i-- > 1;)
+        if (__builtin_mul_overflow(stride, shape.begin()[i], &stride))
+            throw py::value_error("array is too big: a result of shape " + shape_str(shape) +
+                                  " has strides past the largest byte offset");
+    return Array<F>(std::vector<py::ssize_t>(shape));
+}
+
 template <typename F>
 Array<F> zeros(std::initializer_list<py::ssize_t> shape) {
-    Array<F> array{std::vector<py::ssize_t>(shape)};
+    Array<F> array = new_array<F>(shape);
     std::fill_n(array.mutable_data(), array.size(), F(0));
     return array;
 }
@@ -209,7 +222,7 @@ constexpr auto signal_check_interval = std::chrono::milliseconds(10);
 // run(stop) -> pyrnn::Status runs the kernel with the GIL released; throws what it throws, or the
 // exception of a signal handler that stopped it.
 template <typename Run>
-void run_kernel(int64_t work, const Run& run) {
+void run_kernel(double work, const Run& run) {  // a double: huge dimensions could overflow int64
     if (work < interruptible_work || PyThread_get_thread_ident() != main_thread) {
         WithoutGil without_gil;
         run(nullptr);
@@ -263,8 +276,7 @@ py::tuple forward(py::handle x_object, py::handle weight_ih_object, py::handle w
                    h0 = optional_arg<F>(h0_object, "h0", {B, H});
     const int64_t* lens = checked_lengths(lengths_object, T, B);
 
-    Array<F> output({T, B, H});
-    Array<F> h_n({B, H});
+    Array<F> output = new_array<F>({T, B, H}), h_n = new_array<F>({B, H});
     pyrnn::Forward<F> call{T, B, I, H, rows(x), weight_ih.data(), weight_hh.data(), bias.data(),
                            rows(h0), lens, rows(output), rows(h_n), {}};
     call.options.activation = activation_arg(nonlinearity);
@@ -273,7 +285,7 @@ py::tuple forward(py::handle x_object, py::handle weight_ih_object, py::handle w
     // its time loop would still count T steps, and T is unbounded here (x of shape
     // (2**58, 0, 1) holds no bytes).
     if (B == 0 || H == 0) return py::make_tuple(output, h_n);
-    run_kernel(T * B * H * (I + H), [&](const std::atomic<bool>* stop) {
+    run_kernel(double(T) * B * H * (I + H), [&](const std::atomic<bool>* stop) {
         call.options.stop = stop;
         return pyrnn::forward<F>(call);
     });
@@ -293,8 +305,9 @@ py::tuple backward(py::handle grad_output_object, py::handle x_object, py::handl
                    h0 = optional_arg<F>(h0_object, "h0", {B, H}),
                    grad_h_n = optional_arg<F>(grad_h_n_object, "grad_h_n", {B, H});
     const int64_t* lens = checked_lengths(lengths_object, T, B);
-    Array<F> grad_x({T, B, I}), grad_h0({B, H}), grad_weight_ih({H, I}), grad_weight_hh({H, H}),
-        grad_bias({H});
+    Array<F> grad_x = new_array<F>({T, B, I}), grad_h0 = new_array<F>({B, H}),
+             grad_weight_ih = new_array<F>({H, I}), grad_weight_hh = new_array<F>({H, H}),
+             grad_bias = new_array<F>({H});
     pyrnn::Backward<F> call{T, B, I, H, rows(grad_output), rows(x), weight_ih.data(), weight_hh.data(),
                             rows(output), rows(h0), rows(grad_h_n), lens, rows(grad_x), rows(grad_h0),
                             grad_weight_ih.mutable_data(), grad_weight_hh.mutable_data(),
@@ -306,7 +319,7 @@ py::tuple backward(py::handle grad_output_object, py::handle x_object, py::handl
             std::fill_n(grad->mutable_data(), grad->size(), F(0));
         return py::make_tuple(grad_x, grad_h0, grad_weight_ih, grad_weight_hh, grad_bias);
     }
-    run_kernel(2 * T * B * H * (I + H), [&](const std::atomic<bool>* stop) {
+    run_kernel(2.0 * T * B * H * (I + H), [&](const std::atomic<bool>* stop) {
         call.options.stop = stop;
         return pyrnn::backward<F>(call);
     });
@@ -421,13 +434,13 @@ py::tuple stack_forward(py::handle x_object, py::handle layers_object, py::handl
     const int64_t* lens = checked_lengths(lengths_object, T, B);
     const F* masks = masks_arg<F>(masks_object, L, T, B, D * H);
 
-    Array<F> layer_outputs({L, T, B, D * H}), h_n({L * D, B, H});
+    Array<F> layer_outputs = new_array<F>({L, T, B, D * H}), h_n = new_array<F>({L * D, B, H});
     pyrnn::StackForward<F> call{L, D, T, B, I, H, x.data(), layers.weights.data(), h0.data(), lens, masks,
                                 layer_outputs.mutable_data(), h_n.mutable_data(), {}};
     call.options.activation = activation_arg(nonlinearity);
     call.options.precision = precision_arg<F>(precision);
     if (B == 0 || H == 0) return py::make_tuple(layer_outputs, h_n);  // both empty: see forward
-    run_kernel(L * D * T * B * H * (std::max(I, D * H) + H), [&](const std::atomic<bool>* stop) {
+    run_kernel(double(L) * D * T * B * H * (std::max(I, D * H) + H), [&](const std::atomic<bool>* stop) {
         call.options.stop = stop;
         return pyrnn::stack_forward<F>(call);
     });
@@ -452,11 +465,12 @@ py::tuple stack_backward(py::handle grad_output_object, py::handle x_object, py:
     const int64_t* lens = checked_lengths(lengths_object, T, B);
     const F* masks = masks_arg<F>(masks_object, L, T, B, D * H);
 
-    Array<F> grad_x({T, B, I}), grad_h0({L * D, B, H});
+    Array<F> grad_x = new_array<F>({T, B, I}), grad_h0 = new_array<F>({L * D, B, H});
     py::list grad_layers;
     std::vector<pyrnn::WeightGrads<F>> grads;
     for (int64_t u = 0; u < L * D; ++u) {
-        Array<F> weight_ih({H, u < D ? I : D * H}), weight_hh({H, H}), bias({H});
+        Array<F> weight_ih = new_array<F>({H, u < D ? I : D * H}), weight_hh = new_array<F>({H, H}),
+                 bias = new_array<F>({H});
         grads.push_back({weight_ih.mutable_data(), weight_hh.mutable_data(), bias.mutable_data()});
         grad_layers.append(py::make_tuple(weight_ih, weight_hh, bias));
     }
@@ -474,7 +488,7 @@ py::tuple stack_backward(py::handle grad_output_object, py::handle x_object, py:
         }
         return py::make_tuple(grad_x, grad_h0, grad_layers);
     }
-    run_kernel(2 * L * D * T * B * H * (std::max(I, D * H) + H), [&](const std::atomic<bool>* stop) {
+    run_kernel(2.0 * L * D * T * B * H * (std::max(I, D * H) + H), [&](const std::atomic<bool>* stop) {
         call.options.stop = stop;
         return pyrnn::stack_backward<F>(call);
     });
