@@ -274,9 +274,9 @@ def _kernel_precision(data, hx, weights):
         if dtype == torch.float32:
             precision = "bf16"
     inputs_may_be = (dtype, torch.bfloat16) if precision == "bf16" else (dtype,)
-    for tensor in (data, hx, *weights):
-        if tensor is not None and (tensor.dtype not in (inputs_may_be if tensor is data or tensor is hx else (dtype,))
-                                   or tensor.device.type != "cpu" or tensor.layout != torch.strided):
+    given = [(t, inputs_may_be) for t in (data, hx) if t is not None] + [(w, (dtype,)) for w in weights]
+    for tensor, dtypes in given:
+        if tensor.dtype not in dtypes or tensor.device.type != "cpu" or tensor.layout != torch.strided:
             return None
     if torch.compiler.is_compiling():
         return precision
