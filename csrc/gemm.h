@@ -55,7 +55,9 @@ static inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // A micro-kernel call streams its panel from L2 (or L3: a weight_hh of 4 MB), 128 bytes per step
 // (2 lines), faster than the hardware's L1 prefetcher fetches it: each step asks for the lines
 // 8 steps ahead (measured on the recurrent step's product, B = 64, H = 1024: 132 -> 147 GFLOP/s;
-// 16 or 32 steps ahead no better, into L2 only no gain). A prefetch past the end never faults.
+// 16 or 32 steps ahead no better, into L2 only no gain). Only tiles of >= 8 vectors do: with
+// fewer rows a step is bound by its loads, not its FMAs, and two more cost B = 1, H = 64 a fifth
+// of its speed. A prefetch past the end never faults.
 template <typename P>
 static inline void prefetch_panel(const typename P::Stored* panel_row) {
     constexpr int step_bytes = P::k_group * Tile<typename P::Acc>::NR * sizeof(typename P::Stored);
@@ -89,7 +91,7 @@ static inline void micro_kernel(int64_t K, const typename P::Stored* a, int64_t 
     auto step = [&](Vec<Acc>(&sum)[R][NV], const typename P::Stored* ak, const typename P::Stored* bk)
                     __attribute__((always_inline)) {
         typename P::PanelVec bv[NV];
-        prefetch_panel<P>(bk);
+        if constexpr (S == 1) prefetch_panel<P>(bk);
 #pragma GCC unroll 4
         for (int v = 0; v < NV; ++v) bv[v] = P::load_panel(bk, v);
 #pragma GCC unroll 16
@@ -231,10 +233,18 @@ template <typename P> inline int64_t pack_b_size(int64_t K, int64_t N) {
 // stream that every panel reuses.
 template <typename P>
 static inline void pack_columns(int rows, int64_t kc, View<typename P::Stored> a, typename P::Stored* dst) {
+    using S = typename P::Stored;
     constexpr int MR = block_rows<P>, G = P::k_group;
-    const int64_t padded = ceil_div(kc, G) * G;
-    for (int64_t k = 0; k < padded; ++k)
-        for (int r = 0; r < MR; ++r) dst[k * MR + r] = k < kc && r < rows ? a(r, k) : typename P::Stored(0);
+    for (int64_t k = 0; k < kc; ++k) {
+        if (rows == MR) {
+            std::memcpy(dst + k * MR, &a(0, k), sizeof(S) * MR);  // a constant size: vector moves
+        } else {
+            for (int r = 0; r < rows; ++r) dst[k * MR + r] = a(r, k);
+            for (int r = rows; r < MR; ++r) dst[k * MR + r] = S(0);
+        }
+    }
+    for (int64_t k = kc; k < ceil_div(kc, G) * G; ++k)
+        for (int r = 0; r < MR; ++r) dst[k * MR + r] = S(0);
 }
 
 // C[0:M, n0:n1] = bias[n0:n1] (or 0) + A·B, with A (M×K) row-major (A.cs == 1) or column-major
@@ -255,19 +265,22 @@ static void gemm(int64_t M, int64_t n0, int64_t n1, int64_t K, View<typename P::
     }
     for (int64_t jc = n0; jc < n1; jc += NC<Acc>) {
         const int64_t nc = min64(NC<Acc>, n1 - jc);
+        const bool pack_a = A.cs != 1 && nc > 2 * NR;  // a copy used by one or two panels costs more than it saves
         for (int64_t pc = 0; pc < K; pc += KC) {
             const int64_t kc = min64(KC, K - pc);
             P::pack(kc, nc, B.shifted(pc, jc), pack_b_buf);
             for (int64_t ir = 0; ir < M; ir += MR) {
                 const int rows = int(min64(MR, M - ir));
-                if (A.cs != 1) pack_columns<P>(rows, kc, A.shifted(ir, pc), a_panel);
+                if (pack_a) pack_columns<P>(rows, kc, A.shifted(ir, pc), a_panel);
                 for (int64_t jr = 0; jr < nc; jr += NR) {
                     const int64_t cols = min64(NR, nc - jr);
                     const typename P::Stored* panel = pack_b_buf + P::panel_size(kc) * (jr / NR);
                     if (A.cs == 1)
                         product_rows<P, true>(rows, kc, &A(ir, pc), A.rs, panel, tile);
-                    else
+                    else if (pack_a)
                         product_rows<P>(rows, kc, a_panel, MR, panel, tile);
+                    else
+                        product_rows<P>(rows, kc, &A(ir, pc), A.cs, panel, tile);
                     for (int r = 0; r < rows; ++r) {
                         Acc* c = C + (ir + r) * ldc + jc + jr;
                         const Acc* t = tile + r * NR;
