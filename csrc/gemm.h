@@ -103,6 +103,9 @@ static inline void micro_kernel(int64_t K, const typename P::Stored* a, int64_t 
     };
     const int64_t groups = (K + G - 1) / G;  // P::pack zero-pads B's last group
     int64_t g = 0;
+    // Two steps per iteration: the loop's own instructions and its 12+ address updates halved
+    // (measured: 12×32 tile in L1 168 -> 177 GFLOP/s, B = 1, H = 64 step 82 -> 96; by 4 no better).
+#pragma GCC unroll 2
     for (; g + S <= groups; g += S)
 #pragma GCC unroll 4
         for (int s = 0; s < S; ++s) step(acc[s], a + (g + s) * G * a_k, b + (g + s) * G * NR);
