@@ -288,9 +288,12 @@ def _kernel_precision(data, hx, weights):
         if dtype == torch.float32:
             precision = "bf16"
     inputs_may_be = (dtype, torch.bfloat16) if precision == "bf16" else (dtype,)
-    given = [(t, inputs_may_be) for t in (data, hx) if t is not None] + [(w, (dtype,)) for w in weights]
-    for tensor, dtypes in given:
-        if tensor.dtype not in dtypes or not tensor.is_cpu or tensor.layout != torch.strided:
+    for tensor in (data, hx):
+        if tensor is not None and (tensor.dtype not in inputs_may_be or not tensor.is_cpu
+                                   or tensor.layout != torch.strided):
+            return None
+    for weight in weights:
+        if weight.dtype != dtype or not weight.is_cpu or weight.layout != torch.strided:
             return None
     if torch.compiler.is_compiling():
         return precision
