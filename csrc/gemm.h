@@ -4,7 +4,7 @@
 // The Goto/BLIS structure: B is copied ("packed") into NR-column panels, k-major, so that the
 // micro-kernel streams it with aligned-free unit-stride vector loads and keeps an MR×NR tile of C
 // in vector registers for the whole k loop; A is read in place by broadcasts (see micro_kernel).
-// Block sizes keep a KC×NR panel of B and an MC×KC block of A in L2 (see KC). A and B are strided
+// Block sizes keep a KC×NC block of B in L2 and MR×KC of A in L1 (see KC). A and B are strided
 // views, so transposed operands (weight_ihᵀ, grad_aᵀ) cost nothing but B's packing.
 //
 // What the operands are stored as, what they are summed in and how B's panels are laid out is a
@@ -31,14 +31,14 @@ template <typename F> struct Tile {
     static constexpr int MR = PYRNN_VECTOR_BYTES == 64 ? 12 : 6;
 };
 
-// Cache blocking of gemm(): a KC×NR panel of B per micro-kernel call (64 KiB with AVX-512) and an
-// MC×KC block of A (<= 400 KiB). The panel would fit L1 at KC = 256, but every KC block is one
-// more pass of reads and writes over C, and the weight gradients' C (H×H, 4-25 MB) lives in L3
-// or memory: measured train at 1 thread, KC = 512 and MC = 8·MR against 256 and 16·MR, float64
-// large 317 against 346 ms, deepbench 695 against 731; float32 large 148 against 157 (KC = 1024
-// was slower again).
-constexpr int64_t KC = 512, NC = 1024;
-template <typename F> constexpr int64_t MC = 8 * Tile<F>::MR;
+// Cache blocking of gemm(): a KC×NC block of B packed (1 MiB, in L2 of 2 MiB), and for each MR
+// rows of A a KC-long micro-panel (12 KiB float, in L1) run against every NR-column panel of the
+// block in turn, the panels streamed from L2. Measured at 1 thread (float32, GFLOP/s, against the
+// former order: 8·MR rows of A against each panel, KC = 512): the input product 3200×512×1024
+// 122 -> 153; grad_weight_hh 1024×3200×1024 (A packed, see pack_columns) 60 -> 126-130.
+// KC = 512 gave 132 and 106-119, KC = 1024 less again, NC = 512 less.
+constexpr int64_t KC = 256;
+template <typename F> constexpr int64_t NC = 4096 / sizeof(F);  // 1 MiB packed at KC, either type
 
 // Element (i, k) of a strided matrix: p[i·rs + k·cs].
 template <typename F> struct View {
@@ -51,6 +51,20 @@ template <typename F> struct View {
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 static inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 static inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// A micro-kernel call streams its panel from L2 (or L3: a weight_hh of 4 MB), 128 bytes per step
+// (2 lines), faster than the hardware's L1 prefetcher fetches it: each step asks for the lines
+// 8 steps ahead (measured on the recurrent step's product, B = 64, H = 1024: 132 -> 147 GFLOP/s;
+// 16 or 32 steps ahead no better, into L2 only no gain). Only tiles of >= 8 vectors do: with
+// fewer rows a step is bound by its loads, not its FMAs, and two more cost B = 1, H = 64 a fifth
+// of its speed. A prefetch past the end never faults.
+template <typename P>
+static inline void prefetch_panel(const typename P::Stored* panel_row) {
+    constexpr int step_bytes = P::k_group * Tile<typename P::Acc>::NR * sizeof(typename P::Stored);
+    const char* ahead = reinterpret_cast<const char*>(panel_row) + 8 * step_bytes;
+#pragma GCC unroll 2
+    for (int line = 0; line < step_bytes; line += 64) __builtin_prefetch(ahead + line, 0, 3);
+}
 
 // tile (R×NR) = Σ_k A(r, k) · B(k, j): NR columns of B packed by P (P::pack), and R rows of A
 // read in place, A(r, k) = a[k·lda + r] (column-major, e.g. grad_aᵀ) or,
@@ -77,6 +91,7 @@ static inline void micro_kernel(int64_t K, const typename P::Stored* a, int64_t 
     auto step = [&](Vec<Acc>(&sum)[R][NV], const typename P::Stored* ak, const typename P::Stored* bk)
                     __attribute__((always_inline)) {
         typename P::PanelVec bv[NV];
+        if constexpr (S == 1) prefetch_panel<P>(bk);
 #pragma GCC unroll 4
         for (int v = 0; v < NV; ++v) bv[v] = P::load_panel(bk, v);
 #pragma GCC unroll 16
@@ -88,6 +103,9 @@ static inline void micro_kernel(int64_t K, const typename P::Stored* a, int64_t 
     };
     const int64_t groups = (K + G - 1) / G;  // P::pack zero-pads B's last group
     int64_t g = 0;
+    // Two steps per iteration: the loop's own instructions and its 12+ address updates halved
+    // (measured: 12×32 tile in L1 168 -> 177 GFLOP/s, B = 1, H = 64 step 82 -> 96; by 4 no better).
+#pragma GCC unroll 2
     for (; g + S <= groups; g += S)
 #pragma GCC unroll 4
         for (int s = 0; s < S; ++s) step(acc[s], a + (g + s) * G * a_k, b + (g + s) * G * NR);
@@ -207,7 +225,29 @@ struct Plain {
 // Elements of the buffer one thread's gemm() packs B into, for a K×N operand.
 template <typename P> inline int64_t pack_b_size(int64_t K, int64_t N) {
     constexpr int NR = Tile<typename P::Acc>::NR;
-    return P::panel_size(min64(KC, K)) * min64(NC, ceil_div(N, NR) * NR) / NR;
+    return P::panel_size(min64(KC, K)) * min64(NC<typename P::Acc>, ceil_div(N, NR) * NR) / NR;
+}
+
+// Rows [0, rows) × k [0, kc) of a column-major A (A.rs == 1) copied k-major: dst[k·MR + r], the
+// last k group zero-padded. In place, A's consecutive k are 4·H bytes apart in the weight
+// gradients (A = grad_aᵀ): 4 KiB at H = 1024, so all KC lines of a micro-kernel's A fall in one
+// L1 set, each on its own page, and are fetched again for every panel (grad_weight_hh at
+// H = 1024, T·B = 3200: 60 GFLOP/s in place). Copied once per MR rows, they are one sequential
+// stream that every panel reuses.
+template <typename P>
+static inline void pack_columns(int rows, int64_t kc, View<typename P::Stored> a, typename P::Stored* dst) {
+    using S = typename P::Stored;
+    constexpr int MR = block_rows<P>, G = P::k_group;
+    for (int64_t k = 0; k < kc; ++k) {
+        if (rows == MR) {
+            std::memcpy(dst + k * MR, &a(0, k), sizeof(S) * MR);  // a constant size: vector moves
+        } else {
+            for (int r = 0; r < rows; ++r) dst[k * MR + r] = a(r, k);
+            for (int r = rows; r < MR; ++r) dst[k * MR + r] = S(0);
+        }
+    }
+    for (int64_t k = kc; k < ceil_div(kc, G) * G; ++k)
+        for (int r = 0; r < MR; ++r) dst[k * MR + r] = S(0);
 }
 
 // C[0:M, n0:n1] = bias[n0:n1] (or 0) + A·B, with A (M×K) row-major (A.cs == 1) or column-major
@@ -219,38 +259,38 @@ static void gemm(int64_t M, int64_t n0, int64_t n1, int64_t K, View<typename P::
                  typename P::Stored* pack_b_buf) {
     using Acc = typename P::Acc;
     constexpr int MR = block_rows<P>, NR = Tile<Acc>::NR;
-    static_assert(MC<Acc> % MR == 0, "a block of A is a whole number of product calls");
     alignas(64) Acc tile[MR * NR];
+    alignas(64) typename P::Stored a_panel[MR * (KC + P::k_group)];  // see pack_columns
     if (K == 0) {
         for (int64_t i = 0; i < M; ++i)
             for (int64_t j = n0; j < n1; ++j) C[i * ldc + j] = bias ? bias[j] : Acc(0);
         return;
     }
-    for (int64_t jc = n0; jc < n1; jc += NC) {
-        const int64_t nc = min64(NC, n1 - jc);
+    for (int64_t jc = n0; jc < n1; jc += NC<Acc>) {
+        const int64_t nc = min64(NC<Acc>, n1 - jc);
+        const bool pack_a = A.cs != 1 && nc > 2 * NR;  // a copy used by one or two panels costs more than it saves
         for (int64_t pc = 0; pc < K; pc += KC) {
             const int64_t kc = min64(KC, K - pc);
             P::pack(kc, nc, B.shifted(pc, jc), pack_b_buf);
-            for (int64_t ic = 0; ic < M; ic += MC<Acc>) {
-                const int64_t mc = min64(MC<Acc>, M - ic);
+            for (int64_t ir = 0; ir < M; ir += MR) {
+                const int rows = int(min64(MR, M - ir));
+                if (pack_a) pack_columns<P>(rows, kc, A.shifted(ir, pc), a_panel);
                 for (int64_t jr = 0; jr < nc; jr += NR) {
                     const int64_t cols = min64(NR, nc - jr);
                     const typename P::Stored* panel = pack_b_buf + P::panel_size(kc) * (jr / NR);
-                    for (int64_t ir = 0; ir < mc; ir += MR) {
-                        const int rows = int(min64(MR, mc - ir));
-                        const typename P::Stored* a = &A(ic + ir, pc);
-                        if (A.cs == 1)
-                            product_rows<P, true>(rows, kc, a, A.rs, panel, tile);
+                    if (A.cs == 1)
+                        product_rows<P, true>(rows, kc, &A(ir, pc), A.rs, panel, tile);
+                    else if (pack_a)
+                        product_rows<P>(rows, kc, a_panel, MR, panel, tile);
+                    else
+                        product_rows<P>(rows, kc, &A(ir, pc), A.cs, panel, tile);
+                    for (int r = 0; r < rows; ++r) {
+                        Acc* c = C + (ir + r) * ldc + jc + jr;
+                        const Acc* t = tile + r * NR;
+                        if (pc == 0)
+                            for (int64_t j = 0; j < cols; ++j) c[j] = (bias ? bias[jc + jr + j] : Acc(0)) + t[j];
                         else
-                            product_rows<P>(rows, kc, a, A.cs, panel, tile);
-                        for (int r = 0; r < rows; ++r) {
-                            Acc* c = C + (ic + ir + r) * ldc + jc + jr;
-                            const Acc* t = tile + r * NR;
-                            if (pc == 0)
-                                for (int64_t j = 0; j < cols; ++j) c[j] = (bias ? bias[jc + jr + j] : Acc(0)) + t[j];
-                            else
-                                for (int64_t j = 0; j < cols; ++j) c[j] += t[j];
-                        }
+                            for (int64_t j = 0; j < cols; ++j) c[j] += t[j];
                     }
                 }
             }
