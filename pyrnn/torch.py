@@ -41,25 +41,26 @@ KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
 # ---------------------------------------------------------------------------------------------
-# The stack on NumPy arrays: pyrnn's stack API, one call forward and one backward.
+# The stack on NumPy arrays: pyrnn's stack API, one call forward and one backward, on the
+# backend named (pyrnn.resolve_backend(), once per forward: its backward runs on the same).
 
 
-def _stack_forward(x, layers, h0, lengths, dropout_masks, bidirectional, nonlinearity, precision):
+def _stack_forward(backend, x, layers, h0, lengths, dropout_masks, bidirectional, nonlinearity, precision):
     """-> (layer_outputs (L, T, B, D·H), h_n (L·D, B, H)) of pyrnn.stack_forward."""
     _, h_n, layer_outputs = pyrnn.stack_forward(x, layers, h0, lengths=lengths, bidirectional=bidirectional,
                                                 dropout_masks=dropout_masks, nonlinearity=nonlinearity,
-                                                precision=precision)
+                                                backend=backend, precision=precision)
     return layer_outputs, h_n
 
 
-def _stack_backward(grad_output, x, layers, layer_outputs, h0, grad_h_n, lengths, dropout_masks,
-                    bidirectional, nonlinearity, precision):
+def _stack_backward(backend, grad_output, x, layers, layer_outputs, h0, grad_h_n, lengths,
+                    dropout_masks, bidirectional, nonlinearity, precision):
     """-> (grad_x, grad_h0, [(grad_weight_ih, grad_weight_hh, grad_bias) per layer·direction])
     of pyrnn.stack_backward; grad_output (T, B, D·H) is dL/d(the last layer's output)."""
     return pyrnn.stack_backward(grad_output, x, layers, layer_outputs, h0, grad_h_n=grad_h_n,
                                 lengths=lengths, bidirectional=bidirectional,
                                 dropout_masks=dropout_masks, nonlinearity=nonlinearity,
-                                precision=precision)
+                                backend=backend, precision=precision)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,12 +88,12 @@ def _tensor(array):
 
 
 def _grad_weights(layer_grads, has_bias):
-    """Gradients in nn.RNN's flat order: one for both biases, as two arrays (a tensor may be
-    accumulated into in place, and an operator's outputs may not alias)."""
+    """Gradient arrays in nn.RNN's flat order: one for both biases, as two arrays (a tensor may
+    be accumulated into in place, and an operator's outputs may not alias)."""
     flat = []
     for grad_weight_ih, grad_weight_hh, grad_bias in layer_grads:
         flat += [grad_weight_ih, grad_weight_hh] + ([grad_bias, grad_bias.copy()] if has_bias else [])
-    return [_tensor(g) for g in flat]
+    return flat
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,7 +110,7 @@ def rnn_forward(x: torch.Tensor, weights: list[torch.Tensor], h0: torch.Tensor |
     """The whole stack forward -> (output (T, B, D·H), h_n (L·D, B, H),
     lower_outputs (L - 1, T, B, D·H))."""
     arrays = _arrays(x, weights, h0, lengths, dropout_masks, num_layers, bidirectional)
-    layer_outputs, h_n = _stack_forward(*arrays, bidirectional, nonlinearity, precision)
+    layer_outputs, h_n = _stack_forward(pyrnn.resolve_backend(), *arrays, bidirectional, nonlinearity, precision)
     return _tensor(layer_outputs[-1]), _tensor(h_n), _tensor(layer_outputs[:-1])
 
 
@@ -134,10 +135,10 @@ def rnn_backward(grad_output: torch.Tensor, grad_h_n: torch.Tensor, x: torch.Ten
     # The layers' outputs in one array again: a copy when there are layers below the last one.
     layer_outputs = output if num_layers == 1 else np.concatenate((lower_outputs.numpy(), output))
     grad_x, grad_h0, layer_grads = _stack_backward(
-        grad_output.numpy(), x, layers, layer_outputs, h0, grad_h_n.numpy(), lengths,
-        dropout_masks, bidirectional, nonlinearity, precision)
+        pyrnn.resolve_backend(), grad_output.numpy(), x, layers, layer_outputs, h0, grad_h_n.numpy(),
+        lengths, dropout_masks, bidirectional, nonlinearity, precision)
     return (_tensor(grad_x), _tensor(grad_h0),
-            _grad_weights(layer_grads, len(weights) == 4 * len(layers)))
+            [_tensor(g) for g in _grad_weights(layer_grads, len(weights) == 4 * len(layers))])
 
 
 @rnn_backward.register_fake
@@ -169,16 +170,19 @@ rnn_forward.register_autograd(_operator_backward, setup_context=_setup_context)
 
 
 class _Stack(torch.autograd.Function):
-    """_stack_forward and _stack_backward on NumPy views made once, in forward. The tensors are
-    saved too, so that torch's check for in-place changes before backward holds."""
+    """_stack_forward and _stack_backward on NumPy views made once, in forward. The caller's
+    tensors are saved too, so that torch's check for in-place changes before backward holds
+    (lengths and dropout masks are the module's own, made for this call)."""
 
     @staticmethod
     def forward(ctx, x, h0, lengths, dropout_masks, options, *weights):
         num_layers, bidirectional, nonlinearity, precision = options
         arrays = _arrays(x, weights, h0, lengths, dropout_masks, num_layers, bidirectional)
-        layer_outputs, h_n = _stack_forward(*arrays, bidirectional, nonlinearity, precision)
-        ctx.save_for_backward(x, h0, lengths, dropout_masks, *weights)
-        ctx.arrays, ctx.layer_outputs, ctx.options = arrays, layer_outputs, options
+        backend = pyrnn.resolve_backend()
+        layer_outputs, h_n = _stack_forward(backend, *arrays, bidirectional, nonlinearity, precision)
+        ctx.save_for_backward(x, h0, *weights)
+        ctx.backend, ctx.arrays, ctx.layer_outputs, ctx.options = backend, arrays, layer_outputs, options
+        ctx.lengths, ctx.dropout_masks = lengths, dropout_masks
         return torch.from_numpy(layer_outputs[-1]), torch.from_numpy(h_n)
 
     @staticmethod
@@ -189,19 +193,19 @@ class _Stack(torch.autograd.Function):
         x_array, layers, h0_array, lengths, dropout_masks = ctx.arrays
         _, bidirectional, nonlinearity, precision = ctx.options
         grad_x, grad_h0, layer_grads = _stack_backward(
-            grad_output.numpy(), x_array, layers, ctx.layer_outputs, h0_array, grad_h_n.numpy(),
+            ctx.backend, grad_output.numpy(), x_array, layers, ctx.layer_outputs, h0_array, grad_h_n.numpy(),
             lengths, dropout_masks, bidirectional, nonlinearity, precision)
         return (torch.from_numpy(grad_x), None if h0 is None else torch.from_numpy(grad_h0), None,
-                None, None, *_grad_weights(layer_grads, layers[0][2] is not None))
+                None, None, *map(torch.from_numpy, _grad_weights(layer_grads, layers[0][2] is not None)))
 
 
 def _differentiable_backward(ctx, grad_output, grad_h_n):
     """The backward as torch operations (for double backward): the stack recomputed by torch's own
     kernels from the saved inputs (in the inputs' dtype, also after a forward in bf16 products),
     and differentiated with create_graph=True."""
-    x, h0, lengths, dropout_masks, *weights = ctx.saved_tensors
+    x, h0, *weights = ctx.saved_tensors
     wrt = [(i, t) for i, t in enumerate([x, h0, *weights]) if t is not None and t.requires_grad]
-    output, h_n = _torch_stack(x, weights, h0, lengths, dropout_masks, *ctx.options[:3])
+    output, h_n = _torch_stack(x, weights, h0, ctx.lengths, ctx.dropout_masks, *ctx.options[:3])
     grads = torch.autograd.grad((output, h_n), [t for _, t in wrt], (grad_output, grad_h_n),
                                 create_graph=True, allow_unused=True)
     result = [None] * (2 + len(weights))
@@ -256,6 +260,16 @@ def _run_stack(x, weights, h0, lengths, dropout_masks, num_layers, bidirectional
     return output, h_n
 
 
+def _parameters(module, names):
+    """[getattr(module, name) for name in names], without Module.__getattr__'s cost (~0.5 us a
+    name) for what its _parameters hold (a parametrized weight is a property: getattr)."""
+    params = module._parameters
+    return [params[name] if name in params else getattr(module, name) for name in names]
+
+
+_CELL_WEIGHTS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+
+
 def _kernel_precision(data, hx, weights):
     """The precision the kernel computes these tensors in: "fp32" (the tensors' own dtype,
     float32 or float64, which the parameters decide and data and hx must share), "bf16" for
@@ -274,9 +288,12 @@ def _kernel_precision(data, hx, weights):
         if dtype == torch.float32:
             precision = "bf16"
     inputs_may_be = (dtype, torch.bfloat16) if precision == "bf16" else (dtype,)
-    given = [(t, inputs_may_be) for t in (data, hx) if t is not None] + [(w, (dtype,)) for w in weights]
-    for tensor, dtypes in given:
-        if tensor.dtype not in dtypes or tensor.device.type != "cpu" or tensor.layout != torch.strided:
+    for tensor in (data, hx):
+        if tensor is not None and (tensor.dtype not in inputs_may_be or not tensor.is_cpu
+                                   or tensor.layout != torch.strided):
+            return None
+    for weight in weights:
+        if weight.dtype != dtype or not weight.is_cpu or weight.layout != torch.strided:
             return None
     if torch.compiler.is_compiling():
         return precision
@@ -311,7 +328,7 @@ class RNN(torch.nn.RNNBase):
     def forward(self, input, hx=None):
         # The parameters as they are now (torch.func.functional_call and torch.export swap them):
         # nn.RNN's _flat_weights, read afresh rather than reassigned as nn.RNN does.
-        weights = [getattr(self, name) for name in self._flat_weights_names]
+        weights = _parameters(self, self._flat_weights_names)
         packed = isinstance(input, PackedSequence)
         data = input.data if packed else input
         precision = (_kernel_precision(data, hx, weights)
@@ -330,17 +347,22 @@ class RNN(torch.nn.RNNBase):
                 raise RuntimeError(f"For unbatched 2-D input, hx should also be 2-D but got {hx.dim()}-D tensor")
             input = input.unsqueeze(0 if self.batch_first else 1)
             hx = None if hx is None else hx.unsqueeze(1)
-        if hx is None:
-            self.check_input(input, None)
-        else:
-            self.check_forward_args(input, hx, None)
         x = input.transpose(0, 1) if self.batch_first else input
+        if not self._shapes_fit(x, hx):  # nn.RNN's checks raise their errors
+            self.check_input(input, None) if hx is None else self.check_forward_args(input, hx, None)
         output, h_n = self._stack(x, hx, None, weights, precision)
         if self.batch_first:
             output = output.transpose(0, 1)
         if not batched:
             return output.squeeze(0 if self.batch_first else 1), h_n.squeeze(1)
         return output, h_n
+
+    def _shapes_fit(self, x, hx):
+        """Whether time-major 3-D x and hx pass nn.RNN's check_forward_args (its dtype check
+        passed in _kernel_precision), in a fraction of its time."""
+        _, B, I = x.shape
+        D = 2 if self.bidirectional else 1
+        return I == self.input_size and (hx is None or hx.shape == (self.num_layers * D, B, self.hidden_size))
 
     def _forward_packed(self, input, hx, weights, precision):
         """A PackedSequence in, one out: the kernel runs on the padded batch in the packed order
@@ -376,7 +398,7 @@ class RNNCell(torch.nn.RNNCell):
     forward contract (batched or unbatched input, hx optional)."""
 
     def forward(self, input, hx=None):
-        weights = [self.weight_ih, self.weight_hh] + ([self.bias_ih, self.bias_hh] if self.bias else [])
+        weights = _parameters(self, _CELL_WEIGHTS if self.bias else _CELL_WEIGHTS[:2])
         precision = (_kernel_precision(input, hx, weights)
                      if isinstance(input, torch.Tensor) and (hx is None or isinstance(hx, torch.Tensor))
                      and self._shapes_fit(input, hx) else None)

@@ -194,6 +194,34 @@ def test_state_dicts_load_both_ways():
     assert back.state_dict().keys() == ours.state_dict().keys()
 
 
+class Doubled(torch.nn.Module):
+    """A parametrization: the weight is twice the stored one, computed at each access."""
+
+    def forward(self, weight):
+        return 2 * weight
+
+
+@pytest.mark.parametrize("module", ["RNN", "RNNCell"])
+def test_swapped_and_parametrized_weights_are_the_ones_run(module, kernel_calls):
+    """The kernel runs on the parameters as the module holds them at the call: swapped in by
+    torch.func.functional_call, or computed by a parametrization (the weight then is a property,
+    no longer among the module's _parameters)."""
+    torch.manual_seed(0)
+    reference = getattr(torch.nn, module)(3, 4)
+    ours = getattr(pt, module)(3, 4)
+    ours.load_state_dict(reference.state_dict())
+    x = torch.randn(5, 2, 3) if module == "RNN" else torch.randn(2, 3)
+    swapped = {name: torch.randn_like(p) for name, p in reference.named_parameters()}
+    torch.testing.assert_close(torch.func.functional_call(ours, swapped, (x,)),
+                               torch.func.functional_call(reference, swapped, (x,)))
+    weight_hh = "weight_hh_l0" if module == "RNN" else "weight_hh"
+    for m in (reference, ours):
+        torch.nn.utils.parametrize.register_parametrization(m, weight_hh, Doubled())
+    assert weight_hh not in ours._parameters
+    torch.testing.assert_close(ours(x), reference(x))
+    assert len(kernel_calls) == 2
+
+
 class Mixed(torch.nn.Module):
     """A model mixing Embedding, RNN, RNNCell and Linear."""
 
