@@ -3,9 +3,10 @@
 //
 // The Goto/BLIS structure: B is copied ("packed") into NR-column panels, k-major, so that the
 // micro-kernel streams it with aligned-free unit-stride vector loads and keeps an MR×NR tile of C
-// in vector registers for the whole k loop; A is read in place by broadcasts (see micro_kernel).
-// Block sizes keep a KC×NC block of B in L2 and MR×KC of A in L1 (see KC). A and B are strided
-// views, so transposed operands (weight_ihᵀ, grad_aᵀ) cost nothing but B's packing.
+// in vector registers for the whole k loop; A is read by broadcasts, in place or, column-major
+// and far apart along k, from a copy (see micro_kernel, pack_columns). Block sizes keep a KC×NC
+// block of B in L2 and MR×KC of A in L1 (see KC). A and B are strided views, so transposed
+// operands (weight_ihᵀ, grad_aᵀ) cost B's packing and at most that copy of A.
 //
 // What the operands are stored as, what they are summed in and how B's panels are laid out is a
 // policy (Plain below: storage and sums in F, panels k-major); a precision that stores bf16 and
@@ -69,8 +70,9 @@ static inline void prefetch_panel(const typename P::Stored* panel_row) {
 // tile (R×NR) = Σ_k A(r, k) · B(k, j): NR columns of B packed by P (P::pack), and R rows of A
 // read in place, A(r, k) = a[k·lda + r] (column-major, e.g. grad_aᵀ) or,
 // if RowsA, A(r, k) = a[r·lda + k] (row-major: x, h_{t-1}, grad_a; the broadcasts gather R rows).
-// A is never packed: each of its elements is loaded once per NR columns, by a broadcast that
-// does not care about alignment, so a copy would cost more than it saves.
+// The micro-kernel never needs A packed: each of its elements is loaded once per NR columns, by
+// a broadcast that does not care about alignment (gemm copies a column-major A only for what
+// its cache lines cost: pack_columns).
 // One step consumes P::k_group consecutive k. A tile of fewer than 8 vectors (R <= 3) cannot
 // cover the FMA latency (4 cycles × 2 units), so its k loop is split into S interleaved partial
 // sums, added in a fixed order at the end.
@@ -275,15 +277,15 @@ static void gemm(int64_t M, int64_t n0, int64_t n1, int64_t K, View<typename P::
             for (int64_t ir = 0; ir < M; ir += MR) {
                 const int rows = int(min64(MR, M - ir));
                 if (pack_a) pack_columns<P>(rows, kc, A.shifted(ir, pc), a_panel);
+                const typename P::Stored* a = pack_a ? a_panel : &A(ir, pc);
+                const int64_t lda = pack_a ? MR : A.cs == 1 ? A.rs : A.cs;
                 for (int64_t jr = 0; jr < nc; jr += NR) {
                     const int64_t cols = min64(NR, nc - jr);
                     const typename P::Stored* panel = pack_b_buf + P::panel_size(kc) * (jr / NR);
                     if (A.cs == 1)
-                        product_rows<P, true>(rows, kc, &A(ir, pc), A.rs, panel, tile);
-                    else if (pack_a)
-                        product_rows<P>(rows, kc, a_panel, MR, panel, tile);
+                        product_rows<P, true>(rows, kc, a, lda, panel, tile);
                     else
-                        product_rows<P>(rows, kc, &A(ir, pc), A.cs, panel, tile);
+                        product_rows<P>(rows, kc, a, lda, panel, tile);
                     for (int r = 0; r < rows; ++r) {
                         Acc* c = C + (ir + r) * ldc + jc + jr;
                         const Acc* t = tile + r * NR;
