@@ -16,10 +16,9 @@ import argparse
 import os
 import subprocess
 import tempfile
-import time
 
-from pyrnn import _cpp
-from pyrnn.bench import LIMIT_ITERATIONS, SHAPES
+from pyrnn import bench
+from pyrnn.bench import SHAPES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AVX512_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx2", "-mfma",
@@ -35,13 +34,9 @@ def build(directory):
 
 
 def fma_limit():
-    """GFLOP/s of the native FMA loop on one thread, the best of 20 calls."""
-    best = float("inf")
-    for _ in range(20):
-        start = time.perf_counter()
-        flop = _cpp.peak_loop("fp32", 1, LIMIT_ITERATIONS)
-        best = min(best, time.perf_counter() - start)
-    return flop / best / 1e9
+    """GFLOP/s of the native FMA loop on one thread (pyrnn bench's limit), the best of 20 calls."""
+    (call, flop, _), = bench.limit_calls(["fp32"], 1).values()
+    return bench.best_gflops(flop, [bench.time_calls(call, 1) for _ in range(20)])
 
 
 def parts(binary, shape):
