@@ -78,14 +78,15 @@ def worker(rank, world_size, address, result_path):
     finally:
         torch.distributed.destroy_process_group()
     # The process ends here, without finalizing the interpreter, because a gloo thread may abort
-    # it (pytorch/pytorch#117762; test_torch_integration.py forces the race). The work of the last allreduce holds a copy of the thread-local
-    # state, and with it the Python context that backward() stashes there; gloo's run-loop thread,
-    # if it drops the work last, takes the GIL to release that context. Once finalization has
-    # begun, CPython (before 3.14) ends a thread taking the GIL with pthread_exit, whose unwinding
-    # through the work's noexcept destructor calls std::terminate ("terminate called without an
-    # active exception"). destroy_process_group does not stop that thread (torch keeps the group
-    # alive), and the thread is late when the machine is loaded. On an error the exception
-    # propagates instead: spawn reports it from its error file.
+    # it (pytorch/pytorch#117762; tests/test_torch_integration.py forces the race). The last
+    # allreduce's work keeps a copy of the thread-local state, and with it the Python context
+    # that backward() stashes there; gloo's run-loop thread, if it lets go of the work last, takes
+    # the GIL to release that context. Once finalization has begun, CPython (before 3.14) ends a
+    # thread taking the GIL with pthread_exit, whose unwinding through the work's noexcept
+    # destructor calls std::terminate ("terminate called without an active exception").
+    # destroy_process_group does not stop the thread (torch keeps the group alive), and the
+    # thread is late when the machine is loaded. On an error the exception propagates instead:
+    # spawn reports it from its error file.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
