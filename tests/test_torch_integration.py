@@ -313,8 +313,8 @@ def test_ddp_workers_end_cleanly_when_gloo_lets_go_of_the_last_work_late(tmp_pat
                     str(injector / "hold.cpp"), "-o", str(library), "-ldl"], check=True, timeout=120)
     monkeypatch.setenv("HELD_GLOO_THREAD", str(library))
     monkeypatch.setenv("HELD_GLOO_THREAD_LOG", str(log))
-    monkeypatch.setenv("LD_PRELOAD", os.pathsep.join(filter(None, [str(library), os.environ.get("LD_PRELOAD")])))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(injector), os.environ.get("PYTHONPATH")])))
+    for name, path in (("LD_PRELOAD", library), ("PYTHONPATH", injector)):  # the workers inherit them
+        monkeypatch.setenv(name, os.pathsep.join(filter(None, [str(path), os.environ.get(name)])))
     spawn_ddp_workers(tmp_path / "parameters.pt")
     assert len(set(log.read_text().split())) == 2, "the injector held gloo's thread in both workers"
 
