@@ -8,8 +8,11 @@ the other, converted by pyrnn.torch.convert), see the same batches, each has its
 - Gate: from the same weights, the first STEPS_CHECKED steps' losses of the two models must agree
   to float32 roundoff (pyrnn.testing's tolerance for the longest sum, over T·B positions), else
   the case is reported as wrong and not timed.
-- Timing: the two steps interleaved in one process (bench.measure_block), medians of samples
+- Timing: the steps interleaved in one process (bench.measure_block), medians of samples
   lasting ~10 ms; thread counts bound torch's pools and pyrnn's (bench.set_threads).
+- The rest of the step: a third model with the same Embedding and Linear and the RNN replaced by
+  a constant output (joined to the graph by one elementwise op), timed with the two: the step's
+  time outside the RNN, and torch's step time over it the most any RNN could speed the step up.
 - Overhead: on the one-layer cases, the drop-in's forward + backward of the RNN alone (autograd
   returning every gradient, as bench.TorchRunner) against bare pyrnn.forward + pyrnn.backward on
   the same arrays: what the boundary between torch and the kernel costs.
@@ -39,6 +42,7 @@ CASES = {
 VOCABULARY = 64
 STEPS_CHECKED = 3
 CONTESTANTS = ("torch", "pyrnn")
+REST = "no RNN"  # the step without the RNN's work (NoRNN), timed with the contestants
 
 
 class LanguageModel(torch.nn.Module):
@@ -53,6 +57,20 @@ class LanguageModel(torch.nn.Module):
     def forward(self, ids):
         output, _ = self.rnn(self.embedding(ids))
         return self.head(output)
+
+
+class NoRNN(torch.nn.Module):
+    """In the RNN's place: a fixed output of the RNN's shape, plus 0 · the input's first feature so
+    that the gradient still flows to the embedding. What it costs is the step's time outside the
+    RNN (and outside the RNN's parameters' share of Adam)."""
+
+    def __init__(self, case):
+        super().__init__()
+        D = 2 if case.bidirectional else 1
+        self.register_buffer("output", torch.randn(case.T, case.B, D * case.H))
+
+    def forward(self, x):
+        return self.output + 0 * x[..., :1], None
 
 
 class TrainingStep:
@@ -74,19 +92,23 @@ class TrainingStep:
 
 
 def make_steps(case, seed=0):
-    """{"torch": TrainingStep, "pyrnn": TrainingStep} over the same weights and batch."""
+    """{"torch": TrainingStep, "pyrnn": TrainingStep, REST: TrainingStep} over the same weights
+    and batch (REST: the model without its RNN, NoRNN)."""
     torch.manual_seed(seed)
     model = LanguageModel(case)
     ids = torch.randint(0, VOCABULARY, (case.T, case.B))
     targets = torch.randint(0, VOCABULARY, (case.T, case.B))
     converted = pyrnn.torch.convert(copy.deepcopy(model))
-    return {"torch": TrainingStep(model, ids, targets), "pyrnn": TrainingStep(converted, ids, targets)}
+    without_rnn = copy.deepcopy(model)
+    without_rnn.rnn = NoRNN(case)
+    return {"torch": TrainingStep(model, ids, targets), "pyrnn": TrainingStep(converted, ids, targets),
+            REST: TrainingStep(without_rnn, ids, targets)}
 
 
 def losses_disagreement(case):
     """(worst relative difference of the first losses, tolerance), from fresh models."""
     steps = make_steps(case)
-    losses = {name: [float(s.step()) for _ in range(STEPS_CHECKED)] for name, s in steps.items()}
+    losses = {name: [float(steps[name].step()) for _ in range(STEPS_CHECKED)] for name in CONTESTANTS}
     error = max(abs(a - b) / max(1.0, abs(b)) for a, b in zip(losses["pyrnn"], losses["torch"]))
     _, backward_terms = testing.accumulated_terms(case.T, case.B, case.I, case.H)
     return error, testing.tolerance(np.float32, backward_terms * case.num_layers)
@@ -134,8 +156,10 @@ def run(threads, repeat, budget):
                 steps = make_steps(case)
                 timed = bench.measure_block({k: s.step for k, s in steps.items()}, repeat, budget,
                                             progress, settle)
-                row.update({f"{k}_s": statistics.median(samples) for k, (samples, _) in timed.items()})
-                row["speedup"] = row["torch_s"] / row["pyrnn_s"]
+                median = {k: statistics.median(samples) for k, (samples, _) in timed.items()}
+                row.update({"torch_s": median["torch"], "pyrnn_s": median["pyrnn"], "rest_s": median[REST],
+                            "speedup": median["torch"] / median["pyrnn"],
+                            "speedup_bound": median["torch"] / median[REST]})
             report["results"].append(row)
             progress.update()
             if case.num_layers == 1 and not case.bidirectional:
@@ -155,13 +179,14 @@ def format_report(report):
              "versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), "",
              f"training step: Embedding({VOCABULARY}, I) -> RNN -> Linear -> cross-entropy -> Adam, float32",
              f"{'case':12s} {'T':>4s} {'B':>3s} {'I':>4s} {'H':>4s} {'thr':>3s} {'torch ms':>9s} "
-             f"{'pyrnn ms':>9s} {'speed-up':>8s}  first {STEPS_CHECKED} losses"]
+             f"{'pyrnn ms':>9s} {'speed-up':>8s} {'rest ms':>8s} {'bound':>7s}  first {STEPS_CHECKED} losses"]
     for row in report["results"]:
         c = report["cases"][row["case"]]
         check = (f"{'ok' if row['status'] == 'ok' else 'WRONG'} {row['max_loss_error']:.1e} "
                  f"{'<=' if row['status'] == 'ok' else '>'} {row['tolerance']:.1e}")
-        timing = (f"{row['torch_s'] * 1e3:9.3f} {row['pyrnn_s'] * 1e3:9.3f} {row['speedup']:7.2f}x"
-                  if "speedup" in row else f"{'not timed':>28s}")
+        timing = (f"{row['torch_s'] * 1e3:9.3f} {row['pyrnn_s'] * 1e3:9.3f} {row['speedup']:7.2f}x "
+                  f"{row['rest_s'] * 1e3:8.3f} {row['speedup_bound']:6.2f}x"
+                  if "speedup" in row else f"{'not timed':>45s}")
         lines.append(f"{row['case']:12s} {c['T']:4d} {c['B']:3d} {c['I']:4d} {c['H']:4d} {row['threads']:3d} "
                      f"{timing}  {check}")
     lines += ["", "the boundary: forward + backward of the RNN alone, every gradient",
@@ -171,7 +196,9 @@ def format_report(report):
         lines.append(f"{row['case']:12s} {row['threads']:3d} {bare:13.1f} {drop_in:10.1f} "
                      f"{drop_in - bare:10.1f} {drop_in / bare:6.3f}")
     lines += ["", "medians over samples of ~10 ms, the contestants interleaved; speed-up: torch.nn.RNN's "
-              "step time / pyrnn.torch.RNN's. first losses: worst relative difference of the two models' "
+              "step time / pyrnn.torch.RNN's. rest: the step with the RNN replaced by a constant "
+              "output (Embedding, Linear, cross-entropy, backward, Adam); bound: torch's step / rest, "
+              "the speed-up of an RNN that cost nothing. first losses: worst relative difference of the two models' "
               "losses over the first steps from the same weights, against float32 roundoff."]
     return "\n".join(lines)
 

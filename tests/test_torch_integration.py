@@ -345,6 +345,10 @@ def test_bench_torch_train_checks_then_times_each_case(monkeypatch):
         torch.set_num_threads(torch_threads)
     assert [(row["case"], row["status"]) for row in report["results"]] == [("one layer", "ok"), ("stack", "ok")]
     assert all(row["speedup"] > 0 for row in report["results"])
+    # the step without its RNN is timed with them
+    assert all(row["rest_s"] > 0 and row["speedup_bound"] == row["torch_s"] / row["rest_s"]
+               for row in report["results"])
+    assert "bound" in bench_torch.format_report(report)
     assert [row["case"] for row in report["overhead"]] == ["one layer"]
     text = bench_torch.format_report(report)
     assert "one layer" in text and "stack" in text and "ok" in text
