@@ -12,7 +12,7 @@ the other, converted by pyrnn.torch.convert), see the same batches, each has its
   lasting ~10 ms; thread counts bound torch's pools and pyrnn's (bench.set_threads).
 - The rest of the step: a third model with the same Embedding and Linear and the RNN replaced by
   a constant output (joined to the graph by one elementwise op), timed with the two: the step's
-  time outside the RNN, and torch's step time over it the most any RNN could speed the step up.
+  time outside the RNN; torch's step time over it is the most any RNN could speed the step up.
 - Overhead: on the one-layer cases, the drop-in's forward + backward of the RNN alone (autograd
   returning every gradient, as bench.TorchRunner) against bare pyrnn.forward + pyrnn.backward on
   the same arrays: what the boundary between torch and the kernel costs.
