@@ -17,6 +17,7 @@
 // the column range a thread is given, which is what makes the threaded results bitwise
 // independent of the thread count.
 #pragma once
+#include <atomic>
 #include <type_traits>
 
 #include "simd.h"
@@ -255,10 +256,13 @@ static inline void pack_columns(int rows, int64_t kc, View<typename P::Stored> a
 // C[0:M, n0:n1] = bias[n0:n1] (or 0) + A·B, with A (M×K) row-major (A.cs == 1) or column-major
 // (A.rs == 1), B (K×N) strided, C row-major (ldc).
 // One thread's share of a product: threads are given disjoint column ranges starting on NR.
+// A product over a whole sequence can take seconds, so it looks at the call's stop request
+// (rnn.h: Options::stop) before each MR rows of a block (~10-50 µs of work) and, once it is set,
+// returns with C unspecified; the caller's next stop check ends the call.
 template <typename P>
 static void gemm(int64_t M, int64_t n0, int64_t n1, int64_t K, View<typename P::Stored> A,
                  View<typename P::Acc> B, const typename P::Acc* bias, typename P::Acc* C, int64_t ldc,
-                 typename P::Stored* pack_b_buf) {
+                 typename P::Stored* pack_b_buf, const std::atomic<bool>* stop = nullptr) {
     using Acc = typename P::Acc;
     constexpr int MR = block_rows<P>, NR = Tile<Acc>::NR;
     alignas(64) Acc tile[MR * NR];
@@ -275,6 +279,7 @@ static void gemm(int64_t M, int64_t n0, int64_t n1, int64_t K, View<typename P::
             const int64_t kc = min64(KC, K - pc);
             P::pack(kc, nc, B.shifted(pc, jc), pack_b_buf);
             for (int64_t ir = 0; ir < M; ir += MR) {
+                if (stop && stop->load(std::memory_order_relaxed)) return;
                 const int rows = int(min64(MR, M - ir));
                 if (pack_a) pack_columns<P>(rows, kc, A.shifted(ir, pc), a_panel);
                 const typename P::Stored* a = pack_a ? a_panel : &A(ir, pc);

@@ -38,10 +38,11 @@ struct Options {
     Precision precision = Precision::fp32;
     // Threads the call may use; 0 means the budget (set_num_threads). dispatch.cpp fills it in.
     int max_threads = 0;
-    // Optional stop request (issue 15: Ctrl-C). The time loops read it once per step (one relaxed
-    // load); once it is seen set, every thread of the call leaves at the same step (the decision
-    // is made at a barrier, so no thread waits for one that left) and the call returns
-    // Status::stopped with its outputs unspecified. The flag must stay set until the call returns.
+    // Optional stop request (issue 15: Ctrl-C). The time loops read it once per step, and the
+    // products over the whole sequence once per block of rows (one relaxed load each); once it is
+    // seen set, every thread of the call leaves at the same step (the decision is made at a
+    // barrier, so no thread waits for one that left) and the call returns Status::stopped with its
+    // outputs unspecified. The flag must stay set until the call returns.
     const std::atomic<bool>* stop = nullptr;
 };
 

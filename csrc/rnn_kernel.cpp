@@ -271,7 +271,7 @@ Status forward_pass(const Forward<F>& c, const LayerForward<F>& w = {}) {
         const auto input_product = [&](int64_t t0, int64_t t1, const Columns<F>& cols) {
             gemm<P>((t1 - t0) * B, cols.begin, cols.end, I,
                     View<S>{x_operand.rows + t0 * B * x_operand.ld, x_operand.ld, 1}, View<F>{c.weight_ih, 1, I},
-                    c.bias, c.output.row(t0 * B), c.output.stride, pack_b_buf);
+                    c.bias, c.output.row(t0 * B), c.output.stride, pack_b_buf, stop);
         };
 
         P::pack(H, steps.end - steps.begin, View<F>{c.weight_hh + steps.begin * H, 1, H},
@@ -385,7 +385,7 @@ Status backward_pass(const Backward<F>& c, const LayerBackward<F>& w = {}) {
         // grad_x rows of steps [s0, s1) <- grad_a·weight_ih, on columns `cols` of I
         const auto grad_x_product = [&](int64_t s0, int64_t s1, const Columns<F>& cols) {
             gemm<P>((s1 - s0) * B, cols.begin, cols.end, H, View<S>{grad_a_operand.rows + s0 * B * lda, lda, 1},
-                    View<F>{c.weight_ih, I, 1}, nullptr, grad_x_rows.row(s0 * B), grad_x_rows.stride, pack_b_buf);
+                    View<F>{c.weight_ih, I, 1}, nullptr, grad_x_rows.row(s0 * B), grad_x_rows.stride, pack_b_buf, stop);
         };
 
         P::pack(H, steps.end - steps.begin, View<F>{c.weight_hh + steps.begin, H, 1},
@@ -511,9 +511,13 @@ Status backward_pass(const Backward<F>& c, const LayerBackward<F>& w = {}) {
         }
         const View<S> da_t = transpose_grad_a ? View<S>{grad_a_t.get(), TB, 1} : View<S>{da_rows, 1, lda};
         gemm<P>(H, mine_i.begin, mine_i.end, TB, da_t, View<F>{x_rows, I, 1}, nullptr, c.grad_weight_ih, I,
-                pack_b_buf);
+                pack_b_buf, stop);
         gemm<P>(H, mine.begin, mine.end, TB, da_t, View<F>{h_prev.get(), H, 1}, nullptr, c.grad_weight_hh, H,
-                pack_b_buf);
+                pack_b_buf, stop);
+        if (Barrier::stop_requested(stop)) {  // the products may have been cut short
+            if (tid == 0) status = Status::stopped;
+            return;
+        }
         for (int64_t j = mine.begin; j < mine.end; ++j) c.grad_bias[j] = F(0);
         for (int64_t r = 0; r < TB; ++r)
             for (int64_t j = mine.begin; j < mine.end; ++j) c.grad_bias[j] += grad_a.get()[r * ld + j];
