@@ -48,10 +48,10 @@ int main(int argc, char** argv) {
         return 2;
     }
     const int64_t T = std::atoll(argv[1]), B = std::atoll(argv[2]), I = std::atoll(argv[3]), H = std::atoll(argv[4]);
-    const int64_t TB = T * B;
+    const int64_t TB = T * B, ld = row_stride<float>(H);  // the kernel's h_{t-1} and grad_a rows
     const std::vector<float> x = random_floats(TB * I), weight_ih = random_floats(H * I),
-                             weight_hh = random_floats(H * H), grad_a = random_floats(TB * H),
-                             h_prev = random_floats(TB * H), bias = random_floats(H);
+                             weight_hh = random_floats(H * H), grad_a = random_floats(TB * ld),
+                             h_prev = random_floats(TB * H), states = random_floats(B * ld), bias = random_floats(H);
     std::vector<float> out(TB * std::max(H, I)), grad_w(H * std::max(H, I));
     std::vector<float> packed(std::max(pack_b_size<P>(std::max(TB, H), std::max(H, I)), P::panel_size(H) * (H + NR) / NR));
     alignas(64) float tile[MR * NR];
@@ -74,7 +74,7 @@ int main(int argc, char** argv) {
                         const float* panel = packed.data() + j / NR * P::panel_size(H);
                         for (int64_t b0 = 0; b0 < B; b0 += MR) {
                             const int rows = int(std::min<int64_t>(MR, B - b0));
-                            product_rows<P, true>(rows, H, h_prev.data() + b0 * H, H, panel, tile);
+                            product_rows<P, true>(rows, H, states.data() + b0 * ld, ld, panel, tile);
                             for (int r = 0; r < rows; ++r)
                                 std::copy_n(tile + r * NR, std::min<int64_t>(NR, H - j), out.data() + (b0 + r) * H + j);
                         }
@@ -83,15 +83,15 @@ int main(int argc, char** argv) {
 
     // Backward: grad_x = grad_a·weight_ih; grad_weight_ih = grad_aᵀ·x, grad_weight_hh = grad_aᵀ·h_prev.
     std::printf("grad_x product %.1f\n", gflops(2.0 * TB * H * I, [&] {
-                    gemm<P>(TB, 0, I, H, View<float>{grad_a.data(), H, 1}, View<float>{weight_ih.data(), I, 1}, nullptr,
+                    gemm<P>(TB, 0, I, H, View<float>{grad_a.data(), ld, 1}, View<float>{weight_ih.data(), I, 1}, nullptr,
                             out.data(), I, packed.data());
                 }));
     std::printf("grad_weight_ih product %.1f\n", gflops(2.0 * H * TB * I, [&] {
-                    gemm<P>(H, 0, I, TB, View<float>{grad_a.data(), 1, H}, View<float>{x.data(), I, 1}, nullptr,
+                    gemm<P>(H, 0, I, TB, View<float>{grad_a.data(), 1, ld}, View<float>{x.data(), I, 1}, nullptr,
                             grad_w.data(), I, packed.data());
                 }));
     std::printf("grad_weight_hh product %.1f\n", gflops(2.0 * H * TB * H, [&] {
-                    gemm<P>(H, 0, H, TB, View<float>{grad_a.data(), 1, H}, View<float>{h_prev.data(), H, 1}, nullptr,
+                    gemm<P>(H, 0, H, TB, View<float>{grad_a.data(), 1, ld}, View<float>{h_prev.data(), H, 1}, nullptr,
                             grad_w.data(), H, packed.data());
                 }));
     return 0;

@@ -112,17 +112,6 @@ struct Share {
 // measured no faster (3-7 % slower in some runs).
 inline bool panels_backwards(int64_t B, int64_t step) { return B <= 2 && step % 2 != 0; }
 
-// The row stride (elements) of the kernel's own B×H and T·B×H buffers that the recurrence reads
-// rows of: a whole and odd number of cache lines. The micro-kernel reads MR rows at once, one
-// element of each per k; rows a multiple of 4 KiB apart all fall in one L1 set, which holds 12
-// lines, so they evict each other. Measured on the forward at T=50, B=64, I=512, float64, 1
-// thread: H = 1024 (8 KiB rows) at 56 GFLOP/s against 63-65 for H = 1008 or 1040.
-template <typename F>
-inline int64_t row_stride(int64_t H) {
-    constexpr int64_t per_line = 64 / sizeof(F);
-    return (ceil_div(H, per_line) | 1) * per_line;
-}
-
 // out[0:n] = state[0:n] = φ(out[0:n] + acc[0:n]), n <= NR: out holds the input term on entry.
 // Whole vectors only, so every element goes through exactly the same arithmetic whether or not it
 // sits in a partial panel.
