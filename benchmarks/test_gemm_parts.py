@@ -17,15 +17,17 @@ def load_gemm_parts():
     return module
 
 
-@pytest.mark.skipif("cpp" not in pyrnn.available_backends(), reason="needs the native module (its FMA limit)")
+@pytest.mark.skipif("cpp" not in pyrnn.available_backends(), reason="needs the native module (its limits)")
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None, reason="needs a C++ compiler")
-def test_every_part_is_built_and_measured(tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_every_part_is_built_and_measured(tmp_path, precision):
     from pyrnn import _cpp
-    if not _cpp.isa().startswith("avx512"):
-        pytest.skip(f"the harness is the kernel's avx512 copy; this CPU runs {_cpp.isa()}")
+    needs = {"fp32": ("avx512", "avx512bf16", "avx512amx"), "bf16": ("avx512bf16", "avx512amx")}[precision]
+    if _cpp.isa() not in needs:
+        pytest.skip(f"the {precision} harness is the kernel's {needs[0]} copy; this CPU runs {_cpp.isa()}")
     gemm_parts = load_gemm_parts()
-    measured = gemm_parts.parts(gemm_parts.build(str(tmp_path)), (5, 3, 7, 40))
+    measured = gemm_parts.parts(gemm_parts.build(str(tmp_path), precision), (5, 3, 7, 40), precision)
     assert [part for part, _ in measured] == ["micro-kernel in L1", "input product", "recurrent step product",
                                               "grad_x product", "grad_weight_ih product", "grad_weight_hh product"]
     assert all(rate > 0 for _, rate in measured)
-    assert gemm_parts.fma_limit() > 0
+    assert gemm_parts.limit(precision) > 0

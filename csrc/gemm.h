@@ -34,13 +34,16 @@ template <typename F> struct Tile {
 };
 
 // Cache blocking of gemm(): a KC×NC block of B packed (1 MiB, in L2 of 2 MiB), and for each MR
-// rows of A a KC-long micro-panel (12 KiB float, in L1) run against every NR-column panel of the
+// rows of A a KC-long micro-panel (12 KiB, in L1) run against every NR-column panel of the
 // block in turn, the panels streamed from L2. Measured at 1 thread (float32, GFLOP/s, against the
 // former order: 8·MR rows of A against each panel, KC = 512): the input product 3200×512×1024
 // 122 -> 153; grad_weight_hh 1024×3200×1024 (A packed, see pack_columns) 60 -> 126-130.
-// KC = 512 gave 132 and 106-119, KC = 1024 less again, NC = 512 less.
-constexpr int64_t KC = 256;
-template <typename F> constexpr int64_t NC = 4096 / sizeof(F);  // 1 MiB packed at KC, either type
+// KC = 512 gave 132 and 106-119, KC = 1024 less again, NC = 512 less. KC counts 256 micro-kernel
+// steps of P::k_group k each: bf16's 512 k are float's bytes of A and B (measured against 256 k,
+// benchmarks/gemm_parts.py --precision bf16, paired medians of 10 rounds on a Zen 4: 1.03-1.07×
+// faster at medium and deepbench).
+template <typename P> constexpr int64_t KC = 256 * P::k_group;
+template <typename F> constexpr int64_t NC = 4096 / sizeof(F);  // 1 MiB packed at KC<Plain<F>>, either type
 
 // Element (i, k) of a strided matrix: p[i·rs + k·cs].
 template <typename F> struct View {
@@ -79,22 +82,36 @@ static inline void prefetch_panel(const typename P::Stored* panel_row) {
     for (int line = 0; line < step_bytes; line += 64) __builtin_prefetch(ahead + line, 0, 3);
 }
 
+// Where the micro-kernel finds A(r, k): row-major, A(r, k) = a[r·lda + k] (x, h_{t-1}, grad_a;
+// the broadcasts gather R rows); column-major, a[k·lda + r] (grad_aᵀ in place); or packed by
+// pack_columns, k-group-major with each row's G = P::k_group consecutive k side by side,
+// a[(k / G)·G·lda + r·G + k % G] (lda = the copy's rows). Each step broadcasts, for every row,
+// the G elements of A it multiplies: one load where they are adjacent (rows, packed), G loads
+// combined where they are lda apart (columns). bf16's weight gradients read their grad_aᵀ
+// packed so, not column-major (benchmarks/gemm_parts.py --precision bf16, paired medians of 10
+// rounds on a Zen 4: medium's 1.15-1.17× faster, deepbench's 1.02×).
+enum class ALayout { rows, columns, packed };
+template <ALayout Layout, int G> struct AStrides {  // in elements, for A's leading dimension lda
+    int64_t row, group, pair;
+    explicit AStrides(int64_t lda)
+        : row(Layout == ALayout::rows ? lda : Layout == ALayout::packed ? G : 1),
+          group(Layout == ALayout::rows ? G : G * lda), pair(Layout == ALayout::columns ? lda : 1) {}
+};
+
 // tile (R×NR) = Σ_k A(r, k) · B(k, j): NR columns of B packed by P (P::pack), and R rows of A
-// read in place, A(r, k) = a[k·lda + r] (column-major, e.g. grad_aᵀ) or,
-// if RowsA, A(r, k) = a[r·lda + k] (row-major: x, h_{t-1}, grad_a; the broadcasts gather R rows).
-// The micro-kernel never needs A packed: each of its elements is loaded once per NR columns, by
-// a broadcast that does not care about alignment (gemm copies a column-major A only for what
-// its cache lines cost: pack_columns).
+// laid out as Layout says. The micro-kernel never needs A packed: each of its elements is loaded
+// once per NR columns, by a broadcast that does not care about alignment (gemm copies a
+// column-major A only for what its cache lines and broadcasts cost: pack_columns).
 // One step consumes P::k_group consecutive k. A tile of fewer than 8 vectors (R <= 3) cannot
 // cover the FMA latency (4 cycles × 2 units), so its k loop is split into S interleaved partial
 // sums, added in a fixed order at the end.
-template <typename P, int R, bool RowsA>
+template <typename P, int R, ALayout Layout>
 static inline void micro_kernel(int64_t K, const typename P::Stored* a, int64_t lda,
                                 const typename P::Stored* b, typename P::Acc* tile) {
     using Acc = typename P::Acc;
     constexpr int NV = Tile<Acc>::vectors, NR = Tile<Acc>::NR, G = P::k_group;
     constexpr int S = R * NV >= 8 ? 1 : (8 + R * NV - 1) / (R * NV);
-    const int64_t a_k = RowsA ? 1 : lda;  // A's stride along k
+    const AStrides<Layout, G> stride(lda);
     Vec<Acc> acc[S][R][NV];
 #pragma GCC unroll 4
     for (int s = 0; s < S; ++s)
@@ -110,7 +127,7 @@ static inline void micro_kernel(int64_t K, const typename P::Stored* a, int64_t 
         for (int v = 0; v < NV; ++v) bv[v] = P::load_panel(bk, v);
 #pragma GCC unroll 16
         for (int r = 0; r < R; ++r) {
-            const auto ar = P::broadcast_a(ak + (RowsA ? r * lda : r), a_k);
+            const auto ar = P::broadcast_a(ak + r * stride.row, stride.pair);
 #pragma GCC unroll 4
             for (int v = 0; v < NV; ++v) sum[r][v] = P::multiply_add(sum[r][v], ar, bv[v]);
         }
@@ -122,11 +139,11 @@ static inline void micro_kernel(int64_t K, const typename P::Stored* a, int64_t 
 #pragma GCC unroll 2
     for (; g + S <= groups; g += S)
 #pragma GCC unroll 4
-        for (int s = 0; s < S; ++s) step(acc[s], a + (g + s) * G * a_k, b + (g + s) * G * NR);
+        for (int s = 0; s < S; ++s) step(acc[s], a + (g + s) * stride.group, b + (g + s) * G * NR);
     // The last groups mod S; s stays a compile-time index (unrolled), so acc stays in registers.
 #pragma GCC unroll 4
     for (int s = 0; s < S - 1; ++s)
-        if (g + s < groups) step(acc[s], a + (g + s) * G * a_k, b + (g + s) * G * NR);
+        if (g + s < groups) step(acc[s], a + (g + s) * stride.group, b + (g + s) * G * NR);
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
@@ -139,13 +156,13 @@ static inline void micro_kernel(int64_t K, const typename P::Stored* a, int64_t 
 
 // The micro-kernel for any row count 1..MR: short edges cost no padded rows (B = 1 is a
 // matrix-vector chain and runs the 1-row kernel).
-template <typename P, bool RowsA = false, int R = Tile<typename P::Acc>::MR>
+template <typename P, ALayout Layout, int R = Tile<typename P::Acc>::MR>
 static inline void micro_kernel_rows(int rows, int64_t K, const typename P::Stored* a, int64_t lda,
                                      const typename P::Stored* b, typename P::Acc* tile) {
     if constexpr (R > 1) {
-        if (rows < R) return micro_kernel_rows<P, RowsA, R - 1>(rows, K, a, lda, b, tile);
+        if (rows < R) return micro_kernel_rows<P, Layout, R - 1>(rows, K, a, lda, b, tile);
     }
-    micro_kernel<P, R, RowsA>(K, a, lda, b, tile);
+    micro_kernel<P, R, Layout>(K, a, lda, b, tile);
 }
 
 // Rows of A per product call (block_rows<P>) and the call itself (product_rows): the register
@@ -155,13 +172,13 @@ template <typename P, typename = void> struct BlockRows { static constexpr int v
 template <typename P> struct BlockRows<P, std::void_t<decltype(P::block_rows)>> { static constexpr int value = P::block_rows; };
 template <typename P> constexpr int block_rows = BlockRows<P>::value;
 
-template <typename P, bool RowsA = false>
+template <typename P, ALayout Layout>
 static inline void product_rows(int rows, int64_t K, const typename P::Stored* a, int64_t lda,
                                 const typename P::Stored* b, typename P::Acc* tile) {
     if constexpr (block_rows<P> == Tile<typename P::Acc>::MR)
-        micro_kernel_rows<P, RowsA>(rows, K, a, lda, b, tile);
+        micro_kernel_rows<P, Layout>(rows, K, a, lda, b, tile);
     else
-        P::template product<RowsA>(rows, K, a, lda, b, tile);
+        P::template product<Layout>(rows, K, a, lda, b, tile);
 }
 
 // v[0..L), the rows of an L×L block (L = lanes), becomes its columns: log2(L) rounds in which
@@ -239,29 +256,32 @@ struct Plain {
 // Elements of the buffer one thread's gemm() packs B into, for a K×N operand.
 template <typename P> inline int64_t pack_b_size(int64_t K, int64_t N) {
     constexpr int NR = Tile<typename P::Acc>::NR;
-    return P::panel_size(min64(KC, K)) * min64(NC<typename P::Acc>, ceil_div(N, NR) * NR) / NR;
+    return P::panel_size(min64(KC<P>, K)) * min64(NC<typename P::Acc>, ceil_div(N, NR) * NR) / NR;
 }
 
-// Rows [0, rows) × k [0, kc) of a column-major A (A.rs == 1) copied k-major: dst[k·MR + r], the
-// last k group zero-padded. In place, A's consecutive k are 4·H bytes apart in the weight
-// gradients (A = grad_aᵀ): 4 KiB at H = 1024, so all KC lines of a micro-kernel's A fall in one
-// L1 set, each on its own page, and are fetched again for every panel (grad_weight_hh at
-// H = 1024, T·B = 3200: 60 GFLOP/s in place). Copied once per MR rows, they are one sequential
-// stream that every panel reuses.
+// Rows [0, rows) × k [0, kc) of a column-major A (A.rs == 1) copied into the packed layout
+// (ALayout::packed, lda = MR): dst[(k / G)·G·MR + r·G + k % G], zero past `rows` and past kc to
+// a whole k group. In place, A's consecutive k are 4·H bytes apart in the weight gradients
+// (A = grad_aᵀ): 4 KiB at H = 1024, so all KC lines of a micro-kernel's A fall in one L1 set,
+// each on its own page, and are fetched again for every panel (grad_weight_hh at H = 1024,
+// T·B = 3200: 60 GFLOP/s in place). Copied once per MR rows, they are one sequential stream that
+// every panel reuses, each row's k group one broadcast.
 template <typename P>
 static inline void pack_columns(int rows, int64_t kc, View<typename P::Stored> a, typename P::Stored* dst) {
     using S = typename P::Stored;
     constexpr int MR = block_rows<P>, G = P::k_group;
-    for (int64_t k = 0; k < kc; ++k) {
-        if (rows == MR) {
-            std::memcpy(dst + k * MR, &a(0, k), sizeof(S) * MR);  // a constant size: vector moves
-        } else {
-            for (int r = 0; r < rows; ++r) dst[k * MR + r] = a(r, k);
-            for (int r = rows; r < MR; ++r) dst[k * MR + r] = S(0);
+    for (int64_t k = 0; k < kc; k += G) {
+        S* group = dst + k * MR;
+        if (rows == MR && k + G <= kc) {  // constant sizes: vector moves
+            S column[G][MR];
+            for (int i = 0; i < G; ++i) std::memcpy(column[i], &a(0, k + i), sizeof column[i]);
+            for (int r = 0; r < MR; ++r)
+                for (int i = 0; i < G; ++i) group[r * G + i] = column[i][r];
+            continue;
         }
+        for (int r = 0; r < MR; ++r)
+            for (int i = 0; i < G; ++i) group[r * G + i] = r < rows && k + i < kc ? a(r, k + i) : S(0);
     }
-    for (int64_t k = kc; k < ceil_div(kc, G) * G; ++k)
-        for (int r = 0; r < MR; ++r) dst[k * MR + r] = S(0);
 }
 
 // C[0:M, n0:n1] = bias[n0:n1] (or 0) + A·B, with A (M×K) row-major (A.cs == 1) or column-major
@@ -277,7 +297,7 @@ static void gemm(int64_t M, int64_t n0, int64_t n1, int64_t K, View<typename P::
     using Acc = typename P::Acc;
     constexpr int MR = block_rows<P>, NR = Tile<Acc>::NR;
     alignas(64) Acc tile[MR * NR];
-    alignas(64) typename P::Stored a_panel[MR * (KC + P::k_group)];  // see pack_columns
+    alignas(64) typename P::Stored a_panel[MR * (KC<P> + P::k_group)];  // see pack_columns
     if (K == 0) {
         for (int64_t i = 0; i < M; ++i)
             for (int64_t j = n0; j < n1; ++j) C[i * ldc + j] = bias ? bias[j] : Acc(0);
@@ -286,8 +306,8 @@ static void gemm(int64_t M, int64_t n0, int64_t n1, int64_t K, View<typename P::
     for (int64_t jc = n0; jc < n1; jc += NC<Acc>) {
         const int64_t nc = min64(NC<Acc>, n1 - jc);
         const bool pack_a = A.cs != 1 && nc > 2 * NR;  // a copy used by one or two panels costs more than it saves
-        for (int64_t pc = 0; pc < K; pc += KC) {
-            const int64_t kc = min64(KC, K - pc);
+        for (int64_t pc = 0; pc < K; pc += KC<P>) {
+            const int64_t kc = min64(KC<P>, K - pc);
             P::pack(kc, nc, B.shifted(pc, jc), pack_b_buf);
             for (int64_t ir = 0; ir < M; ir += MR) {
                 if (stop && stop->load(std::memory_order_relaxed)) return;
@@ -299,9 +319,11 @@ static void gemm(int64_t M, int64_t n0, int64_t n1, int64_t K, View<typename P::
                     const int64_t cols = min64(NR, nc - jr);
                     const typename P::Stored* panel = pack_b_buf + P::panel_size(kc) * (jr / NR);
                     if (A.cs == 1)
-                        product_rows<P, true>(rows, kc, a, lda, panel, tile);
+                        product_rows<P, ALayout::rows>(rows, kc, a, lda, panel, tile);
+                    else if (pack_a)
+                        product_rows<P, ALayout::packed>(rows, kc, a, lda, panel, tile);
                     else
-                        product_rows<P>(rows, kc, a, lda, panel, tile);
+                        product_rows<P, ALayout::columns>(rows, kc, a, lda, panel, tile);
                     for (int r = 0; r < rows; ++r) {
                         Acc* c = C + (ir + r) * ldc + jc + jr;
                         const Acc* t = tile + r * NR;

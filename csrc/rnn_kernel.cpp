@@ -305,7 +305,7 @@ Status forward_pass(const Forward<F>& c, const LayerForward<F>& w = {}) {
                 const S* panel = packed_whh.get() + j / NR * P::panel_size(H);
                 for (int64_t b0 = 0; b0 < B; b0 += MR) {
                     const int rows = int(min64(MR, B - b0));
-                    product_rows<P, true>(rows, H, state_operand.rows + (prev + b0) * state_operand.ld,
+                    product_rows<P, ALayout::rows>(rows, H, state_operand.rows + (prev + b0) * state_operand.ld,
                                           state_operand.ld, panel, tile);
                     for (int r = 0; r < rows; ++r) {
                         const int64_t b = b0 + r;
@@ -420,7 +420,7 @@ Status backward_pass(const Backward<F>& c, const LayerBackward<F>& w = {}) {
                     for (int64_t b0 = 0; b0 < B; b0 += MR) {
                         const int rows = int(min64(MR, B - b0));
                         if (has_next)
-                            product_rows<P, true>(rows, H, da_next + b0 * lda, lda, panel, tile);
+                            product_rows<P, ALayout::rows>(rows, H, da_next + b0 * lda, lda, panel, tile);
                         else
                             for (int i = 0; i < MR * NR; ++i) tile[i] = F(0);
                         for (int r = 0; r < rows; ++r) {

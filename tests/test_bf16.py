@@ -110,13 +110,14 @@ def assert_close(actual, expected, bound, label):
 
 @pytest.mark.parametrize("T, B, I, H", [(1, 1, 1, 1), (7, 3, 5, 9), (4, 13, 33, 40), (6, 12, 64, 96),
                                         (3, 2, 1, 65), (2, 17, 130, 3), (4, 64, 96, 128), (3, 32, 64, 64),
-                                        (2, 48, 33, 64)])
+                                        (2, 48, 33, 64), (37, 15, 70, 80)])
 @pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
 @pytest.mark.parametrize("with_lengths", [False, True])
 def test_bf16_matches_the_bf16_reference(backend, T, B, I, H, nonlinearity, with_lengths):
     """Within BF16_AGREEMENT (pyrnn/testing.py says why): the same operands rounded the same
     way, summed in float32 in the backend's own order. Odd sizes: the k-pairs' last half; 16, 32,
-    48 and 64 rows with K a multiple of 32: AMX tiles where the CPU has them."""
+    48 and 64 rows with K a multiple of 32: AMX tiles where the CPU has them; T·B = 555: the
+    weight gradients' packed grad_aᵀ over two k blocks (gemm.h: KC), the last one odd."""
     rng = np.random.default_rng(T * 1000 + H)
     p = float32_problem(rng, T, B, I, H)
     lengths = random_lengths(rng, T, B) if with_lengths else None
