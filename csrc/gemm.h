@@ -320,8 +320,9 @@ static void gemm(int64_t M, int64_t n0, int64_t n1, int64_t K, View<typename P::
                     const typename P::Stored* panel = pack_b_buf + P::panel_size(kc) * (jr / NR);
                     if (A.cs == 1)
                         product_rows<P, ALayout::rows>(rows, kc, a, lda, panel, tile);
-                    else if (pack_a)
-                        product_rows<P, ALayout::packed>(rows, kc, a, lda, panel, tile);
+                    else if (pack_a)  // with one k a step, the packed layout is the column-major one
+                        product_rows<P, P::k_group == 1 ? ALayout::columns : ALayout::packed>(rows, kc, a, lda,
+                                                                                           panel, tile);
                     else
                         product_rows<P, ALayout::columns>(rows, kc, a, lda, panel, tile);
                     for (int r = 0; r < rows; ++r) {
