@@ -24,7 +24,8 @@ def test_every_part_is_built_and_measured(tmp_path, precision):
     from pyrnn import _cpp
     needs = {"fp32": ("avx512", "avx512bf16", "avx512amx"), "bf16": ("avx512bf16", "avx512amx")}[precision]
     if _cpp.isa() not in needs:
-        pytest.skip(f"the {precision} harness is the kernel's {needs[0]} copy; this CPU runs {_cpp.isa()}")
+        pytest.skip(f"the {precision} harness is the kernel's {needs[0]} copy; pyrnn._cpp runs its {_cpp.isa()} "
+                    "copy here (the CPU's best, or $PYRNN_ISA's)")
     gemm_parts = load_gemm_parts()
     measured = gemm_parts.parts(gemm_parts.build(str(tmp_path), precision), (5, 3, 7, 40), precision)
     assert [part for part, _ in measured] == ["micro-kernel in L1", "input product", "recurrent step product",
