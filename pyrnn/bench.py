@@ -66,9 +66,14 @@ SAMPLE_SECONDS = 0.01  # a sample repeats a call until it lasts about this long
 # workers park: OpenBLAS's spin for ~2^28 cycles (~0.1 s) after a call, OpenMP runtimes spin too,
 # and on 2 cores they would take the cores from whoever runs next (measured here: cpp's large
 # train at 2 threads, 164 ms right after a 2-thread NumPy matmul, 85 ms 0.1 s later). Each
-# contestant then runs as it would alone in a process, after one untimed call that wakes its own
-# parked threads (in a training loop they would still be running from the previous call).
+# contestant then runs as it would alone in a process, after untimed calls that wake its own
+# parked threads (in a training loop they would still be running from the previous call). One
+# such call is not enough on this VM: after the pause a core that was idle runs slow for a few
+# milliseconds (measured: a 2-thread small 2x2 stack forward, 3.3 ms back to back, took 4.7 ms
+# median, up to 7.3, in the 3 calls after a 0.15 s pause and one call; 3.4-3.8 ms after 30 ms of
+# calls).
 SETTLE_SECONDS = 0.15
+WARM_SECONDS = 0.03  # of untimed calls after the pause
 MAX_ROUNDS = 1000  # a cap on samples per contestant however large the time budget
 PEAK_N = 1024  # the GEMM peer is an n×n×n matmul: large enough for OpenBLAS to reach its peak
 PEAK_FLOP = 2 * PEAK_N**3
@@ -456,6 +461,14 @@ def busy_wait(seconds):
         pass
 
 
+def warm_up(call, seconds):
+    """Call until `seconds` have passed (at least once)."""
+    deadline = time.perf_counter() + seconds
+    call()
+    while time.perf_counter() < deadline:
+        call()
+
+
 def warm_call_seconds(call):
     """Seconds per call, from one call and, if that was short, from a batch lasting about a tenth
     of a sample: one call straight after another contestant's runs with cold caches and can take
@@ -486,7 +499,7 @@ def measure_block(calls, repeat, budget, progress, settle=0.0):
         for name, call in calls.items():
             if settle:
                 busy_wait(settle)
-                call()  # wakes the contestant's own parked threads, as a loop's earlier calls would
+                warm_up(call, WARM_SECONDS)  # wakes the contestant's own parked threads, as a loop's earlier calls would
             samples[name].append(time_calls(call, number[name]))
         rounds += 1
         progress.set_postfix_str(f"round {rounds}", refresh=False)
@@ -522,7 +535,7 @@ def run(shapes, threads, modes, names, dtype, repeat, budget, stream=sys.stderr,
     report = {"machine": machine(), "versions": versions(), "dtype": dtype.name,
               "settings": {"shapes": list(shapes), "threads": list(threads), "modes": list(modes),
                            "backends": list(names), "repeat": repeat, "budget_s": budget,
-                           "sample_s": SAMPLE_SECONDS, "settle_s": SETTLE_SECONDS,
+                           "sample_s": SAMPLE_SECONDS, "settle_s": SETTLE_SECONDS, "warm_s": WARM_SECONDS,
                            "stack": stack._asdict()},
               "shapes": {name: SHAPES[name]._asdict() for name in shapes},
               "peak": {}, "gemm": {}, "thread_pools": {}, "results": []}
