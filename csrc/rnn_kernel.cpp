@@ -355,7 +355,14 @@ Status backward_pass(const Backward<F>& c, const LayerBackward<F>& w = {}) {
     Scratch<S> packed_whh(panels * P::panel_size(H));  // weight_hh in NR-column panels
     // Rows in step order (row s·B + b is row b's step s; time order unless reverse).
     const int64_t ld = row_stride<F>(H);
-    Scratch<F> grad_a(TB * ld);  // dL/da (row stride ld), 0 on padding
+    // dL/da (row stride ld), 0 on padding. The products read it, or (P rounds) only its rounded
+    // copy: then each row is made in a local buffer and rounded into the copy, grad_bias is
+    // summed as the rows are made, and the float matrix is never written (its 13 MB of first
+    // writes held up the g-chain at large, 5 % of a bf16 backward in round_row's loads; without
+    // them the bf16 backward took 0.96× the time at large and 0.87× at medium, paired medians of
+    // 8 and 5 interleaved processes on one core).
+    constexpr bool rounded = Operand<F, P>::rounded;
+    Scratch<F> grad_a(rounded ? 0 : TB * ld);
     Operand<F, P> grad_a_operand(grad_a.get(), ld, TB, H);  // what the products read of it
     // The weight gradients' A is grad_aᵀ, read in place (column-major), except for a policy with
     // tiles of its own (bf16.h on AMX), which want it row-major: then it is transposed once, when
@@ -381,7 +388,7 @@ Status backward_pass(const Backward<F>& c, const LayerBackward<F>& w = {}) {
         const Share<F> share(plan, H, tid, nt);
         const Columns<F>& mine = share.mine, &steps = share.steps;
         const int step_threads = share.step_threads;
-        alignas(64) F tile[MR * NR], dy[NR];
+        alignas(64) F tile[MR * NR], dy[NR], da_row[NR], bias_part[NR];
         const F no_g[NR] = {};
         const int64_t lda = grad_a_operand.ld;
         const auto time = [&](int64_t s, int64_t b) { return step_time(w.reverse, c.lengths, T, s, b); };
@@ -414,8 +421,13 @@ Status backward_pass(const Backward<F>& c, const LayerBackward<F>& w = {}) {
 
         // 1. The g-chain, s = T-1 .. -1: g_s = da_{s+1}·weight_hh (+ grad_h_n where s is the row's
         //    last step; padding rows have da = 0, so g reaches that step unchanged), then
-        //    da_s = (g_s + grad_output_s)·φ'(h_s) on valid rows; g_{-1} is grad_h0. Shared steps
-        //    end in a barrier that also decides whether to stop; alone, thread 0 looks itself.
+        //    da_s = (g_s + grad_output_s)·φ'(h_s) on valid rows; g_{-1} is grad_h0. When P rounds,
+        //    grad_bias sums da as it is made: per tile of rows in row order, then step by step from
+        //    T - 1 down, each column by the thread whose panel it is (an order no thread count
+        //    changes). Shared steps end in a barrier that also decides whether to stop; alone,
+        //    thread 0 looks itself.
+        if constexpr (rounded)
+            for (int64_t j = steps.begin; j < steps.end; ++j) c.grad_bias[j] = F(0);
         if (tid < step_threads)
             for (int64_t s = T - 1; s >= -1; --s) {
                 if (w.grad_output_ready && s >= 0 && (T - 1 - s) % chunk == 0) {  // a chunk begins
@@ -446,6 +458,7 @@ Status backward_pass(const Backward<F>& c, const LayerBackward<F>& w = {}) {
                             product_rows<P, ALayout::rows>(rows, H, da_next + b0 * lda, lda, panel, tile);
                         else
                             for (int i = 0; i < MR * NR; ++i) tile[i] = F(0);
+                        for (int k = 0; k < NR; ++k) bias_part[k] = F(0);
                         for (int r = 0; r < rows; ++r) {
                             const int64_t b = b0 + r;
                             // Past the row's length da_{s+1} is 0 and so is g, exactly: not
@@ -459,7 +472,7 @@ Status backward_pass(const Backward<F>& c, const LayerBackward<F>& w = {}) {
                                 for (int64_t k = 0; k < cols; ++k) grad_h0[k] = g[k] + (last ? g_end[k] : F(0));
                                 continue;
                             }
-                            F* da = grad_a.get() + (s * B + b) * ld + j;
+                            F* da = rounded ? da_row : grad_a.get() + (s * B + b) * ld + j;
                             if (!valid(c.lengths, s, b)) {
                                 for (int64_t k = 0; k < cols; ++k) da[k] = F(0);
                                 grad_a_operand.update(s * B + b, j, da, cols);
@@ -480,8 +493,12 @@ Status backward_pass(const Backward<F>& c, const LayerBackward<F>& w = {}) {
                             }
                             for (int64_t k = 0; k < cols; ++k)
                                 da[k] = Act::gradient(g[k] + (last ? g_end[k] : F(0)) + go[k], h[k]);
+                            if constexpr (rounded)
+                                for (int64_t k = 0; k < cols; ++k) bias_part[k] += da[k];
                             grad_a_operand.update(s * B + b, j, da, cols);
                         }
+                        if (rounded && s >= 0)
+                            for (int64_t k = 0; k < cols; ++k) c.grad_bias[j + k] += bias_part[k];
                     }
                 }
                 if (step_threads > 1 && barrier.wait(stop)) {
@@ -530,9 +547,11 @@ Status backward_pass(const Backward<F>& c, const LayerBackward<F>& w = {}) {
             if (tid == 0) status = Status::stopped;
             return;
         }
-        for (int64_t j = mine.begin; j < mine.end; ++j) c.grad_bias[j] = F(0);
-        for (int64_t r = 0; r < TB; ++r)
-            for (int64_t j = mine.begin; j < mine.end; ++j) c.grad_bias[j] += grad_a.get()[r * ld + j];
+        if constexpr (!rounded) {  // grad_bias from the rows of grad_a
+            for (int64_t j = mine.begin; j < mine.end; ++j) c.grad_bias[j] = F(0);
+            for (int64_t r = 0; r < TB; ++r)
+                for (int64_t j = mine.begin; j < mine.end; ++j) c.grad_bias[j] += grad_a.get()[r * ld + j];
+        }
     });
     return status;
 }
