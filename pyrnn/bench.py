@@ -499,7 +499,7 @@ def measure_block(calls, repeat, budget, progress, settle=0.0):
         for name, call in calls.items():
             if settle:
                 busy_wait(settle)
-                warm_up(call, WARM_SECONDS)  # wakes the contestant's own parked threads, as a loop's earlier calls would
+                warm_up(call, WARM_SECONDS)  # wakes its parked threads, as a loop's earlier calls would
             samples[name].append(time_calls(call, number[name]))
         rounds += 1
         progress.set_postfix_str(f"round {rounds}", refresh=False)
