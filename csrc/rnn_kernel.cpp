@@ -458,7 +458,8 @@ Status backward_pass(const Backward<F>& c, const LayerBackward<F>& w = {}) {
                             product_rows<P, ALayout::rows>(rows, H, da_next + b0 * lda, lda, panel, tile);
                         else
                             for (int i = 0; i < MR * NR; ++i) tile[i] = F(0);
-                        for (int k = 0; k < NR; ++k) bias_part[k] = F(0);
+                        if constexpr (rounded)
+                            for (int k = 0; k < NR; ++k) bias_part[k] = F(0);
                         for (int r = 0; r < rows; ++r) {
                             const int64_t b = b0 + r;
                             // Past the row's length da_{s+1} is 0 and so is g, exactly: not
