@@ -62,11 +62,11 @@ def one_process():
     return {name: p.detach() for name, p in modules.named_parameters()}
 
 
-def worker(rank, world_size, address, result_path):
+def worker(rank, world_size, init_method, result_path):
     """One process of the group: its rows of the batch; rank 0 saves the parameters."""
     torch.set_num_threads(1)
     pyrnn.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", init_method=address, rank=rank, world_size=world_size)
+    torch.distributed.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size)
     try:
         modules = model()
         ddp = torch.nn.parallel.DistributedDataParallel(Wrapped(modules))

@@ -255,17 +255,17 @@ def test_pyrnn_set_num_threads_governs_the_kernel_inside_torch(monkeypatch):
 
 
 def spawn_ddp_workers(result_path):
-    """tests/ddp_training.worker on 2 processes (gloo, on a free port of 127.0.0.1)."""
-    import socket
-
+    """tests/ddp_training.worker on 2 processes (gloo on 127.0.0.1). They meet through a file
+    (torch's FileStore) beside result_path, not a TCP port: a port found free here could be taken
+    by another process before rank 0 binds it, and gloo's own connections take ports the system
+    hands out."""
     import ddp_training
 
     if not torch.distributed.is_available():
         pytest.skip("this torch was built without torch.distributed")
-    with socket.socket() as s:  # a free port
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(ddp_training.worker, args=(2, f"tcp://127.0.0.1:{port}", str(result_path)),
+    rendezvous = result_path.parent / "rendezvous"
+    assert not rendezvous.exists()  # a FileStore starts from a new (or empty) file
+    torch.multiprocessing.spawn(ddp_training.worker, args=(2, rendezvous.as_uri(), str(result_path)),
                                 nprocs=2, join=True)
 
 
