@@ -4,16 +4,16 @@
 // The Goto/BLIS structure: B is copied ("packed") into NR-column panels, k-major, so that the
 // micro-kernel streams it with aligned-free unit-stride vector loads and keeps an MR×NR tile of C
 // in vector registers for the whole k loop; A is read by broadcasts, in place or, column-major
-// and far apart along k, from a copy (see micro_kernel, pack_columns). Block sizes keep a KC×NC
-// block of B in L2 and MR×KC of A in L1 (see KC). A and B are strided views, so transposed
-// operands (weight_ihᵀ, grad_aᵀ) cost B's packing and at most that copy of A.
+// and far apart along k, from a copy (see micro_kernel, pack_columns). Block sizes: see KC. A and
+// B are strided views, so transposed operands (weight_ihᵀ, grad_aᵀ) cost B's packing and at most
+// that copy of A.
 //
 // What the operands are stored as, what they are summed in and how B's panels are laid out is a
 // policy (Plain below: storage and sums in F, panels k-major); a precision that stores bf16 and
 // multiplies k-pairs with vdpbf16ps is another policy with the same members, not another copy of
 // these loops.
 //
-// Each element of C is summed in one fixed order (k ascending, in KC blocks from k = 0) whatever
+// Each element of C is summed in one fixed order (k ascending, in blocks from k = 0) whatever
 // the column range a thread is given, which is what makes the threaded results bitwise
 // independent of the thread count.
 #pragma once
@@ -33,16 +33,20 @@ template <typename F> struct Tile {
     static constexpr int MR = PYRNN_VECTOR_BYTES == 64 ? 12 : 6;
 };
 
-// Cache blocking of gemm(): a KC×NC block of B packed (1 MiB, in L2 of 2 MiB), and for each MR
-// rows of A a KC-long micro-panel (12 KiB, in L1) run against every NR-column panel of the
-// block in turn, the panels streamed from L2. Measured at 1 thread (float32, GFLOP/s, against the
-// former order: 8·MR rows of A against each panel, KC = 512): the input product 3200×512×1024
-// 122 -> 153; grad_weight_hh 1024×3200×1024 (A packed, see pack_columns) 60 -> 126-130.
-// KC = 512 gave 132 and 106-119, KC = 1024 less again, NC = 512 less. KC counts 256 micro-kernel
-// steps of P::k_group k each: bf16's 512 k are float's bytes of A and B (measured against 256 k,
-// benchmarks/gemm_parts.py --precision bf16, paired medians of 10 rounds on a Zen 4: 1.03-1.07×
-// faster at medium and deepbench).
+// Cache blocking of gemm(): a KC×NC block of B packed, and for each MR rows of A a KC-long
+// micro-panel run against every NR-column panel of the block in turn, the panels streamed from L2
+// (1 MiB per core on this Zen 5, L1d 32 KiB). Measured at 1 thread (float32, GFLOP/s, against the
+// former order: 8·MR rows of A against each panel, KC = 512; on a Zen 4): the input product
+// 3200×512×1024 122 -> 153; grad_weight_hh 1024×3200×1024 (A packed, see pack_columns) 60 -> 126-130.
+// KC counts 256 micro-kernel steps of P::k_group k each: bf16's 512 k are float's bytes of A and B
+// (1.03-1.07× faster than 256 k at medium and deepbench, benchmarks/gemm_parts.py --precision bf16).
+// Where A is row-major (the input product, grad_x) its rows are read in place, k contiguous, and a
+// k block twice as long (KC_ROWS) halves the passes over C: 1.04-1.07× faster products at large and
+// deepbench in both precisions, 1.01-1.04× whole forward and backward calls (gemm_parts, paired
+// medians; real calls, medians of 5 interleaved processes); with A packed or column-major (the
+// weight gradients, the steps) the longer block gained nothing.
 template <typename P> constexpr int64_t KC = 256 * P::k_group;
+template <typename P> constexpr int64_t KC_ROWS = 2 * KC<P>;
 template <typename F> constexpr int64_t NC = 4096 / sizeof(F);  // 1 MiB packed at KC<Plain<F>>, either type
 
 // Element (i, k) of a strided matrix: p[i·rs + k·cs].
@@ -256,7 +260,7 @@ struct Plain {
 // Elements of the buffer one thread's gemm() packs B into, for a K×N operand.
 template <typename P> inline int64_t pack_b_size(int64_t K, int64_t N) {
     constexpr int NR = Tile<typename P::Acc>::NR;
-    return P::panel_size(min64(KC<P>, K)) * min64(NC<typename P::Acc>, ceil_div(N, NR) * NR) / NR;
+    return P::panel_size(min64(KC_ROWS<P>, K)) * min64(NC<typename P::Acc>, ceil_div(N, NR) * NR) / NR;
 }
 
 // Rows [0, rows) × k [0, kc) of a column-major A (A.rs == 1) copied into the packed layout
@@ -307,6 +311,7 @@ static void gemm(int64_t M, int64_t n0, int64_t n1, int64_t K, View<typename P::
     constexpr int MR = block_rows<P>, NR = Tile<Acc>::NR;
     alignas(64) Acc tile[MR * NR];
     alignas(64) typename P::Stored a_panel[MR * (KC<P> + P::k_group)];  // see pack_columns
+    const int64_t k_block = A.cs == 1 ? KC_ROWS<P> : KC<P>;  // see KC_ROWS
     if (K == 0) {
         for (int64_t i = 0; i < M; ++i)
             for (int64_t j = n0; j < n1; ++j) C[i * ldc + j] = bias ? bias[j] : Acc(0);
@@ -315,8 +320,8 @@ static void gemm(int64_t M, int64_t n0, int64_t n1, int64_t K, View<typename P::
     for (int64_t jc = n0; jc < n1; jc += NC<Acc>) {
         const int64_t nc = min64(NC<Acc>, n1 - jc);
         const bool pack_a = A.cs != 1 && nc > 2 * NR;  // a copy used by one or two panels costs more than it saves
-        for (int64_t pc = 0; pc < K; pc += KC<P>) {
-            const int64_t kc = min64(KC<P>, K - pc);
+        for (int64_t pc = 0; pc < K; pc += k_block) {
+            const int64_t kc = min64(k_block, K - pc);
             P::pack(kc, nc, B.shifted(pc, jc), pack_b_buf);
             for (int64_t ir = 0; ir < M; ir += MR) {
                 if (stop && stop->load(std::memory_order_relaxed)) return;
