@@ -41,8 +41,9 @@ template <typename F> struct Tile {
 // KC counts 256 micro-kernel steps of P::k_group k each: bf16's 512 k are float's bytes of A and B
 // (1.03-1.07× faster than 256 k at medium and deepbench, benchmarks/gemm_parts.py --precision bf16).
 // Where A is row-major (the input product, grad_x) its rows are read in place, k contiguous, and a
-// k block twice as long (KC_ROWS) halves the passes over C: 1.04-1.07× faster products at large and
-// deepbench in both precisions, 1.01-1.04× whole forward and backward calls (gemm_parts, paired
+// k block twice as long (KC_ROWS) halves the passes over C, though its B block (2 MiB) then exceeds
+// L2: measured regardless, 1.04-1.07× faster products at large and deepbench in both precisions,
+// 1.00-1.04× whole forward and backward calls (gemm_parts, paired
 // medians; real calls, medians of 5 interleaved processes); with A packed or column-major (the
 // weight gradients, the steps) the longer block gained nothing.
 template <typename P> constexpr int64_t KC = 256 * P::k_group;
