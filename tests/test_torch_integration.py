@@ -348,7 +348,19 @@ def test_bench_torch_train_checks_then_times_each_case(monkeypatch):
     # the step without its RNN is timed with them
     assert all(row["rest_s"] > 0 and row["speedup_bound"] == row["torch_s"] / row["rest_s"]
                for row in report["results"])
-    assert "bound" in bench_torch.format_report(report)
-    assert [row["case"] for row in report["overhead"]] == ["one layer"]
     text = bench_torch.format_report(report)
-    assert "one layer" in text and "stack" in text and "ok" in text
+    assert "one layer" in text and "stack" in text and "ok" in text and "bound" in text and "torch floor" in text
+    assert [row["case"] for row in report["overhead"]] == ["one layer"]
+    assert all(row["torch_floor_s"] > 0 for row in report["overhead"])
+    # the CPU's float32 limit, timed with them (by the native module): a step whose RNN ran at
+    # that limit takes rest + the RNN's FLOP at it, and torch's step over that is below the bound
+    # of an RNN that cost nothing
+    if "cpp" not in pyrnn.available_backends():
+        assert report["limit_gflops"] == {} and not any("limit_bound" in row for row in report["results"])
+        return
+    limit = report["limit_gflops"][1]
+    assert limit > 0
+    for row in report["results"]:
+        at_limit = bench_torch.rnn_flop(bench_torch.CASES[row["case"]]) / (limit * 1e9)
+        assert row["rnn_at_limit_s"] == at_limit
+        assert row["limit_bound"] == row["torch_s"] / (row["rest_s"] + at_limit) < row["speedup_bound"]
