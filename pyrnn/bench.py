@@ -686,6 +686,18 @@ def _vs_1_thread(row):
     return f"{value:.2f}x" if value is not None else "-"
 
 
+def _ceilings(rows):
+    """Lines giving, per torch row's precision, the most any "vs torch" can be: a kernel doing the
+    shape's FLOP at the CPU's limit of that precision runs 1 / torch's fraction of it faster."""
+    lines = []
+    for peer in (PEER, PEER + BF16):
+        found = [r for r in rows if r["backend"] == peer and "fraction_of_peak" in r]
+        if found:
+            lines.append(f"ceiling of vs {peer} (a kernel at the {found[0]['precision']} limit): " + ", ".join(
+                f"{r['mode']} {r['threads']} thr {1 / r['fraction_of_peak']:.2f}x" for r in found))
+    return lines
+
+
 def format_report(report):
     """The tables as text: one per shape, rows by mode, thread count and contestant."""
     m = report["machine"]
@@ -735,12 +747,14 @@ def format_report(report):
                 timing = (f"{'not timed':>10s} {'':6s} {'':8s} {'':6s} {'':8s} {'':8s} "
                           + (f"{'':8s} " if vs_fp32 else "") + f"{'':8s}")
             lines.append(f"{row['mode']:8s} {row['threads']:3d} {row['backend']:10s} {timing} {first:>11s}  {check}")
+        lines += _ceilings([r for r in report["results"] if r["shape"] == shape_name])
     lines += ["", "median ms: median over samples (each the mean of calls lasting ~10 ms), backends "
               "interleaved; ±iqr: interquartile range / median.",
               "%peak: GFLOP/s (forward 2·T·B·H·(I+H), train 3x) / the CPU limit of the row's precision "
               "(timed in every round). vs X: X's median / this median (>1: faster than X; a bf16 row is "
               "compared with torch bf16, i.e. torch.autocast, and numpy bf16, and vs fp32 with its own "
-              "backend in float32); vs 1 thr: the same contestant's 1-thread median / this one.",
+              "backend in float32); vs 1 thr: the same contestant's 1-thread median / this one. ceiling: 1 / "
+              "torch's %peak, the most that any contestant's vs torch can be.",
               "1st call: the first call of that mode in this process (includes JIT compilation), "
               "not in the samples. check: worst relative error against the float64 reference (bf16: "
               "output absolute, gradients relative to their largest magnitude)."]

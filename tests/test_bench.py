@@ -164,6 +164,9 @@ def test_ratios_between_contestants_and_thread_counts():
     assert cpp_2["speedup_vs_1_thread"] == 1.6 and torch_2["speedup_vs_1_thread"] == 40.0 / 30.0
     assert "speedup_vs_1_thread" not in cpp_1
     assert cpp_2["fraction_of_peak"] == 1.0 / 20.0
+    # the ceiling of vs torch: a kernel at the limit, 1 / torch's fraction of it (torch at 1/10, 1/20)
+    assert bench._ceilings(rows) == ["ceiling of vs torch (a kernel at the fp32 limit): "
+                                     "train 1 thr 10.00x, train 2 thr 20.00x"]
 
 
 def test_bench_plot(tmp_path):
