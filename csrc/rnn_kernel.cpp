@@ -112,15 +112,6 @@ struct Share {
 // measured no faster (3-7 % slower in some runs).
 inline bool panels_backwards(int64_t B, int64_t step) { return B <= 2 && step % 2 != 0; }
 
-// Asks for the cache lines of p[0:n], n > 0 (to be read and written soon).
-template <typename F>
-inline void prefetch_row(const F* p, int64_t n) {
-    const char* bytes = reinterpret_cast<const char*>(p);
-    const int64_t size = n * int64_t(sizeof(F));
-    for (int64_t line = 0; line < size; line += 64) __builtin_prefetch(bytes + line, 1, 3);
-    __builtin_prefetch(bytes + size - 1, 1, 3);  // p need not start a line
-}
-
 // out[0:n] = state[0:n] = φ(out[0:n] + acc[0:n]), n <= NR: out holds the input term on entry.
 // Whole vectors only, so every element goes through exactly the same arithmetic whether or not it
 // sits in a partial panel.
