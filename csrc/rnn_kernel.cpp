@@ -8,7 +8,8 @@
 //              da_t = (g + grad_output_t)·φ'(h_t) in the epilogue;
 //           2. grad_x, grad_weight_ih, grad_weight_hh as single products over all T·B rows.
 // Threads: one team of threads per call (threads.h, plan_threads). Each thread owns a fixed range
-// of NR-wide column panels (of the output in each product, and of H in the recurrence when its
+// of NR-wide column panels (of the output in each product but the weight gradients, whose rows
+// it owns, in whole register tiles; and of H in the recurrence when its
 // steps are big enough to share; else thread 0 runs them) and sums every element it owns in the
 // same order whatever the thread count, so results are bitwise identical across thread counts.
 // Shared steps are separated by one barrier each. Nothing is allocated inside the loops.
@@ -510,7 +511,9 @@ Status backward_pass(const Backward<F>& c, const LayerBackward<F>& w = {}) {
             return;
         }
 
-        // 2. The products over all T·B rows, each thread on its own output columns.
+        // 2. The products over all T·B rows, each thread on its own output columns (grad_x) or
+        //    rows (the weight gradients, below); every thread reads all of h_prev and x_valid,
+        //    which the barrier after the chain has seen written.
         const Columns<F> mine_i(I, tid, nt);
         if (!w.grad_x_done) grad_x_product(0, T, mine_i);
         if (w.reverse)  // my columns of grad_x into time order
@@ -531,10 +534,21 @@ Status backward_pass(const Backward<F>& c, const LayerBackward<F>& w = {}) {
             }
         }
         const View<S> da_t = transpose_grad_a ? View<S>{grad_a_t.get(), TB, 1} : View<S>{da_rows, 1, lda};
-        gemm<P>(H, mine_i.begin, mine_i.end, TB, da_t, View<F>{x_rows, I, 1}, nullptr, c.grad_weight_ih, I,
-                pack_b_buf, stop);
-        gemm<P>(H, mine.begin, mine.end, TB, da_t, View<F>{h_prev.get(), H, 1}, nullptr, c.grad_weight_hh, H,
-                pack_b_buf, stop);
+        // The weight gradients are shared by rows (of H, whole tiles of MR: every element sums in the
+        // order it has on one thread), not columns: split by columns, every thread copied all of
+        // grad_aᵀ (pack_columns) for half the panels, and at 2 threads (large, float32) these two
+        // products ran at 78-80 % of the FMA limit against 90 % on one. Split by rows, whole
+        // backward calls at 2 threads took 1/1.00 (large), 1/1.025 (deepbench) and 1/1.05 (medium)
+        // of the time in float32 and 1/1.03 at large in bf16 (paired medians of 4-5 interleaved
+        // processes, Zen 4, 2026-12-04): the rest of the loss at 2 threads is elsewhere.
+        const int64_t tiles = ceil_div(H, MR), rows_begin = min64(H, tiles * tid / nt * MR),
+                      rows_end = min64(H, tiles * (tid + 1) / nt * MR), rows = rows_end - rows_begin;
+        if (rows > 0) {
+            gemm<P>(rows, 0, I, TB, da_t.shifted(rows_begin, 0), View<F>{x_rows, I, 1}, nullptr,
+                    c.grad_weight_ih + rows_begin * I, I, pack_b_buf, stop);
+            gemm<P>(rows, 0, H, TB, da_t.shifted(rows_begin, 0), View<F>{h_prev.get(), H, 1}, nullptr,
+                    c.grad_weight_hh + rows_begin * H, H, pack_b_buf, stop);
+        }
         if (Barrier::stop_requested(stop)) {  // the products may have been cut short
             if (tid == 0) status = Status::stopped;
             return;
