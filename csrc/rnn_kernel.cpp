@@ -75,14 +75,20 @@ inline Plan plan_threads(int max_threads, int64_t T, int64_t B, int64_t I, int64
     return {share_steps || share_products ? most : 1, share_steps && most > 1};
 }
 
+// Thread `tid` of `nt`'s share [begin, end) of [0, n): whole units, in order.
+struct Range {
+    int64_t begin, end;
+    Range(int64_t n, int64_t unit, int tid, int nt)
+        : begin(min64(n, ceil_div(n, unit) * tid / nt * unit)), end(min64(n, ceil_div(n, unit) * (tid + 1) / nt * unit)) {}
+};
+
 // The columns [begin, end) of an n-column output that thread `tid` of `nt` owns: whole NR panels.
 template <typename F>
 struct Columns {
     int64_t begin, end;
     Columns(int64_t n, int tid, int nt) {
-        const int64_t panels = ceil_div(n, Tile<F>::NR);
-        begin = min64(n, panels * tid / nt * Tile<F>::NR);
-        end = min64(n, panels * (tid + 1) / nt * Tile<F>::NR);
+        const Range share(n, Tile<F>::NR, tid, nt);
+        begin = share.begin, end = share.end;
     }
     int64_t panels() const { return ceil_div(end - begin, Tile<F>::NR); }
     // The first column of the i-th of these panels, counted from the last if `backwards`.
@@ -538,16 +544,16 @@ Status backward_pass(const Backward<F>& c, const LayerBackward<F>& w = {}) {
         // order it has on one thread), not columns: split by columns, every thread copied all of
         // grad_aᵀ (pack_columns) for half the panels, and at 2 threads (large, float32) these two
         // products ran at 78-80 % of the FMA limit against 90 % on one. Split by rows, whole
-        // backward calls at 2 threads took 1/1.00 (large), 1/1.025 (deepbench) and 1/1.05 (medium)
-        // of the time in float32 and 1/1.03 at large in bf16 (paired medians of 4-5 interleaved
+        // backward calls at 2 threads ran 1.00x (large), 1.025x (deepbench) and 1.05x (medium) as
+        // fast in float32 and 1.03x at large in bf16 (paired medians of 4-5 interleaved
         // processes, Zen 4, 2026-12-04): the rest of the loss at 2 threads is elsewhere.
-        const int64_t tiles = ceil_div(H, MR), rows_begin = min64(H, tiles * tid / nt * MR),
-                      rows_end = min64(H, tiles * (tid + 1) / nt * MR), rows = rows_end - rows_begin;
-        if (rows > 0) {
-            gemm<P>(rows, 0, I, TB, da_t.shifted(rows_begin, 0), View<F>{x_rows, I, 1}, nullptr,
-                    c.grad_weight_ih + rows_begin * I, I, pack_b_buf, stop);
-            gemm<P>(rows, 0, H, TB, da_t.shifted(rows_begin, 0), View<F>{h_prev.get(), H, 1}, nullptr,
-                    c.grad_weight_hh + rows_begin * H, H, pack_b_buf, stop);
+        const Range my_rows(H, MR, tid, nt);
+        if (const int64_t rows = my_rows.end - my_rows.begin; rows > 0) {
+            const View<S> my_da_t = da_t.shifted(my_rows.begin, 0);
+            gemm<P>(rows, 0, I, TB, my_da_t, View<F>{x_rows, I, 1}, nullptr, c.grad_weight_ih + my_rows.begin * I, I,
+                    pack_b_buf, stop);
+            gemm<P>(rows, 0, H, TB, my_da_t, View<F>{h_prev.get(), H, 1}, nullptr, c.grad_weight_hh + my_rows.begin * H,
+                    H, pack_b_buf, stop);
         }
         if (Barrier::stop_requested(stop)) {  // the products may have been cut short
             if (tid == 0) status = Status::stopped;
